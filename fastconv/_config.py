@@ -1,0 +1,83 @@
+"""Process-wide settings: thread count, im2col workspace limit, autotuning."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+from . import _args
+
+_lock = threading.Lock()
+
+
+def _default_threads() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+_state = {
+    "threads": _default_threads(),
+    "workspace_bytes": 32 * 2**20,
+    "autotune": False,
+}
+_blas_limiter = None
+
+
+def set_num_threads(n: int) -> None:
+    """Set how many threads fastconv's kernels (and the BLAS they call) may use.
+
+    Parameters
+    ----------
+    n : int
+        A positive thread count.  The default is the number of CPUs this process
+        may run on.
+    """
+    n = _args.positive_int(n, "set_num_threads", "n")
+    global _blas_limiter
+    with _lock:
+        _state["threads"] = n
+        try:
+            from threadpoolctl import ThreadpoolController
+
+            _blas_limiter = ThreadpoolController().limit(limits=n, user_api="blas")
+        except Exception:  # pragma: no cover - threadpoolctl missing or no BLAS found
+            _blas_limiter = None
+
+
+def get_num_threads() -> int:
+    """The thread count fastconv's kernels use (see :func:`set_num_threads`)."""
+    return int(_state["threads"])
+
+
+def set_workspace_limit(nbytes: int) -> None:
+    """Bound the scratch memory (im2col column buffers) of one call, in bytes.
+
+    The batch is processed in chunks so that the column buffer never exceeds this
+    limit; a single image whose columns are larger is still processed (alone).
+    The default is 32 MiB.
+    """
+    _state["workspace_bytes"] = _args.positive_int(nbytes, "set_workspace_limit", "nbytes")
+
+
+def get_workspace_limit() -> int:
+    """The im2col workspace limit in bytes (see :func:`set_workspace_limit`)."""
+    return int(_state["workspace_bytes"])
+
+
+def batch_chunk(bytes_per_image: int, n: int) -> int:
+    """How many images fit in the workspace limit at once (at least 1, at most n)."""
+    return max(1, min(n, get_workspace_limit() // max(1, bytes_per_image)))
+
+
+def set_autotune(enabled: bool) -> None:
+    """Turn the algorithm autotuner on or off (like ``torch.backends.cudnn.benchmark``)."""
+    if not isinstance(enabled, bool):
+        raise TypeError(f"set_autotune(): enabled must be a bool, got {enabled!r}")
+    _state["autotune"] = enabled
+
+
+def get_autotune() -> bool:
+    """Whether ``algorithm="auto"`` times the candidates (see :func:`set_autotune`)."""
+    return bool(_state["autotune"])

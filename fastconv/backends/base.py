@@ -1,0 +1,72 @@
+"""The interface every backend implements.
+
+All arrays handed to a backend are C-contiguous, 4-D (batched), of the compute
+dtype (float32 or float64) and have N >= 1; geometry records come from
+:mod:`fastconv._args` and are already validated.  Every method returns a new
+C-contiguous array of the compute dtype (max-pool indices: int64).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .._args import ConvGeometry, PoolGeometry
+
+CONV_OPS = ("conv2d", "conv2d_backward_input", "conv2d_backward_weight")
+
+
+class Backend:
+    """Base adapter.  Subclasses override the kernels they provide."""
+
+    #: registry name
+    name: str = ""
+    #: conv algorithms this backend offers, the default first
+    algorithms: tuple[str, ...] = ("direct",)
+    #: whether this backend takes device (GPU) arrays
+    device: bool = False
+
+    # ----------------------------------------------------------------- conv
+    def conv2d(self, x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None, g: ConvGeometry,
+               algorithm: str) -> np.ndarray:
+        """Forward convolution: (n, c, h, w) -> (n, k, out_h, out_w)."""
+        raise NotImplementedError
+
+    def conv2d_backward_input(self, grad_out: np.ndarray, weight: np.ndarray, g: ConvGeometry,
+                              algorithm: str) -> np.ndarray:
+        """Gradient with respect to the input: (n, k, out_h, out_w) -> (n, c, h, w)."""
+        raise NotImplementedError
+
+    def conv2d_backward_weight(self, grad_out: np.ndarray, x: np.ndarray, g: ConvGeometry,
+                               algorithm: str) -> np.ndarray:
+        """Gradient with respect to the weight: -> (k, c // groups, r, s)."""
+        raise NotImplementedError
+
+    def conv2d_backward_bias(self, grad_out: np.ndarray, g: ConvGeometry) -> np.ndarray:
+        """Gradient with respect to the bias: the sum of grad_out over (n, h, w)."""
+        return grad_out.sum(axis=(0, 2, 3), dtype=np.float64).astype(g.dtype)
+
+    # ----------------------------------------------------------------- pools
+    def max_pool2d(self, x: np.ndarray, p: PoolGeometry) -> tuple[np.ndarray, np.ndarray]:
+        """Max pooling: returns (out, indices) with int64 flat indices into each (h, w) plane."""
+        raise NotImplementedError
+
+    def max_pool2d_backward(self, grad_out: np.ndarray, indices: np.ndarray, p: PoolGeometry) -> np.ndarray:
+        """Scatter-add grad_out to the argmax positions given by indices."""
+        raise NotImplementedError
+
+    def avg_pool2d(self, x: np.ndarray, p: PoolGeometry) -> np.ndarray:
+        raise NotImplementedError
+
+    def avg_pool2d_backward(self, grad_out: np.ndarray, p: PoolGeometry) -> np.ndarray:
+        raise NotImplementedError
+
+    # ----------------------------------------------------------------- selection
+    def default_algorithm(self, op: str, g: ConvGeometry) -> str:
+        """The algorithm ``algorithm="auto"`` uses for this op and shape (a heuristic)."""
+        return self.algorithms[0]
+
+    def info(self) -> dict[str, Any]:
+        """Extra facts for ``fastconv info`` (versions, threading, build flags)."""
+        return {}

@@ -1,0 +1,98 @@
+"""Build the Cython kernels of fastconv.
+
+Every ``fastconv/backends/cython/*.pyx`` becomes an extension module.  OpenMP is
+used when the compiler accepts ``-fopenmp`` and silently left out when it does
+not (the kernels then run single-threaded).  The kernels are compiled for the
+building machine's CPU (``-march=native``) unless ``FASTCONV_PORTABLE=1``.  ``FASTCONV_DEBUG_BUILD=1`` compiles
+with Cython's bounds and wrap-around checks switched on and without optimisation,
+for the debug CI job.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+from pathlib import Path
+
+import numpy
+from setuptools import Extension, setup
+
+HERE = Path(__file__).parent
+DEBUG = os.environ.get("FASTCONV_DEBUG_BUILD", "") not in ("", "0")
+PORTABLE = os.environ.get("FASTCONV_PORTABLE", "") not in ("", "0")
+
+
+OPENMP_PROBE = "#include <omp.h>\nint main(void){return omp_get_max_threads() < 1;}\n"
+PLAIN_PROBE = "int main(void){return 0;}\n"
+
+
+def _compiler_accepts(flag: str, program: str) -> bool:
+    """Compile and link ``program`` with ``flag``; True when that works."""
+    cc = (os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc").split()
+    if shutil.which(cc[0]) is None:
+        return False
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "probe.c"
+        src.write_text(program)
+        try:
+            result = subprocess.run(
+                [*cc, flag, str(src), "-o", str(Path(tmp) / "probe")],
+                capture_output=True,
+                timeout=120,
+            )
+        except (OSError, subprocess.SubprocessError):
+            return False
+        return result.returncode == 0
+
+
+def _extensions() -> list[Extension]:
+    sources = sorted((HERE / "fastconv" / "backends" / "cython").glob("*.pyx"))
+    if not sources:
+        return []
+    from Cython.Build import cythonize
+
+    if sys.platform == "win32":
+        openmp, native = True, False
+        compile_args = ["/O2", "/openmp"]
+        link_args: list[str] = []
+    else:
+        openmp = _compiler_accepts("-fopenmp", OPENMP_PROBE)
+        native = not PORTABLE and _compiler_accepts("-march=native", PLAIN_PROBE)
+        compile_args = ["-O0", "-g"] if DEBUG else ["-O3"]
+        compile_args += ["-fopenmp"] if openmp else []
+        compile_args += ["-march=native"] if native else []
+        link_args = ["-fopenmp"] if openmp else []
+    print(
+        f"fastconv build: OpenMP {'on' if openmp else 'off'}, "
+        f"-march=native {'on' if native else 'off'}, debug {'on' if DEBUG else 'off'}"
+    )
+    extensions = [
+        Extension(
+            "fastconv.backends.cython." + src.stem,
+            [str(src.relative_to(HERE))],
+            include_dirs=[numpy.get_include()],
+            define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+            extra_compile_args=compile_args,
+            extra_link_args=link_args,
+        )
+        for src in sources
+    ]
+    directives = {
+        "language_level": 3,
+        "boundscheck": DEBUG,
+        "wraparound": DEBUG,
+        "initializedcheck": DEBUG,
+        "cdivision": not DEBUG,
+    }
+    return cythonize(
+        extensions,
+        compiler_directives=directives,
+        compile_time_env={"FASTCONV_OPENMP": openmp, "FASTCONV_DEBUG": DEBUG},
+    )
+
+
+setup(ext_modules=_extensions())
