@@ -1,0 +1,61 @@
+"""Shared test helpers: tolerances, backend/algorithm enumeration, random configurations."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import fastconv
+
+#: norm-wise relative error bars ||out - ref|| / ||ref||
+TOLERANCE = {np.dtype(np.float32): 1e-5, np.dtype(np.float64): 1e-12}
+
+
+def rel_err(out: np.ndarray, ref: np.ndarray) -> float:
+    out, ref = np.asarray(out, dtype=np.float64), np.asarray(ref, dtype=np.float64)
+    assert out.shape == ref.shape, (out.shape, ref.shape)
+    denom = np.linalg.norm(ref)
+    return float(np.linalg.norm(out - ref) / denom) if denom > 0 else float(np.linalg.norm(out))
+
+
+def assert_close(out, ref, dtype) -> None:
+    err = rel_err(out, ref)
+    assert err <= TOLERANCE[np.dtype(dtype)], f"relative error {err:.3g} > {TOLERANCE[np.dtype(dtype)]:g}"
+
+
+def host_backends() -> list[str]:
+    """Every available host backend except the reference (which is the oracle)."""
+    info = fastconv.available_backends()
+    return [name for name, i in info.items() if i["available"] and name not in ("reference", "cuda")]
+
+
+def backend_algorithms() -> list[tuple[str, str]]:
+    info = fastconv.available_backends()
+    return [(name, algo) for name in host_backends() for algo in info[name]["algorithms"]]
+
+
+def layout(a: np.ndarray, kind: str) -> np.ndarray:
+    """The same values in another memory layout."""
+    if kind == "c":
+        return a
+    if kind == "fortran":
+        return np.asfortranarray(a)
+    if kind == "strided":  # a non-contiguous view: every other element of a larger array
+        big = np.zeros(a.shape[:-1] + (2 * a.shape[-1],), dtype=a.dtype)
+        big[..., ::2] = a
+        return big[..., ::2]
+    if kind == "reversed":  # negative strides
+        return np.ascontiguousarray(a[..., ::-1])[..., ::-1]
+    if kind == "readonly":
+        b = a.copy()
+        b.flags.writeable = False
+        return b
+    raise ValueError(kind)
+
+
+LAYOUTS = ("c", "fortran", "strided", "reversed", "readonly")
+
+
+@pytest.fixture(params=[np.float32, np.float64], ids=["f32", "f64"])
+def dtype(request):
+    return np.dtype(request.param)
