@@ -207,3 +207,12 @@ def test_signal2d_dtypes_match_scipy(backend, dtypes):
         np.testing.assert_allclose(got, want, rtol=2e-6 if want.dtype == np.float32 else 1e-12, atol=1e-4)
         np.testing.assert_allclose(fastconv.convolve2d(a, b, mode=mode, backend=backend),
                                    scipy.signal.convolve2d(a, b, mode=mode), rtol=2e-6, atol=1e-4)
+
+
+def test_required_backends_are_available():
+    """CI sets FASTCONV_REQUIRE_BACKENDS so that a build that silently lost a compiled
+    backend fails here instead of skipping that backend's tests."""
+    required = [name for name in os.environ.get("FASTCONV_REQUIRE_BACKENDS", "").split(",") if name]
+    info = fastconv.available_backends()
+    for name in required:
+        assert info[name]["available"], f"backend {name!r} unavailable: {info[name]['reason']}"
