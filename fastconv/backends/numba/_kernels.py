@@ -1,0 +1,340 @@
+"""Numba kernels of the numba backend (private).
+
+One generic ``@njit`` function per kernel: numba specialises it for float32 and
+float64 on first use, and ``cache=True`` stores the machine code next to this
+module so a second process loads instead of compiling.  Nothing here compiles at
+import time.
+
+Conventions
+-----------
+* Arrays are C-contiguous; 4-D arrays are NCHW, weights (K, C // groups, R, S).
+* Padding is never materialised: for each kernel tap the kernels compute the range
+  of output positions whose input position is in range (:func:`_span`).
+* Every ``prange`` iterates over work items that write disjoint memory (output rows,
+  input-gradient rows, weight-gradient entries, image planes), so there are no races.
+* Convolution kernels use ``fastmath={"contract", "reassoc"}``: fused multiply-add and
+  reordered sums (vectorised reductions) change only the rounding; no flag assumes
+  finite values, so NaN and inf propagate as IEEE says.  Pooling kernels use no
+  fastmath at all (max pooling's NaN rule depends on exact comparisons).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+_CONV = dict(parallel=True, cache=True, nogil=True, fastmath={"contract", "reassoc"})
+_POOL = dict(parallel=True, cache=True, nogil=True)
+_SERIAL = dict(cache=True, nogil=True)
+
+
+@njit(**_SERIAL)
+def _span(offset: int, stride: int, size: int, out: int) -> tuple[int, int]:
+    """Output positions ``lo <= o < hi`` (within ``[0, out)``) with
+    ``0 <= o * stride + offset < size``."""
+    lo = 0 if offset >= 0 else (stride - 1 - offset) // stride
+    last = size - 1 - offset
+    hi = last // stride + 1 if last >= 0 else 0
+    hi = min(hi, out)
+    return lo, max(lo, hi)
+
+
+# --------------------------------------------------------------------------- direct conv
+@njit(**_CONV)
+def conv2d_direct(x, w, bias, out, sh, sw, top, left, dh, dw, groups):
+    """out[n, k] = bias[k] + sum_{c, r, s} w[k, c, r, s] * x[n, g*C/G + c, oh*sh - top + r*dh, ...].
+
+    One work item per output row (n, k, oh), so a single large image (N = C = K = 1,
+    as in correlate2d) still runs on every thread.
+    """
+    n, _, h, wd = x.shape
+    k, cpg, nr, ns = w.shape
+    ho, wo = out.shape[2], out.shape[3]
+    kpg = k // groups
+    for t in prange(n * k * ho):
+        i = t // (k * ho)
+        kk = (t // ho) % k
+        oh = t % ho
+        row = out[i, kk, oh]
+        row[:] = bias[kk]
+        c0 = (kk // kpg) * cpg
+        for cc in range(cpg):
+            for r in range(nr):
+                ih = oh * sh - top + r * dh
+                if ih < 0 or ih >= h:
+                    continue
+                xrow = x[i, c0 + cc, ih]
+                for s in range(ns):
+                    wv = w[kk, cc, r, s]
+                    off = s * dw - left
+                    lo, hi = _span(off, sw, wd, wo)
+                    if sw == 1:
+                        for ow in range(lo, hi):
+                            row[ow] += wv * xrow[ow + off]
+                    else:
+                        for ow in range(lo, hi):
+                            row[ow] += wv * xrow[ow * sw + off]
+
+
+@njit(**_CONV)
+def conv2d_backward_input_direct(gy, w, gx, sh, sw, top, left, dh, dw, groups):
+    """gx[n, c, ih, iw] = sum over the (k, r, s) taps that read input pixel (ih, iw).
+
+    One work item per input-gradient row (n, c, ih): it gathers from the output rows
+    oh with oh*sh - top + r*dh == ih and scatters along the row only.
+    """
+    n, c, h, wd = gx.shape
+    k, cpg, nr, ns = w.shape
+    ho, wo = gy.shape[2], gy.shape[3]
+    kpg = k // groups
+    for t in prange(n * c * h):
+        i = t // (c * h)
+        ca = (t // h) % c
+        ih = t % h
+        row = gx[i, ca, ih]
+        row[:] = 0
+        cl = ca % cpg
+        k0 = (ca // cpg) * kpg
+        for r in range(nr):
+            q = ih + top - r * dh
+            if q < 0 or q % sh != 0:
+                continue
+            oh = q // sh
+            if oh >= ho:
+                continue
+            for kk in range(k0, k0 + kpg):
+                grow = gy[i, kk, oh]
+                for s in range(ns):
+                    wv = w[kk, cl, r, s]
+                    off = s * dw - left
+                    lo, hi = _span(off, sw, wd, wo)
+                    if sw == 1:
+                        for ow in range(lo, hi):
+                            row[ow + off] += wv * grow[ow]
+                    else:
+                        for ow in range(lo, hi):
+                            row[ow * sw + off] += wv * grow[ow]
+
+
+@njit(**_CONV)
+def conv2d_backward_weight_direct(gy, x, gw, sh, sw, top, left, dh, dw, groups):
+    """gw[k, c, r, s] = sum_{n, oh, ow} gy[n, k, oh, ow] * x[n, ., oh*sh - top + r*dh, ow*sw - left + s*dw].
+
+    One work item per (k, c) filter plane.  Each row dot product (length out_w) is
+    summed in the compute dtype and added to a float64 accumulator, so long sums
+    over the batch stay accurate in float32.
+    """
+    n, _, h, wd = x.shape
+    k, cpg, nr, ns = gw.shape
+    ho, wo = gy.shape[2], gy.shape[3]
+    kpg = k // groups
+    zero = gw.dtype.type(0)
+    for t in prange(k * cpg):
+        kk = t // cpg
+        cl = t % cpg
+        ca = (kk // kpg) * cpg + cl
+        acc = np.zeros((nr, ns), np.float64)
+        for i in range(n):
+            for oh in range(ho):
+                grow = gy[i, kk, oh]
+                for r in range(nr):
+                    ih = oh * sh - top + r * dh
+                    if ih < 0 or ih >= h:
+                        continue
+                    xrow = x[i, ca, ih]
+                    for s in range(ns):
+                        off = s * dw - left
+                        lo, hi = _span(off, sw, wd, wo)
+                        d = zero
+                        if sw == 1:
+                            for ow in range(lo, hi):
+                                d += grow[ow] * xrow[ow + off]
+                        else:
+                            for ow in range(lo, hi):
+                                d += grow[ow] * xrow[ow * sw + off]
+                        acc[r, s] += d
+        for r in range(nr):
+            for s in range(ns):
+                gw[kk, cl, r, s] = acc[r, s]
+
+
+# --------------------------------------------------------------------------- im2col
+@njit(**_POOL)
+def im2col(x, n0, cols, nr, ns, sh, sw, top, left, dh, dw, ho, wo):
+    """Fill cols[(c*R + r)*S + s, j*L + oh*wo + ow] = x[n0 + j, c, ih, iw] (0 in the padding).
+
+    ``cols`` has shape (C*R*S, nb*L) with L = ho*wo: one GEMM then covers nb images.
+    A pure copy, so no fastmath is needed.
+    """
+    _, c, h, wd = x.shape
+    nb = cols.shape[1] // (ho * wo)
+    ll = ho * wo
+    for t in prange(c * nr * ns * nb):
+        row = t // nb
+        j = t % nb
+        ca = row // (nr * ns)
+        r = (row // ns) % nr
+        s = row % ns
+        dst = cols[row, j * ll:(j + 1) * ll]
+        src = x[n0 + j, ca]
+        off = s * dw - left
+        lo, hi = _span(off, sw, wd, wo)
+        for oh in range(ho):
+            base = oh * wo
+            ih = oh * sh - top + r * dh
+            if ih < 0 or ih >= h:
+                dst[base:base + wo] = 0
+                continue
+            dst[base:base + lo] = 0
+            for ow in range(lo, hi):
+                dst[base + ow] = src[ih, ow * sw + off]
+            dst[base + hi:base + wo] = 0
+
+
+@njit(**_CONV)
+def col2im(cols, gx, n0, nr, ns, sh, sw, top, left, dh, dw, ho, wo):
+    """The adjoint of :func:`im2col`: gx[n0 + j, c] = scatter-add of the column rows of c.
+
+    One work item per image plane (j, c), so no two items write the same pixel.
+    """
+    _, c, h, wd = gx.shape
+    ll = ho * wo
+    nb = cols.shape[1] // ll
+    for t in prange(nb * c):
+        j = t // c
+        ca = t % c
+        plane = gx[n0 + j, ca]
+        plane[:, :] = 0
+        for r in range(nr):
+            for s in range(ns):
+                src = cols[(ca * nr + r) * ns + s, j * ll:(j + 1) * ll]
+                off = s * dw - left
+                lo, hi = _span(off, sw, wd, wo)
+                for oh in range(ho):
+                    ih = oh * sh - top + r * dh
+                    if ih < 0 or ih >= h:
+                        continue
+                    prow = plane[ih]
+                    base = oh * wo
+                    for ow in range(lo, hi):
+                        prow[ow * sw + off] += src[base + ow]
+
+
+# --------------------------------------------------------------------------- pooling
+@njit(**_POOL)
+def max_pool2d(x, out, idx, kh, kw, sh, sw, ph, pw, dh, dw):
+    """Max pooling with PyTorch's rules: taps visited row-major, ``v > best or isnan(v)``
+    takes the tap (first maximum wins ties, NaN propagates, the last NaN wins), padding
+    is -inf, and the default index is the first in-range tap on the dilation grid."""
+    n, c, h, wd = x.shape
+    ho, wo = out.shape[2], out.shape[3]
+    for t in prange(n * c * ho):
+        i = t // (c * ho)
+        ca = (t // ho) % c
+        oh = t % ho
+        plane = x[i, ca]
+        h0 = oh * sh - ph
+        hf = h0 if h0 >= 0 else h0 + ((dh - 1 - h0) // dh) * dh
+        for ow in range(wo):
+            w0 = ow * sw - pw
+            wf = w0 if w0 >= 0 else w0 + ((dw - 1 - w0) // dw) * dw
+            best = -np.inf
+            where = hf * wd + wf
+            for a in range(kh):
+                ih = h0 + a * dh
+                if ih < 0 or ih >= h:
+                    continue
+                for b in range(kw):
+                    iw = w0 + b * dw
+                    if iw < 0 or iw >= wd:
+                        continue
+                    v = plane[ih, iw]
+                    if v > best or np.isnan(v):
+                        best = v
+                        where = ih * wd + iw
+            out[i, ca, oh, ow] = best
+            idx[i, ca, oh, ow] = where
+
+
+@njit(**_POOL)
+def max_pool2d_backward(gy, idx, gx):
+    """gx[n, c].flat[idx[n, c, o]] += gy[n, c, o]; one work item per (n, c) plane.
+
+    Indices outside the plane are skipped (the API validates them; this only
+    guarantees memory safety)."""
+    n, c, h, wd = gx.shape
+    plane = h * wd
+    g2 = gx.reshape(n * c, plane)
+    y2 = gy.reshape(n * c, gy.shape[2] * gy.shape[3])
+    i2 = idx.reshape(n * c, gy.shape[2] * gy.shape[3])
+    for t in prange(n * c):
+        dst = g2[t]
+        dst[:] = 0
+        src = y2[t]
+        ind = i2[t]
+        for o in range(src.shape[0]):
+            q = ind[o]
+            if 0 <= q < plane:
+                dst[q] += src[o]
+
+
+@njit(**_SERIAL)
+def _avg_window(o, stride, pad, k, size, include_pad):
+    """PyTorch's avg-pool window along one axis: (start, stop, extent counted in the divisor)."""
+    a = o * stride - pad
+    b = min(a + k, size + pad)
+    extent = b - a
+    a, b = max(a, 0), min(b, size)
+    return a, b, extent if include_pad else b - a
+
+
+@njit(**_POOL)
+def avg_pool2d(x, out, kh, kw, sh, sw, ph, pw, include_pad):
+    """Average pooling with PyTorch's divisor (cells added by ceil_mode never count);
+    the window sum is accumulated in float64."""
+    n, c, h, wd = x.shape
+    ho, wo = out.shape[2], out.shape[3]
+    for t in prange(n * c * ho):
+        i = t // (c * ho)
+        ca = (t // ho) % c
+        oh = t % ho
+        plane = x[i, ca]
+        ha, hb, hext = _avg_window(oh, sh, ph, kh, h, include_pad)
+        for ow in range(wo):
+            wa, wb, wext = _avg_window(ow, sw, pw, kw, wd, include_pad)
+            divisor = hext * wext
+            total = 0.0
+            if divisor > 0:
+                for ih in range(ha, hb):
+                    for iw in range(wa, wb):
+                        total += plane[ih, iw]
+                total /= divisor
+            out[i, ca, oh, ow] = total
+
+
+@njit(**_POOL)
+def avg_pool2d_backward(gy, gx, kh, kw, sh, sw, ph, pw, include_pad):
+    """The adjoint of :func:`avg_pool2d`, gathered per input row (n, c, ih): every
+    window covering a pixel contributes gy / divisor (summed in float64)."""
+    n, c, h, wd = gx.shape
+    ho, wo = gy.shape[2], gy.shape[3]
+    for t in prange(n * c * h):
+        i = t // (c * h)
+        ca = (t // h) % c
+        ih = t % h
+        row = gx[i, ca, ih]
+        # windows start at o*s - p and cover k cells: o in [ceil((ih + p - k + 1) / s), (ih + p) // s]
+        oh_lo = max(0, (ih + ph - kh + sh) // sh)
+        oh_hi = min(ho, (ih + ph) // sh + 1)
+        for iw in range(wd):
+            ow_lo = max(0, (iw + pw - kw + sw) // sw)
+            ow_hi = min(wo, (iw + pw) // sw + 1)
+            total = 0.0
+            for oh in range(oh_lo, oh_hi):
+                _, _, hext = _avg_window(oh, sh, ph, kh, h, include_pad)
+                for ow in range(ow_lo, ow_hi):
+                    _, _, wext = _avg_window(ow, sw, pw, kw, wd, include_pad)
+                    divisor = hext * wext
+                    if divisor > 0:
+                        total += gy[i, ca, oh, ow] / divisor
+            row[iw] = total

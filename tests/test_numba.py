@@ -1,0 +1,309 @@
+"""Tests specific to the numba backend: correctness against the reference on many
+random configurations, lazy compilation, the on-disk cache, threads and workspace.
+
+Every kernel is compiled once per dtype for the whole session (numba keeps the
+specialisations), so the grids below reuse them across many configurations.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("numba")
+
+import fastconv as fc  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+DTYPES = [np.float32, np.float64]
+TOL = {np.float32: 1e-5, np.float64: 1e-12}
+
+
+def _nb():
+    from fastconv.backends import numba as nbmod
+
+    return nbmod
+
+
+def rel_err(a: np.ndarray, ref: np.ndarray) -> float:
+    ref = np.asarray(ref, dtype=np.float64)
+    diff = np.linalg.norm((np.asarray(a, dtype=np.float64) - ref).ravel())
+    scale = np.linalg.norm(ref.ravel())
+    return diff / scale if scale > 0 else diff
+
+
+def _conv_configs(rng: np.random.Generator, count: int):
+    """Random conv configurations: strides 1-3, padding 0-3 / "same" / "valid",
+    dilation 1-3, groups (incl. depthwise), even and odd kernels."""
+    for trial in range(count):
+        kind = trial % 4
+        groups = 1 if kind == 0 else int(rng.integers(2, 4))
+        cpg, kpg = int(rng.integers(1, 4)), int(rng.integers(1, 4))
+        if kind == 3:  # depthwise
+            groups, cpg, kpg = int(rng.integers(2, 6)), 1, 1
+        r, s = int(rng.integers(1, 6)), int(rng.integers(1, 6))
+        dil = (int(rng.integers(1, 4)), int(rng.integers(1, 4)))
+        if trial % 7 == 0:
+            stride, pad = (1, 1), "same"
+        elif trial % 7 == 1:
+            stride, pad = (int(rng.integers(1, 4)), int(rng.integers(1, 4))), "valid"
+        else:
+            stride = (int(rng.integers(1, 4)), int(rng.integers(1, 4)))
+            pad = (int(rng.integers(0, 4)), int(rng.integers(0, 4)))
+        h = int(rng.integers(dil[0] * (r - 1) + 1, 16))
+        w = int(rng.integers(dil[1] * (s - 1) + 1, 16))
+        yield dict(n=int(rng.integers(1, 4)), c=cpg * groups, k=kpg * groups, h=h, w=w, r=r, s=s,
+                   stride=stride, padding=pad, dilation=dil, groups=groups)
+
+
+@pytest.mark.parametrize("algorithm", ["direct", "im2col"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_conv_matches_reference(dtype, algorithm):
+    rng = np.random.default_rng(1234)
+    for cfg in _conv_configs(rng, 40):
+        x = rng.standard_normal((cfg["n"], cfg["c"], cfg["h"], cfg["w"])).astype(dtype)
+        w = rng.standard_normal((cfg["k"], cfg["c"] // cfg["groups"], cfg["r"], cfg["s"])).astype(dtype)
+        b = rng.standard_normal(cfg["k"]).astype(dtype)
+        args = (cfg["stride"], cfg["padding"], cfg["dilation"], cfg["groups"])
+        ref = fc.conv2d(x, w, b, *args, backend="reference")
+        out = fc.conv2d(x, w, b, *args, backend="numba", algorithm=algorithm)
+        assert out.dtype == dtype and out.flags.c_contiguous and out.shape == ref.shape
+        assert rel_err(out, ref) <= TOL[dtype], cfg
+        gy = rng.standard_normal(ref.shape).astype(dtype)
+        rg = fc.conv2d_backward(gy, x, w, *args, backend="reference")
+        ng = fc.conv2d_backward(gy, x, w, *args, backend="numba", algorithm=algorithm)
+        for name in ("input", "weight", "bias"):
+            got, want = getattr(ng, name), getattr(rg, name)
+            assert got.dtype == dtype and got.shape == want.shape and got.flags.c_contiguous
+            assert rel_err(got, want) <= TOL[dtype], (name, cfg)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_large_single_image_correlate(dtype):
+    """The C = K = 1 path used by correlate2d/convolve2d, against scipy."""
+    signal = pytest.importorskip("scipy.signal")
+    rng = np.random.default_rng(5)
+    img = rng.standard_normal((300, 257)).astype(dtype)
+    for shape in [(3, 3), (7, 4)]:
+        ker = rng.standard_normal(shape).astype(dtype)
+        for mode in ("full", "same", "valid"):
+            want = signal.correlate2d(img.astype(np.float64), ker.astype(np.float64), mode=mode)
+            got = fc.correlate2d(img, ker, mode=mode, backend="numba")
+            assert got.shape == want.shape
+            assert rel_err(got, want) <= TOL[dtype]
+            got = fc.convolve2d(img, ker, mode=mode, backend="numba")
+            want = signal.convolve2d(img.astype(np.float64), ker.astype(np.float64), mode=mode)
+            assert rel_err(got, want) <= TOL[dtype]
+
+
+def _pool_configs(rng: np.random.Generator, count: int):
+    for _ in range(count):
+        k = (int(rng.integers(1, 5)), int(rng.integers(1, 5)))
+        yield dict(kernel_size=k,
+                   stride=(int(rng.integers(1, 4)), int(rng.integers(1, 4))),
+                   padding=(int(rng.integers(0, k[0] // 2 + 1)), int(rng.integers(0, k[1] // 2 + 1))),
+                   dilation=(int(rng.integers(1, 3)), int(rng.integers(1, 3))),
+                   ceil_mode=bool(rng.integers(0, 2)))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_max_pool_matches_reference_exactly(dtype):
+    """Values and int64 indices identical to the reference, with NaN, -inf and ties."""
+    rng = np.random.default_rng(7)
+    checked = 0
+    for cfg in _pool_configs(rng, 80):
+        x = rng.standard_normal((2, 3, int(rng.integers(4, 13)), int(rng.integers(4, 13)))).astype(dtype)
+        x[rng.random(x.shape) < 0.05] = np.nan
+        x[rng.random(x.shape) < 0.05] = -np.inf
+        x[rng.random(x.shape) < 0.15] = 1.0  # ties
+        if rng.random() < 0.2:
+            x[0, 0] = -np.inf  # whole plane -inf: default index rules
+        try:
+            ro, ri = fc.max_pool2d(x, return_indices=True, backend="reference", **cfg)
+        except ValueError:  # output would be empty for this random size
+            continue
+        no, ni = fc.max_pool2d(x, return_indices=True, backend="numba", **cfg)
+        assert no.dtype == dtype and ni.dtype == np.int64
+        np.testing.assert_array_equal(no, ro)  # NaN positions must agree too
+        np.testing.assert_array_equal(ni, ri)
+        gy = rng.standard_normal(ro.shape).astype(dtype)
+        want = fc.max_pool2d_backward(gy, x, indices=ri, backend="reference", **cfg)
+        got = fc.max_pool2d_backward(gy, x, indices=ri, backend="numba", **cfg)
+        assert rel_err(got, want) <= TOL[dtype]
+        checked += 1
+    assert checked > 40
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_avg_pool_matches_reference(dtype):
+    rng = np.random.default_rng(11)
+    checked = 0
+    for cfg in _pool_configs(rng, 80):
+        cfg.pop("dilation")
+        cfg["count_include_pad"] = bool(rng.integers(0, 2))
+        x = rng.standard_normal((2, 3, int(rng.integers(4, 13)), int(rng.integers(4, 13)))).astype(dtype)
+        try:
+            want = fc.avg_pool2d(x, backend="reference", **cfg)
+        except ValueError:
+            continue
+        got = fc.avg_pool2d(x, backend="numba", **cfg)
+        assert got.dtype == dtype and rel_err(got, want) <= TOL[dtype], cfg
+        gy = rng.standard_normal(want.shape).astype(dtype)
+        want = fc.avg_pool2d_backward(gy, x.shape, backend="reference", **cfg)
+        got = fc.avg_pool2d_backward(gy, x.shape, backend="numba", **cfg)
+        assert rel_err(got, want) <= TOL[dtype], cfg
+        checked += 1
+    assert checked > 40
+
+
+def test_read_only_inputs_share_one_specialisation():
+    x = np.random.default_rng(0).standard_normal((1, 2, 9, 9))
+    fc.max_pool2d(x, 2, backend="numba")
+    before = len(_nb()._kernels.max_pool2d.overloads)
+    x.flags.writeable = False
+    out = fc.max_pool2d(x, 2, backend="numba")
+    assert len(_nb()._kernels.max_pool2d.overloads) == before
+    np.testing.assert_array_equal(out, fc.max_pool2d(x, 2, backend="reference"))
+
+
+@pytest.mark.parametrize("algorithm", ["direct", "im2col"])
+def test_thread_count_does_not_change_results(algorithm):
+    """Work items write disjoint memory and sum sequentially: 1 and 2 threads agree bitwise."""
+    import numba
+
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((3, 4, 20, 18)).astype(np.float32)
+    w = rng.standard_normal((6, 4, 3, 3)).astype(np.float32)
+    before = fc.get_num_threads()
+    try:
+        fc.set_num_threads(1)
+        one = fc.conv2d(x, w, padding=1, backend="numba", algorithm=algorithm)
+        assert numba.get_num_threads() == 1
+        fc.set_num_threads(2)
+        two = fc.conv2d(x, w, padding=1, backend="numba", algorithm=algorithm)
+        assert numba.get_num_threads() == min(2, numba.config.NUMBA_NUM_THREADS)
+    finally:
+        fc.set_num_threads(before)
+    if algorithm == "direct":
+        np.testing.assert_array_equal(one, two)
+    else:  # BLAS may block differently with a different thread count
+        assert rel_err(one, two) <= 1e-6
+
+
+def test_concurrent_calls_from_python_threads():
+    rng = np.random.default_rng(4)
+    xs = [rng.standard_normal((2, 3, 17, 15)) for _ in range(6)]
+    w = rng.standard_normal((4, 3, 3, 3))
+    want = [fc.conv2d(x, w, padding=1, backend="reference") for x in xs]
+    got = [None] * len(xs)
+
+    def work(i):
+        got[i] = fc.conv2d(xs[i], w, padding=1, backend="numba", algorithm=("direct", "im2col")[i % 2])
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(xs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for a, b in zip(got, want):
+        assert rel_err(a, b) <= 1e-12
+
+
+def test_small_workspace_chunks_the_batch(monkeypatch):
+    """With a tiny workspace limit, im2col processes one image at a time; same results."""
+    from fastconv import _config
+
+    nbmod = _nb()
+    chunks = []
+    real = _config.batch_chunk
+    monkeypatch.setattr(_config, "batch_chunk", lambda b, n: chunks.append(real(b, n)) or chunks[-1])
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((5, 4, 11, 10))
+    w = rng.standard_normal((6, 2, 3, 3))
+    before = _config.get_workspace_limit()
+    try:
+        _config.set_workspace_limit(1)
+        out = fc.conv2d(x, w, stride=2, padding=1, groups=2, backend="numba", algorithm="im2col")
+        gy = rng.standard_normal(out.shape)
+        grads = fc.conv2d_backward(gy, x, w, stride=2, padding=1, groups=2, backend="numba", algorithm="im2col")
+    finally:
+        _config.set_workspace_limit(before)
+    assert chunks and all(c == 1 for c in chunks)
+    assert nbmod.NumbaBackend.algorithms == ("direct", "im2col")
+    ref = fc.conv2d_backward(gy, x, w, stride=2, padding=1, groups=2, backend="reference")
+    assert rel_err(out, fc.conv2d(x, w, stride=2, padding=1, groups=2, backend="reference")) <= 1e-12
+    assert rel_err(grads.input, ref.input) <= 1e-12
+    assert rel_err(grads.weight, ref.weight) <= 1e-12
+
+
+def test_info_reports_version_threading_and_compile_times():
+    fc.max_pool2d(np.ones((1, 1, 4, 4)), 2, backend="numba")
+    info = fc.available_backends()["numba"]
+    assert info["available"]
+    import numba
+
+    assert info["numba_version"] == numba.__version__
+    assert "threading_layer" in info
+    assert "max_pool2d[float64]" in info["compile_seconds"]
+    assert all(v >= 0 for v in _nb().compile_times().values())
+
+
+def _run(code: str, env: dict[str, str]) -> dict:
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env.update(extra)
+    return env
+
+
+def test_import_compiles_nothing():
+    result = _run("""
+        import json, sys
+        import fastconv
+        loaded_early = "numba" in sys.modules
+        import fastconv.backends.numba as nb
+        kernels = [getattr(nb._kernels, k) for k in dir(nb._kernels) if hasattr(getattr(nb._kernels, k), "overloads")]
+        print(json.dumps({"early": loaded_early, "kernels": len(kernels),
+                          "compiled": sum(len(k.overloads) for k in kernels), "times": nb.compile_times()}))
+    """, _env())
+    assert not result["early"], "import fastconv must not import numba"
+    assert result["kernels"] >= 9
+    assert result["compiled"] == 0 and result["times"] == {}
+
+
+def test_second_process_loads_from_cache(tmp_path):
+    """Run the same calls in two processes sharing NUMBA_CACHE_DIR: the second one loads
+    the kernels from the cache (cache hits, no misses) and spends less time than the first."""
+    code = """
+        import json
+        import numpy as np
+        import fastconv as fc
+        import fastconv.backends.numba as nb
+        x = np.ones((1, 2, 8, 8), np.float32)
+        fc.max_pool2d(x, 2, backend="numba")
+        fc.conv2d(x, np.ones((3, 2, 3, 3), np.float32), backend="numba", algorithm="direct")
+        stats = [nb._kernels.max_pool2d.stats, nb._kernels.conv2d_direct.stats]
+        print(json.dumps({"times": nb.compile_times(),
+                          "hits": sum(sum(s.cache_hits.values()) for s in stats),
+                          "misses": sum(sum(s.cache_misses.values()) for s in stats)}))
+    """
+    env = _env(NUMBA_CACHE_DIR=str(tmp_path))
+    first, second = _run(code, env), _run(code, env)
+    assert first["misses"] == 2 and first["hits"] == 0
+    assert second["hits"] == 2 and second["misses"] == 0
+    assert set(first["times"]) == set(second["times"]) == {"max_pool2d[float32]", "conv2d_direct[float32]"}
+    assert sum(second["times"].values()) < sum(first["times"].values())
