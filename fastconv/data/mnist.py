@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import http.client
 import importlib.util
 import os
 import sys
@@ -132,13 +133,20 @@ def download_file(url: str, dest: str | os.PathLike, sha256: str, *, progress: b
         if h.hexdigest() != sha256:
             raise ValueError(f"checksum mismatch for {url}: got sha256 {h.hexdigest()}, expected {sha256}")
         os.replace(tmp, dest)
+    except http.client.HTTPException as exc:  # e.g. IncompleteRead: report it as the I/O error it is
+        _remove(tmp)
+        raise OSError(f"download of {url} failed: {exc!r}") from exc
     except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
+        _remove(tmp)
         raise
     return dest
+
+
+def _remove(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 def download_mnist(cache_dir: str | os.PathLike | None = None, base_url: str | None = None, *,
