@@ -30,8 +30,8 @@ class EpochStats:
     images_per_s: float
 
     def summary(self, epochs: int) -> str:
-        test = "" if self.test_acc is None else f"  test loss {self.test_loss:.4f}  test acc {self.test_acc:.4f}"
-        return (f"epoch {self.epoch:>3}/{epochs}  loss {self.train_loss:.4f}  train acc {self.train_acc:.4f}{test}"
+        test = "" if self.test_acc is None else f"  test loss {self.test_loss:.4g}  test acc {self.test_acc:.4f}"
+        return (f"epoch {self.epoch:>3}/{epochs}  loss {self.train_loss:.4g}  train acc {self.train_acc:.4f}{test}"
                 f"  {self.images_per_s:,.0f} img/s  ({self.seconds:.2f} s)")
 
 
