@@ -1,0 +1,176 @@
+# cython: language_level=3
+"""Direct convolution kernels (no workspace): forward, backward-input, backward-weight.
+
+Each kernel splits its work into independent units handed to OpenMP (``prange``)
+and, inside a unit, walks output rows; for every kernel tap it runs one
+contiguous, bounds-test-free loop over the valid output columns (see
+``_loops.pxd``), which the C compiler vectorises for stride 1.  The GIL is
+released throughout.  Shapes are trusted: they come from a validated
+``ConvGeometry``.
+"""
+
+from cython cimport floating
+from cython.parallel cimport parallel, prange
+from libc.stdlib cimport free, malloc
+
+from ._loops cimport axpy, axpy_scatter, end_in, fill, first_in, mul_acc
+
+
+def forward(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] w,
+            const floating[::1] bias, floating[:, :, :, ::1] out,
+            Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t pt, Py_ssize_t pl,
+            Py_ssize_t dh, Py_ssize_t dw, Py_ssize_t groups, int nt):
+    """out[n, k] = bias[k] + sum_{c, r, s} w[k, c, r, s] * x[n, g*Cg + c, shifted].
+
+    One work unit per output row (n, k, oh), so a single large image (the
+    ``correlate2d`` path, N = C = K = 1) still uses every thread.
+    """
+    cdef Py_ssize_t N = x.shape[0], H = x.shape[2], W = x.shape[3]
+    cdef Py_ssize_t K = w.shape[0], Cg = w.shape[1], R = w.shape[2], S = w.shape[3]
+    cdef Py_ssize_t Ho = out.shape[2], Wo = out.shape[3], Kg = K // groups
+    cdef Py_ssize_t t, n, k, oh, c, ci, r, s, ih, off, lo, hi
+    cdef floating* orow
+    cdef const floating* xrow
+    with nogil:
+        for t in prange(N * K * Ho, num_threads=nt, schedule="static"):
+            oh = t % Ho
+            k = (t // Ho) % K
+            n = t // (Ho * K)
+            orow = &out[n, k, oh, 0]
+            fill(orow, bias[k], Wo)
+            for c in range(Cg):
+                ci = (k // Kg) * Cg + c
+                for r in range(R):
+                    ih = oh * sh - pt + r * dh
+                    if ih < 0 or ih >= H:
+                        continue
+                    xrow = &x[n, ci, ih, 0]
+                    for s in range(S):
+                        off = s * dw - pl
+                        lo = first_in(off, sw)
+                        hi = end_in(off, sw, W, Wo)
+                        if hi > lo:
+                            axpy(orow + lo, xrow + lo * sw + off, w[k, c, r, s], hi - lo, sw)
+
+
+def backward_input(const floating[:, :, :, ::1] gy, const floating[:, :, :, ::1] w,
+                   floating[:, :, :, ::1] gx,
+                   Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t pt, Py_ssize_t pl,
+                   Py_ssize_t dh, Py_ssize_t dw, Py_ssize_t groups, int nt):
+    """gx[n, ci] = sum_{k in group, r, s} w[k, c, r, s] * gy[n, k] scattered back.
+
+    One work unit per input plane (n, ci): each thread owns the planes it
+    writes, so the scatter needs no atomics.  ``gx`` must be zero on entry.
+    """
+    cdef Py_ssize_t N = gx.shape[0], C = gx.shape[1], H = gx.shape[2], W = gx.shape[3]
+    cdef Py_ssize_t K = w.shape[0], Cg = w.shape[1], R = w.shape[2], S = w.shape[3]
+    cdef Py_ssize_t Ho = gy.shape[2], Wo = gy.shape[3], Kg = K // groups
+    cdef Py_ssize_t t, n, k, kk, oh, c, ci, r, s, ih, off, lo, hi
+    cdef floating* gxrow
+    cdef const floating* gyrow
+    with nogil:
+        for t in prange(N * C, num_threads=nt, schedule="static"):
+            n = t // C
+            ci = t % C
+            c = ci % Cg
+            for kk in range(Kg):
+                k = (ci // Cg) * Kg + kk
+                for oh in range(Ho):
+                    gyrow = &gy[n, k, oh, 0]
+                    for r in range(R):
+                        ih = oh * sh - pt + r * dh
+                        if ih < 0 or ih >= H:
+                            continue
+                        gxrow = &gx[n, ci, ih, 0]
+                        for s in range(S):
+                            off = s * dw - pl
+                            lo = first_in(off, sw)
+                            hi = end_in(off, sw, W, Wo)
+                            if hi > lo:
+                                axpy_scatter(gxrow + lo * sw + off, sw, gyrow + lo, w[k, c, r, s], hi - lo)
+
+
+def backward_weight(const floating[:, :, :, ::1] gy, const floating[:, :, :, ::1] x,
+                    floating[:, :, :, ::1] gw,
+                    Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t pt, Py_ssize_t pl,
+                    Py_ssize_t dh, Py_ssize_t dw, Py_ssize_t groups, int nt):
+    """gw[k, c, r, s] = sum_{n, oh, ow} gy[n, k, oh, ow] * x[n, g*Cg + c, shifted].
+
+    One work unit per weight plane (k, c).  Each thread accumulates elementwise
+    into a private (R*S, Wo) buffer (a vectorisable loop, unlike a dot
+    product) and reduces it once at the end.
+    """
+    cdef Py_ssize_t N = x.shape[0], H = x.shape[2], W = x.shape[3]
+    cdef Py_ssize_t K = gw.shape[0], Cg = gw.shape[1], R = gw.shape[2], S = gw.shape[3]
+    cdef Py_ssize_t Ho = gy.shape[2], Wo = gy.shape[3], Kg = K // groups
+    cdef Py_ssize_t t, n, k, oh, c, ci, r, s, ih, off, lo, hi, i
+    cdef floating* acc = NULL
+    cdef floating total
+    cdef const floating* xrow
+    cdef const floating* gyrow
+    with nogil, parallel(num_threads=nt):
+        acc = <floating*> malloc(R * S * Wo * sizeof(floating))
+        for t in prange(K * Cg, schedule="static"):
+            if acc == NULL:
+                with gil:
+                    raise MemoryError("conv2d_backward_weight: cannot allocate the accumulation buffer")
+            k = t // Cg
+            c = t % Cg
+            ci = (k // Kg) * Cg + c
+            fill(acc, 0, R * S * Wo)
+            for n in range(N):
+                for oh in range(Ho):
+                    gyrow = &gy[n, k, oh, 0]
+                    for r in range(R):
+                        ih = oh * sh - pt + r * dh
+                        if ih < 0 or ih >= H:
+                            continue
+                        xrow = &x[n, ci, ih, 0]
+                        for s in range(S):
+                            off = s * dw - pl
+                            lo = first_in(off, sw)
+                            hi = end_in(off, sw, W, Wo)
+                            if hi > lo:
+                                mul_acc(acc + (r * S + s) * Wo + lo, gyrow + lo, xrow + lo * sw + off,
+                                        hi - lo, sw)
+            for r in range(R):
+                for s in range(S):
+                    total = 0
+                    for i in range(Wo):
+                        total = total + acc[(r * S + s) * Wo + i]
+                    gw[k, c, r, s] = total
+        free(acc)
+
+
+cdef inline double _plane_sum(const floating* src, Py_ssize_t P) noexcept nogil:
+    """Sum of ``src[:P]`` in float64 with sixteen independent partial sums (vectorisable)."""
+    cdef double acc[16]
+    cdef double total = 0
+    cdef Py_ssize_t p, j, body = P - P % 16
+    for j in range(16):
+        acc[j] = 0
+    for p in range(0, body, 16):
+        for j in range(16):
+            acc[j] += src[p + j]
+    for p in range(body, P):
+        total += src[p]
+    for j in range(16):
+        total += acc[j]
+    return total
+
+
+def bias_grad(const floating[:, :, :, ::1] gy, floating[::1] gb, int nt):
+    """gb[k] = sum over (n, oh, ow) of gy[n, k], accumulated in float64 (one unit per channel)."""
+    cdef Py_ssize_t N = gy.shape[0], K = gy.shape[1], P = gy.shape[2] * gy.shape[3]
+    cdef Py_ssize_t k, n
+    cdef double total
+    with nogil:
+        for k in prange(K, num_threads=nt, schedule="static"):
+            total = 0
+            for n in range(N):
+                total = total + _plane_sum(&gy[n, k, 0, 0], P)
+            gb[k] = <floating> total
+
+
+#: whether this module was compiled with OpenMP (``prange`` runs serially without it)
+OPENMP = FASTCONV_OPENMP

@@ -1,0 +1,264 @@
+"""Tests specific to the Cython backend: random configs against the reference,
+workspace chunking, thread counts, concurrent calls, pooling edge cases."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+import fastconv
+from fastconv import _config
+
+pytestmark = pytest.mark.skipif(not fastconv.available_backends()["cython"]["available"],
+                                reason="Cython extensions not built")
+
+ALGORITHMS = ("direct", "im2col")
+TOL = {np.float32: 1e-5, np.float64: 1e-12}
+
+
+def rel_err(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    scale = np.linalg.norm(b)
+    return float(np.linalg.norm(a - b) / (scale if scale > 0 else 1.0))
+
+
+def random_conv(seed: int):
+    """A random, valid conv config: stride 1-3, padding 0-3 or "same", dilation 1-3, groups.
+
+    Images may be smaller than the dilated kernel when the padding makes up for it,
+    so some taps never touch the image.
+    """
+    rng = np.random.default_rng(seed)
+    while True:
+        config = _draw_conv(rng, seed)
+        x, wt, _, kw = config
+        try:
+            fastconv.conv2d(x, wt, **kw, backend="reference")
+        except ValueError:
+            continue
+        return config
+
+
+def _draw_conv(rng, seed: int):
+    groups = int(rng.choice([1, 1, 2, 3]))
+    cg, kg = int(rng.integers(1, 4)), int(rng.integers(1, 4))
+    if seed % 7 == 0:  # depthwise
+        groups, cg, kg = int(rng.integers(2, 6)), 1, 1
+    r, s = int(rng.integers(1, 5)), int(rng.integers(1, 5))
+    dil = (int(rng.integers(1, 4)), int(rng.integers(1, 4)))
+    if seed % 5 == 0:
+        stride, padding = (1, 1), "same"
+    else:
+        stride = (int(rng.integers(1, 4)), int(rng.integers(1, 4)))
+        padding = (int(rng.integers(0, 4)), int(rng.integers(0, 4)))
+        if seed % 3 == 0:
+            padding = "valid"
+    h, w = int(rng.integers(1, 14)), int(rng.integers(1, 14))
+    n = int(rng.integers(1, 4))
+    dtype = np.float32 if seed % 2 else np.float64
+    x = rng.standard_normal((n, groups * cg, h, w)).astype(dtype)
+    wt = rng.standard_normal((groups * kg, cg, r, s)).astype(dtype)
+    b = rng.standard_normal(groups * kg).astype(dtype)
+    kw = dict(stride=stride, padding=padding, dilation=dil, groups=groups)
+    return x, wt, b, kw
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+@pytest.mark.parametrize("seed", range(40))
+def test_conv_random_configs(seed, algorithm):
+    x, w, b, kw = random_conv(seed)
+    out = fastconv.conv2d(x, w, b, **kw, backend="cython", algorithm=algorithm)
+    ref = fastconv.conv2d(x, w, b, **kw, backend="reference")
+    assert out.dtype == x.dtype and out.shape == ref.shape and out.flags.c_contiguous
+    assert rel_err(out, ref) <= TOL[x.dtype.type]
+
+    gy = np.random.default_rng(seed + 1000).standard_normal(ref.shape).astype(x.dtype)
+    got = fastconv.conv2d_backward(gy, x, w, **kw, backend="cython", algorithm=algorithm)
+    want = fastconv.conv2d_backward(gy, x, w, **kw, backend="reference")
+    for name in ("input", "weight", "bias"):
+        a, e = getattr(got, name), getattr(want, name)
+        assert a.dtype == x.dtype and a.shape == e.shape, name
+        assert rel_err(a, e) <= TOL[x.dtype.type], name
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_pointwise_and_large_reduction(algorithm):
+    """1x1 (no-lowering GEMM path) and a GEMM-sized 3x3 layer, fp32."""
+    rng = np.random.default_rng(1)
+    for (n, c, h, k, r, pad, groups) in [(3, 16, 7, 8, 1, 0, 1), (2, 12, 5, 6, 1, 0, 3), (2, 32, 9, 16, 3, 1, 1)]:
+        x = rng.standard_normal((n, c, h, h)).astype(np.float32)
+        w = rng.standard_normal((k, c // groups, r, r)).astype(np.float32)
+        kw = dict(padding=pad, groups=groups)
+        out = fastconv.conv2d(x, w, **kw, backend="cython", algorithm=algorithm)
+        assert rel_err(out, fastconv.conv2d(x, w, **kw, backend="reference")) <= 1e-5
+        gy = rng.standard_normal(out.shape).astype(np.float32)
+        got = fastconv.conv2d_backward(gy, x, w, **kw, backend="cython", algorithm=algorithm)
+        want = fastconv.conv2d_backward(gy, x, w, **kw, backend="reference")
+        assert rel_err(got.input, want.input) <= 1e-5
+        assert rel_err(got.weight, want.weight) <= 1e-5
+
+
+@pytest.fixture
+def restore_config():
+    limit, threads = _config.get_workspace_limit(), _config.get_num_threads()
+    yield
+    _config.set_workspace_limit(limit)
+    _config.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("limit", [1, 3000, 10**6])
+def test_im2col_workspace_chunks(limit, restore_config):
+    """Tiny limits force one image (or a few, with an uneven last chunk) per chunk."""
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((7, 4, 9, 8))
+    w = rng.standard_normal((6, 2, 3, 2))
+    kw = dict(stride=(2, 1), padding=(1, 2), dilation=(1, 2), groups=2)
+    ref = fastconv.conv2d(x, w, **kw, backend="reference")
+    gy = rng.standard_normal(ref.shape)
+    want = fastconv.conv2d_backward(gy, x, w, **kw, need_bias=False, backend="reference")
+    fastconv.set_workspace_limit(limit)
+    out = fastconv.conv2d(x, w, **kw, backend="cython", algorithm="im2col")
+    got = fastconv.conv2d_backward(gy, x, w, **kw, need_bias=False, backend="cython", algorithm="im2col")
+    assert rel_err(out, ref) <= 1e-12
+    assert rel_err(got.input, want.input) <= 1e-12
+    assert rel_err(got.weight, want.weight) <= 1e-12
+
+
+def test_workspace_chunk_size_respects_limit(restore_config):
+    from fastconv.backends.cython import _Workspace
+    from fastconv._args import ConvGeometry
+
+    g = ConvGeometry(32, 16, 20, 20, 8, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1, np.dtype(np.float32))
+    fastconv.set_workspace_limit(1_000_000)
+    ws = _Workspace(g)
+    assert (ws.col.nbytes + ws.tmp.nbytes) <= 1_000_000
+    assert 1 <= ws.chunk < g.n
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_thread_counts_agree(algorithm, restore_config):
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((5, 6, 12, 11))
+    w = rng.standard_normal((4, 3, 3, 3))
+    results = []
+    for threads in (1, 2, 3):
+        fastconv.set_num_threads(threads)
+        out = fastconv.conv2d(x, w, padding=1, groups=2, backend="cython", algorithm=algorithm)
+        g = fastconv.conv2d_backward(out, x, w, padding=1, groups=2, backend="cython", algorithm=algorithm)
+        results.append((out, g.input, g.weight, g.bias))
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert rel_err(a, b) <= 1e-13
+
+
+def test_concurrent_calls_from_python_threads():
+    """Kernels release the GIL and keep no shared state: parallel callers get correct answers."""
+    rng = np.random.default_rng(5)
+    cases = [(rng.standard_normal((2, 4, 16, 16)).astype(np.float32),
+              rng.standard_normal((8, 4, 3, 3)).astype(np.float32)) for _ in range(4)]
+    refs = [fastconv.conv2d(x, w, padding=1, backend="reference") for x, w in cases]
+    errors: list[float] = []
+
+    def work(i: int) -> None:
+        for _ in range(10):
+            for algorithm in ALGORITHMS:
+                out = fastconv.conv2d(cases[i][0], cases[i][1], padding=1, backend="cython", algorithm=algorithm)
+                errors.append(rel_err(out, refs[i]))
+            pooled, idx = fastconv.max_pool2d(cases[i][0], 2, return_indices=True, backend="cython")
+            want, widx = fastconv.max_pool2d(cases[i][0], 2, return_indices=True, backend="reference")
+            errors.append(0.0 if np.array_equal(idx, widx) and np.array_equal(pooled, want) else 1.0)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(errors) == 4 * 10 * 3 and max(errors) <= 1e-5
+
+
+def test_correlate2d_matches_scipy():
+    signal = pytest.importorskip("scipy.signal")
+    rng = np.random.default_rng(11)
+    image = rng.standard_normal((61, 47))
+    for kshape in [(3, 3), (4, 2), (7, 7)]:
+        kernel = rng.standard_normal(kshape)
+        for mode in ("full", "same", "valid"):
+            got = fastconv.correlate2d(image, kernel, mode=mode, backend="cython")
+            want = signal.correlate2d(image, kernel, mode=mode)
+            assert got.shape == want.shape
+            assert rel_err(got, want) <= 1e-12
+
+
+# --------------------------------------------------------------------------- pooling
+
+
+def pool_input(rng, shape, dtype, special: bool):
+    x = rng.standard_normal(shape).astype(dtype)
+    x = np.round(x, 1)  # many exact ties
+    if special:
+        flat = x.reshape(-1)
+        for value, frac in ((np.nan, 0.03), (-np.inf, 0.1), (np.inf, 0.02)):
+            flat[rng.random(flat.size) < frac] = value
+        x[0, 0] = -np.inf  # a plane whose windows all see only -inf
+    return x
+
+
+@pytest.mark.parametrize("seed", range(24))
+def test_max_pool_random(seed):
+    rng = np.random.default_rng(seed)
+    kh, kw = int(rng.integers(1, 5)), int(rng.integers(1, 5))
+    dh, dw = int(rng.integers(1, 3)), int(rng.integers(1, 3))
+    ph, pw = int(rng.integers(0, (dh * (kh - 1) + 1) // 2 + 1)), int(rng.integers(0, (dw * (kw - 1) + 1) // 2 + 1))
+    ph, pw = min(ph, kh // 2), min(pw, kw // 2)
+    stride = (int(rng.integers(1, 4)), int(rng.integers(1, 4)))
+    ceil_mode = bool(seed % 2)
+    dtype = np.float32 if seed % 3 else np.float64
+    h = int(rng.integers(dh * (kh - 1) + 1, 15))
+    w = int(rng.integers(dw * (kw - 1) + 1, 15))
+    x = pool_input(rng, (2, 3, h, w), dtype, special=seed % 4 == 0)
+    kw_ = dict(kernel_size=(kh, kw), stride=stride, padding=(ph, pw), dilation=(dh, dw), ceil_mode=ceil_mode)
+    out, idx = fastconv.max_pool2d(x, **kw_, return_indices=True, backend="cython")
+    ref, ridx = fastconv.max_pool2d(x, **kw_, return_indices=True, backend="reference")
+    assert out.dtype == dtype and idx.dtype == np.int64
+    np.testing.assert_array_equal(idx, ridx)
+    np.testing.assert_array_equal(out, ref)  # NaN positions equal too
+    gy = rng.standard_normal(out.shape).astype(dtype)
+    gx = fastconv.max_pool2d_backward(gy, x, **kw_, indices=idx, backend="cython")
+    gref = fastconv.max_pool2d_backward(gy, x, **kw_, indices=ridx, backend="reference")
+    assert rel_err(gx, gref) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("seed", range(24))
+def test_avg_pool_random(seed):
+    rng = np.random.default_rng(100 + seed)
+    kh, kw = int(rng.integers(1, 5)), int(rng.integers(1, 5))
+    ph, pw = int(rng.integers(0, kh // 2 + 1)), int(rng.integers(0, kw // 2 + 1))
+    stride = (int(rng.integers(1, 4)), int(rng.integers(1, 4)))
+    dtype = np.float32 if seed % 3 else np.float64
+    h, w = int(rng.integers(kh, 15)), int(rng.integers(kw, 15))
+    x = rng.standard_normal((2, 3, h, w)).astype(dtype)
+    kw_ = dict(kernel_size=(kh, kw), stride=stride, padding=(ph, pw), ceil_mode=bool(seed % 2),
+               count_include_pad=bool(seed % 4 < 2))
+    out = fastconv.avg_pool2d(x, **kw_, backend="cython")
+    ref = fastconv.avg_pool2d(x, **kw_, backend="reference")
+    assert out.dtype == dtype and rel_err(out, ref) <= TOL[dtype]
+    gy = rng.standard_normal(out.shape).astype(dtype)
+    gx = fastconv.avg_pool2d_backward(gy, x.shape, **kw_, backend="cython")
+    gref = fastconv.avg_pool2d_backward(gy, x.shape, **kw_, backend="reference")
+    assert rel_err(gx, gref) <= TOL[dtype]
+
+
+def test_info_and_algorithm_choice():
+    from fastconv._args import ConvGeometry
+    from fastconv.backends.cython import CythonBackend
+
+    be = CythonBackend()
+    assert set(be.info()) >= {"openmp", "blas"}
+    f32 = np.dtype(np.float32)
+    depthwise = ConvGeometry(8, 32, 16, 16, 32, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 32, f32)
+    wide = ConvGeometry(8, 64, 16, 16, 64, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1, f32)
+    for op in ("conv2d", "conv2d_backward_input", "conv2d_backward_weight"):
+        assert be.default_algorithm(op, depthwise) == "direct"
+        assert be.default_algorithm(op, wide) == "im2col"
