@@ -31,19 +31,101 @@ IN_SIMULATOR = bool(numba.config.ENABLE_CUDASIM)
 CUDA = fastconv.available_backends()["cuda"]
 
 
+def _arg_spec(a) -> list:
+    """A JSON description of one kernel argument's numba type."""
+    if hasattr(a, "dtype") and hasattr(a, "shape") and not np.isscalar(a):
+        contiguous = a.is_c_contiguous() if hasattr(a, "is_c_contiguous") else a.flags.c_contiguous
+        return ["array", np.dtype(a.dtype).name, len(a.shape), "C" if contiguous else "A"]
+    if isinstance(a, (bool, np.bool_)):
+        return ["bool"]
+    if isinstance(a, int):
+        return ["int"]
+    if isinstance(a, tuple):
+        return ["tuple", len(a)]
+    return ["scalar", np.dtype(type(a)).name]
+
+
+def _numba_type(spec):
+    from numba import types
+
+    kind = spec[0]
+    if kind == "array":
+        return types.Array(numba.from_dtype(np.dtype(spec[1])), spec[2], spec[3])
+    if kind == "bool":
+        return types.boolean
+    if kind == "int":
+        return types.int64
+    if kind == "tuple":
+        return types.UniTuple(types.int64, spec[1])
+    return numba.from_dtype(np.dtype(spec[1]))
+
+
+def _nvvm_available() -> bool:
+    """Whether numba can compile for the real CUDA target here (libNVVM found)."""
+    try:
+        from numba import cuda, types
+
+        cuda.compile_ptx(lambda a: None, (types.float32[:],), cc=(8, 0))
+        return True
+    except Exception:
+        return False
+
+
 if not IN_SIMULATOR:
 
-    def test_cuda_backend_under_simulator():
-        """Run this module's cases in a subprocess with NUMBA_ENABLE_CUDASIM=1."""
+    @pytest.fixture(scope="module")
+    def simulator_run(tmp_path_factory):
+        """Run this module's cases once in a subprocess with NUMBA_ENABLE_CUDASIM=1;
+        the subprocess also records the argument types of every kernel launch."""
         root = os.path.dirname(os.path.dirname(os.path.abspath(fastconv.__file__)))
-        env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1",
+        signatures = tmp_path_factory.mktemp("cuda") / "launches.json"
+        env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1", FASTCONV_CUDA_LAUNCH_LOG=str(signatures),
                    PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
         proc = subprocess.run(
             [sys.executable, "-m", "pytest", "-q", "-rxs", "-p", "no:cacheprovider", os.path.abspath(__file__)],
             cwd=os.path.dirname(os.path.abspath(__file__)), env=env, capture_output=True, text=True, timeout=900)
+        return proc, signatures
+
+    def test_cuda_backend_under_simulator(simulator_run):
+        """This module's cases, run in a subprocess under the CUDA simulator, all pass."""
+        proc, _ = simulator_run
         report = proc.stdout[-8000:] + proc.stderr[-2000:]
         assert proc.returncode == 0, report
         assert " passed" in proc.stdout and " failed" not in proc.stdout, report
+
+    def test_launched_kernels_compile_for_a_real_gpu(simulator_run, monkeypatch):
+        """Every (kernel, argument types) the simulated cases launched also compiles to
+        PTX with the real CUDA target (needs libNVVM, e.g. CUDA_HOME pointing at a CUDA
+        toolkit or the nvidia-cuda-nvcc wheel; no GPU needed).  This checks typing and
+        lowering under the real target, which the simulator does not do."""
+        if not _nvvm_available():
+            pytest.skip("libNVVM not found (set CUDA_HOME to a CUDA toolkit): cannot compile to PTX")
+        import importlib.util
+        import json
+
+        from numba import cuda
+
+        proc, signatures = simulator_run
+        assert proc.returncode == 0 and signatures.exists(), proc.stdout[-4000:]
+        # the package itself refuses to import without a GPU; its kernel module does not need one
+        path = os.path.join(os.path.dirname(os.path.abspath(fastconv.__file__)), "backends", "cuda", "_kernels.py")
+        spec = importlib.util.spec_from_file_location("_fastconv_cuda_kernels_ptx", path)
+        kernels_module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(kernels_module)
+        # device functions are compiled for the current device's compute capability: fake one
+        from types import SimpleNamespace
+
+        import numba.cuda.dispatcher
+
+        monkeypatch.setattr(numba.cuda.dispatcher, "get_current_device",
+                            lambda: SimpleNamespace(compute_capability=(8, 0)))
+        launches = json.loads(signatures.read_text())
+        assert len({name for _, name, _ in launches}) >= 12
+        for dtype, name, arg_specs in launches:
+            kernel = getattr(kernels_module.kernels(dtype), name)
+            sig = tuple(_numba_type(a) for a in arg_specs)
+            ptx, _ = cuda.compile_ptx(kernel.py_func, sig, cc=(8, 0))
+            assert ".entry" in ptx, (dtype, name, sig)
 
     def test_unavailable_reason_without_gpu():
         """Without a GPU (and without the simulator) the backend is unavailable, with the reason."""
@@ -65,6 +147,45 @@ if CUDA["available"]:
         sys.setswitchinterval(1e-4)
         yield
         sys.setswitchinterval(previous)
+
+    class _Recorder:
+        """Stands in for one kernel: records each launch's argument types, then launches."""
+
+        def __init__(self, dtype, name, kernel, log):
+            self.dtype, self.name, self.kernel, self.log = dtype, name, kernel, log
+
+        def __getitem__(self, config):
+            def launch(*args):
+                entry = [self.dtype, self.name, [_arg_spec(a) for a in args]]
+                if entry not in self.log:
+                    self.log.append(entry)
+                return self.kernel[config](*args)
+
+            return launch
+
+    @pytest.fixture(autouse=True, scope="module")
+    def _record_launches():
+        """With FASTCONV_CUDA_LAUNCH_LOG set, write every distinct launch signature there
+        (the parent process compiles them for the real CUDA target)."""
+        path = os.environ.get("FASTCONV_CUDA_LAUNCH_LOG")
+        if not path or not IN_SIMULATOR:
+            yield
+            return
+        import json
+
+        from fastconv.backends.cuda import _kernels
+
+        log, saved = [], []
+        for dtype in ("float32", "float64"):
+            ns = _kernels.kernels(dtype)
+            for name, kernel in list(vars(ns).items()):
+                saved.append((ns, name, kernel))
+                setattr(ns, name, _Recorder(dtype, name, kernel, log))
+        yield
+        for ns, name, kernel in saved:
+            setattr(ns, name, kernel)
+        with open(path, "w") as f:
+            json.dump(log, f)
 
     ALGORITHMS = ("direct", "im2col")
     DTYPES = (np.float32, np.float64)

@@ -64,6 +64,16 @@ def kernels(dtype_name: str) -> SimpleNamespace:
     tile, kb, threads = TILE, KB, THREADS
 
     # ------------------------------------------------------------ helpers
+    # (integer min/max as device functions: the builtins fail to type in numba 0.68's
+    # built-in CUDA target, "Signature mismatch: 2 argument types given")
+    @cuda.jit(device=True)
+    def imin(a, b):
+        return a if a < b else b
+
+    @cuda.jit(device=True)
+    def imax(a, b):
+        return a if a > b else b
+
     @cuda.jit(device=True)
     def block_sum(sm, value):
         """Sum ``value`` over the (1-D, power-of-two sized) block; every thread gets it."""
@@ -454,11 +464,11 @@ def kernels(dtype_name: str) -> SimpleNamespace:
     @cuda.jit(device=True)
     def avg_divisor(h0, w0, kh, kw, H, W, ph, pw, count_include_pad):
         """PyTorch's avg-pool divisor for the window starting at (h0, w0)."""
-        h1 = min(h0 + kh, H + ph)
-        w1 = min(w0 + kw, W + pw)
+        h1 = imin(h0 + kh, H + ph)
+        w1 = imin(w0 + kw, W + pw)
         if count_include_pad:
             return (h1 - h0) * (w1 - w0)
-        return (min(h1, H) - max(h0, 0)) * (min(w1, W) - max(w0, 0))
+        return (imin(h1, H) - imax(h0, 0)) * (imin(w1, W) - imax(w0, 0))
 
     @cuda.jit
     def avg_pool(x, out, kernel, stride, padding, count_include_pad):
@@ -479,8 +489,8 @@ def kernels(dtype_name: str) -> SimpleNamespace:
             w0 = ow * sw - pw
             div = avg_divisor(h0, w0, kh, kw, H, W, ph, pw, count_include_pad)
             acc = ftype(0)
-            for ih in range(max(h0, 0), min(h0 + kh, H)):
-                for iw in range(max(w0, 0), min(w0 + kw, W)):
+            for ih in range(imax(h0, 0), imin(h0 + kh, H)):
+                for iw in range(imax(w0, 0), imin(w0 + kw, W)):
                     acc += x[n, c, ih, iw]
             out[n, c, oh, ow] = acc / ftype(div) if div > 0 else ftype(0)
             i += cuda.gridsize(1)
@@ -502,10 +512,10 @@ def kernels(dtype_name: str) -> SimpleNamespace:
             n = d2 // c_n
             c = d2 - n * c_n
             # windows oh with oh*sh - ph <= ih < oh*sh - ph + kh
-            oh_lo = max(0, (ih + ph - kh + sh) // sh)
-            oh_hi = min(ho_n - 1, (ih + ph) // sh)
-            ow_lo = max(0, (iw + pw - kw + sw) // sw)
-            ow_hi = min(wo_n - 1, (iw + pw) // sw)
+            oh_lo = imax(0, (ih + ph - kh + sh) // sh)
+            oh_hi = imin(ho_n - 1, (ih + ph) // sh)
+            ow_lo = imax(0, (iw + pw - kw + sw) // sw)
+            ow_hi = imin(wo_n - 1, (iw + pw) // sw)
             acc = ftype(0)
             for oh in range(oh_lo, oh_hi + 1):
                 for ow in range(ow_lo, ow_hi + 1):
