@@ -87,6 +87,28 @@ def test_conv_matches_reference(dtype, algorithm):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", ["pointwise", "pointwise-groups", "large-plane", "large-plane-groups"])
+def test_im2col_special_paths(dtype, case):
+    """im2col shortcuts: 1x1 stride-1 unpadded convs skip the unfolding, and output planes of
+    >= 2048 pixels are multiplied one image at a time straight into the output."""
+    rng = np.random.default_rng(21)
+    n, c, k, groups = 3, 4, 6, 2 if case.endswith("groups") else 1
+    if case.startswith("pointwise"):
+        x, w, args = rng.standard_normal((n, c, 9, 7)), rng.standard_normal((k, c // groups, 1, 1)), (1, 0, 1)
+    else:
+        x, w, args = rng.standard_normal((n, c, 47, 52)), rng.standard_normal((k, c // groups, 3, 2)), (1, 1, 1)
+    x, w, b = x.astype(dtype), w.astype(dtype), rng.standard_normal(k).astype(dtype)
+    ref = fc.conv2d(x, w, b, *args, groups, backend="reference")
+    got = fc.conv2d(x, w, b, *args, groups, backend="numba", algorithm="im2col")
+    assert rel_err(got, ref) <= TOL[dtype]
+    gy = rng.standard_normal(ref.shape).astype(dtype)
+    rg = fc.conv2d_backward(gy, x, w, *args, groups, backend="reference")
+    ng = fc.conv2d_backward(gy, x, w, *args, groups, backend="numba", algorithm="im2col")
+    for name in ("input", "weight", "bias"):
+        assert rel_err(getattr(ng, name), getattr(rg, name)) <= TOL[dtype], name
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_large_single_image_correlate(dtype):
     """The C = K = 1 path used by correlate2d/convolve2d, against scipy."""
     signal = pytest.importorskip("scipy.signal")
@@ -281,7 +303,7 @@ def test_import_compiles_nothing():
                           "compiled": sum(len(k.overloads) for k in kernels), "times": nb.compile_times()}))
     """, _env())
     assert not result["early"], "import fastconv must not import numba"
-    assert result["kernels"] >= 9
+    assert result["kernels"] >= 10
     assert result["compiled"] == 0 and result["times"] == {}
 
 

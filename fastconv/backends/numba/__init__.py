@@ -95,6 +95,7 @@ def _threadsafe() -> bool:
 _conv2d_direct = _kernel("conv2d_direct", 3)
 _conv2d_backward_input_direct = _kernel("conv2d_backward_input_direct", 2)
 _conv2d_backward_weight_direct = _kernel("conv2d_backward_weight_direct", 2)
+_conv2d_backward_bias = _kernel("conv2d_backward_bias", 1)
 _im2col = _kernel("im2col", 1)
 _col2im = _kernel("col2im", 1)
 _max_pool2d = _kernel("max_pool2d", 1)
@@ -108,27 +109,50 @@ def _conv_params(g: ConvGeometry) -> tuple[int, ...]:
     return (g.stride[0], g.stride[1], g.padding[0], g.padding[2], g.dilation[0], g.dilation[1])
 
 
-def _chunks(g: ConvGeometry, extra_rows: int):
-    """Batch chunks (n0, nb) whose column matrix plus ``extra_rows`` rows of GEMM output fit
-    the workspace limit."""
+#: output planes at least this large are processed one image at a time: the GEMM is
+#: then big enough on its own and writes straight into the output (no transposes)
+_LARGE_PLANE = 2048
+
+
+def _chunks(g: ConvGeometry):
+    """Batch chunks (n0, nb): one image at a time for large output planes, otherwise as
+    many images as the workspace limit allows for the column matrix plus the
+    (K, nb*Ho*Wo) GEMM result."""
     ll = g.out_h * g.out_w
-    per_image = (g.c * g.r * g.s + extra_rows) * ll * np.dtype(g.dtype).itemsize
-    step = _config.batch_chunk(per_image, g.n)
+    if ll >= _LARGE_PLANE:
+        step = 1
+    else:
+        step = _config.batch_chunk((g.c * g.r * g.s + g.k) * ll * np.dtype(g.dtype).itemsize, g.n)
     for n0 in range(0, g.n, step):
         yield n0, min(step, g.n - n0)
 
 
-def _groups(g: ConvGeometry):
-    """(column-row slice, filter slice) of every group."""
-    crs = g.c_per_group * g.r * g.s
+def _groups(g: ConvGeometry, taps: int):
+    """(input-row slice, filter slice) of every group; ``taps`` rows per input channel
+    (R*S for column matrices, 1 for pointwise inputs)."""
+    rows = g.c_per_group * taps
     for grp in range(g.groups):
-        yield slice(grp * crs, (grp + 1) * crs), slice(grp * g.k_per_group, (grp + 1) * g.k_per_group)
+        yield slice(grp * rows, (grp + 1) * rows), slice(grp * g.k_per_group, (grp + 1) * g.k_per_group)
+
+
+def _is_pointwise(g: ConvGeometry) -> bool:
+    """1x1, stride 1, unpadded: every input image already is its (C, H*W) column matrix."""
+    return g.r == g.s == 1 and g.stride == (1, 1) and not any(g.padding)
 
 
 def _to_rows(a: np.ndarray, n0: int, nb: int) -> np.ndarray:
-    """(nb, K, Ho, Wo) batch slice -> (K, nb*Ho*Wo) C-contiguous matrix."""
+    """(nb, K, Ho, Wo) batch slice -> (K, nb*Ho*Wo) C-contiguous matrix (a view when nb == 1)."""
     n, k = a.shape[:2]
+    if nb == 1:
+        return a[n0].reshape(k, -1)
     return np.ascontiguousarray(a[n0:n0 + nb].reshape(nb, k, -1).transpose(1, 0, 2)).reshape(k, -1)
+
+
+def _from_rows(res: np.ndarray, out: np.ndarray, n0: int, nb: int) -> None:
+    """Copy a (K, nb*Ho*Wo) GEMM result into out[n0:n0 + nb] (nothing to do when it is a view)."""
+    if nb > 1:
+        k = out.shape[1]
+        out[n0:n0 + nb] = res.reshape(k, nb, *out.shape[2:]).transpose(1, 0, 2, 3)
 
 
 class NumbaBackend(Backend):
@@ -154,13 +178,18 @@ class NumbaBackend(Backend):
             return out
         ll = g.out_h * g.out_w
         wmat = weight.reshape(g.k, -1)
-        for n0, nb in _chunks(g, g.k):
-            cols = np.empty((g.c * g.r * g.s, nb * ll), dtype=g.dtype)
-            _im2col(x, n0, cols, g.r, g.s, *_conv_params(g), g.out_h, g.out_w)
-            res = np.empty((g.k, nb * ll), dtype=g.dtype)
-            for cs, ks in _groups(g):
-                np.matmul(wmat[ks], cols[cs], out=res[ks])
-            out[n0:n0 + nb] = res.reshape(g.k, nb, g.out_h, g.out_w).transpose(1, 0, 2, 3)
+        if _is_pointwise(g):
+            x3, out3 = x.reshape(g.n, g.c, ll), out.reshape(g.n, g.k, ll)
+            for cs, ks in _groups(g, 1):
+                np.matmul(wmat[ks], x3[:, cs], out=out3[:, ks])
+        else:
+            for n0, nb in _chunks(g):
+                cols = np.empty((g.c * g.r * g.s, nb * ll), dtype=g.dtype)
+                _im2col(x, n0, cols, g.r, g.s, *_conv_params(g), g.out_h, g.out_w)
+                res = _to_rows(out, n0, nb) if nb == 1 else np.empty((g.k, nb * ll), dtype=g.dtype)
+                for cs, ks in _groups(g, g.r * g.s):
+                    np.matmul(wmat[ks], cols[cs], out=res[ks])
+                _from_rows(res, out, n0, nb)
         if bias is not None:
             out += bias[None, :, None, None]
         return out
@@ -172,10 +201,15 @@ class NumbaBackend(Backend):
             return gx
         ll = g.out_h * g.out_w
         wmat = weight.reshape(g.k, -1)
-        for n0, nb in _chunks(g, g.k):
+        if _is_pointwise(g):
+            gy3, gx3 = grad_out.reshape(g.n, g.k, ll), gx.reshape(g.n, g.c, ll)
+            for cs, ks in _groups(g, 1):
+                np.matmul(wmat[ks].T, gy3[:, ks], out=gx3[:, cs])
+            return gx
+        for n0, nb in _chunks(g):
             gy = _to_rows(grad_out, n0, nb)
             cols = np.empty((g.c * g.r * g.s, nb * ll), dtype=g.dtype)
-            for cs, ks in _groups(g):
+            for cs, ks in _groups(g, g.r * g.s):
                 np.matmul(wmat[ks].T, gy[ks], out=cols[cs])
             _col2im(cols, gx, n0, g.r, g.s, *_conv_params(g), g.out_h, g.out_w)
         return gx
@@ -186,17 +220,26 @@ class NumbaBackend(Backend):
             _conv2d_backward_weight_direct(grad_out, x, gw, *_conv_params(g), g.groups)
             return gw
         ll = g.out_h * g.out_w
-        acc = np.zeros((g.k, g.c_per_group * g.r * g.s))  # float64 sum over chunks
+        acc = np.zeros((g.k, g.c_per_group * g.r * g.s))  # float64 sum of the per-chunk GEMMs
         part = np.empty(acc.shape, dtype=g.dtype)
-        for n0, nb in _chunks(g, g.k):
+        pointwise = _is_pointwise(g)
+        for n0, nb in _chunks(g):
             gy = _to_rows(grad_out, n0, nb)
-            cols = np.empty((g.c * g.r * g.s, nb * ll), dtype=g.dtype)
-            _im2col(x, n0, cols, g.r, g.s, *_conv_params(g), g.out_h, g.out_w)
-            for cs, ks in _groups(g):
+            if pointwise and nb == 1:
+                cols = x[n0].reshape(g.c, ll)
+            else:
+                cols = np.empty((g.c * g.r * g.s, nb * ll), dtype=g.dtype)
+                _im2col(x, n0, cols, g.r, g.s, *_conv_params(g), g.out_h, g.out_w)
+            for cs, ks in _groups(g, g.r * g.s):
                 np.matmul(gy[ks], cols[cs].T, out=part[ks])
             acc += part
         gw[...] = acc.reshape(g.weight_shape)
         return gw
+
+    def conv2d_backward_bias(self, grad_out, g):
+        gb = np.empty(g.k, dtype=g.dtype)
+        _conv2d_backward_bias(grad_out, gb)
+        return gb
 
     # ------------------------------------------------------------------ pools
     def max_pool2d(self, x, p):

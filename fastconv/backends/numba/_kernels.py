@@ -158,6 +158,21 @@ def conv2d_backward_weight_direct(gy, x, gw, sh, sw, top, left, dh, dw, groups):
                 gw[kk, cl, r, s] = acc[r, s]
 
 
+@njit(**_CONV)
+def conv2d_backward_bias(gy, gb):
+    """gb[k] = sum_{n, oh, ow} gy[n, k, oh, ow], accumulated in float64; one work item per k."""
+    n, k = gy.shape[0], gy.shape[1]
+    plane = gy.shape[2] * gy.shape[3]
+    g3 = gy.reshape(n, k, plane)
+    for kk in prange(k):
+        total = 0.0
+        for i in range(n):
+            src = g3[i, kk]
+            for o in range(plane):
+                total += src[o]
+        gb[kk] = total
+
+
 # --------------------------------------------------------------------------- im2col
 @njit(**_POOL)
 def im2col(x, n0, cols, nr, ns, sh, sw, top, left, dh, dw, ho, wo):
