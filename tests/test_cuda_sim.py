@@ -409,3 +409,14 @@ if CUDA["available"]:
         info = fastconv.available_backends()["cuda"]
         assert info["algorithms"] == ALGORITHMS
         assert info["simulator"] == IN_SIMULATOR
+
+    def test_selftest_module_runs():
+        """The GPU self-test (meant for a machine with a GPU) runs and passes on tiny cases."""
+        from fastconv._bench_suite import ConvCase, PoolCase
+        from fastconv.backends.cuda import selftest
+
+        convs = [ConvCase("tiny", 2, 2, 5, 3, 3), ConvCase("tiny-dw", 2, 2, 5, 2, 3, stride=2, groups=2)]
+        pools = [PoolCase("tiny-max", "max", 1, 2, 5, 3, 2, pad=1), PoolCase("tiny-avg", "avg", 1, 2, 5, 2, 2)]
+        assert selftest.check(convs[1:], pools, dtypes=(np.float32,), verbose=False) == []
+        rows = selftest.bench(convs[:1], repeat=1)
+        assert rows[0]["case"] == "tiny" and rows[0]["direct"] > 0 and rows[0]["im2col"] > 0
