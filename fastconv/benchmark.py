@@ -1,0 +1,706 @@
+"""``fastconv bench``: time every backend and algorithm on the DESIGN.md layer suite.
+
+The runner first measures this machine's GEMM peak (``numpy.matmul`` of two
+2048 x 2048 matrices in the benchmark dtype, best of several) and memory-copy
+bandwidth (``numpy.copyto`` of a 256 MiB array, 64 MiB with ``--quick``;
+bytes read + written), then times
+every (layer, pass, implementation, algorithm): one untimed warm-up call (JIT
+compilation, first touch), then repeated calls, reporting the median.  It prints
+one table: milliseconds, GFLOP/s (2*N*K*Ho*Wo*(C/groups)*R*S per pass) and % of
+the GEMM peak for convolutions, GB/s and % of the copy bandwidth for pools, and
+speed-ups (their time / our time, > 1 means fastconv is faster) against the
+reference backend, the numpy backend, PyTorch CPU (``torch.nn.functional``,
+same dtype, ``torch.set_num_threads`` = fastconv's threads) and, for the 2-D
+correlations, ``scipy.signal.correlate2d`` and ``scipy.ndimage.correlate``.
+
+The reference backend is timed on one image and its time multiplied by N (marked
+``~`` in the table, ``"estimated": true`` in the JSON).  ``--quick`` times a batch
+of N/4 (at least 1) with fewer repeats; the output says so.  The speed-ups of a
+fastconv backend use the algorithm each *other* backend picks by default
+("auto"); in the table, ``*`` marks the algorithm that "auto" picks.
+
+JSON output (``--json FILE``) follows :data:`JSON_SCHEMA` (JSON Schema draft 7),
+checked by :func:`validate`.  In words: an object with
+
+``schema``        "fastconv-bench/1"
+``created``       UTC time, ISO 8601
+``quick``         bool;  ``batch_divisor``: int (N was divided by it, 1 unless quick)
+``settings``      {"dtype", "threads", "backends", "layers", "passes", "baselines"}
+``versions``      {"fastconv", "python", "numpy", "scipy", "numba", "cython", "torch"} (str or null)
+``cpu``           {"model", "machine", "system", "logical_cpus", "usable_cpus",
+                  "load_average": [1, 5, 15 min] or null (taken at the start), "blas": [..]}
+``peaks``         {"gemm_gflops", "gemm_size", "copy_gbps", "copy_bytes"}
+``backends``      {name: {"available": bool, "reason": str|null, "algorithms": [str]}}
+``compile_seconds`` {backend: {kernel: seconds}} from backends exposing ``compile_times()``
+``results``       [row], one per timed (layer, pass, impl, algorithm):
+                  "layer", "kind" (conv|pool|corr2d), "pass", "impl" (backend or baseline name),
+                  "algorithm" (str|null), "auto_pick" (bool|null), "shape" (str),
+                  "n" (batch of the timed call), "estimated" (bool: timed on n, scaled to N),
+                  "ms", "ms_min", "first_ms" (null on error), "runs" (int),
+                  "rate" and "rate_unit" ("GFLOP/s" | "GB/s"), "pct_peak",
+                  "speedup" {"reference"|"numpy"|"torch"|"scipy.signal"|"scipy.ndimage": float|null},
+                  "error" (str|null)
+``auto_picks``    [{"backend", "layer", "pass", "auto", "best", "auto_ms", "best_ms", "ratio"}]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import gc
+import importlib
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+import numpy as np
+
+from . import _bench_suite as suite
+
+SCHEMA_ID = "fastconv-bench/1"
+_NUM = {"type": "number"}
+_NUM_OR_NULL = {"type": ["number", "null"]}
+_STR_OR_NULL = {"type": ["string", "null"]}
+
+#: JSON Schema (draft 7) of ``fastconv bench --json`` output
+JSON_SCHEMA: dict[str, Any] = {
+    "$schema": "http://json-schema.org/draft-07/schema#",
+    "title": "fastconv bench results",
+    "type": "object",
+    "required": ["schema", "created", "quick", "batch_divisor", "settings", "versions", "cpu", "peaks",
+                 "backends", "compile_seconds", "results", "auto_picks"],
+    "properties": {
+        "schema": {"type": "string", "enum": [SCHEMA_ID]},
+        "created": {"type": "string"},
+        "quick": {"type": "boolean"},
+        "batch_divisor": {"type": "integer", "minimum": 1},
+        "settings": {
+            "type": "object",
+            "required": ["dtype", "threads", "backends", "layers", "passes", "baselines"],
+            "properties": {
+                "dtype": {"type": "string", "enum": ["float32", "float64"]},
+                "threads": {"type": "integer", "minimum": 1},
+                "backends": {"type": "array", "items": {"type": "string"}},
+                "layers": {"type": "array", "items": {"type": "string"}},
+                "passes": {"type": "array", "items": {"type": "string", "enum": list(suite.ALL_PASSES)}},
+                "baselines": {"type": "array", "items": {"type": "string"}},
+            },
+        },
+        "versions": {
+            "type": "object",
+            "required": ["fastconv", "python", "numpy", "scipy", "numba", "cython", "torch"],
+            "additionalProperties": _STR_OR_NULL,
+        },
+        "cpu": {
+            "type": "object",
+            "required": ["model", "machine", "system", "logical_cpus", "usable_cpus", "load_average", "blas"],
+            "properties": {
+                "model": {"type": "string"},
+                "machine": {"type": "string"},
+                "system": {"type": "string"},
+                "logical_cpus": {"type": ["integer", "null"]},
+                "usable_cpus": {"type": ["integer", "null"]},
+                "load_average": {"type": ["array", "null"], "items": _NUM},
+                "blas": {"type": "array", "items": {"type": "object"}},
+            },
+        },
+        "peaks": {
+            "type": "object",
+            "required": ["gemm_gflops", "gemm_size", "copy_gbps", "copy_bytes"],
+            "properties": {"gemm_gflops": _NUM, "gemm_size": {"type": "integer"}, "copy_gbps": _NUM,
+                           "copy_bytes": {"type": "integer"}},
+        },
+        "backends": {
+            "type": "object",
+            "additionalProperties": {
+                "type": "object",
+                "required": ["available", "reason", "algorithms"],
+                "properties": {"available": {"type": "boolean"}, "reason": _STR_OR_NULL,
+                               "algorithms": {"type": "array", "items": {"type": "string"}}},
+            },
+        },
+        "compile_seconds": {"type": "object", "additionalProperties": {"type": "object",
+                                                                       "additionalProperties": _NUM}},
+        "results": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["layer", "kind", "pass", "impl", "algorithm", "auto_pick", "shape", "n", "estimated",
+                             "ms", "ms_min", "first_ms", "runs", "rate", "rate_unit", "pct_peak", "speedup",
+                             "error"],
+                "properties": {
+                    "layer": {"type": "string", "enum": [c.name for c in suite.CASES]},
+                    "kind": {"type": "string", "enum": ["conv", "pool", "corr2d"]},
+                    "pass": {"type": "string", "enum": list(suite.ALL_PASSES)},
+                    "impl": {"type": "string"},
+                    "algorithm": _STR_OR_NULL,
+                    "auto_pick": {"type": ["boolean", "null"]},
+                    "shape": {"type": "string"},
+                    "n": {"type": "integer", "minimum": 1},
+                    "estimated": {"type": "boolean"},
+                    "ms": _NUM_OR_NULL, "ms_min": _NUM_OR_NULL, "first_ms": _NUM_OR_NULL,
+                    "runs": {"type": "integer", "minimum": 0},
+                    "rate": _NUM_OR_NULL,
+                    "rate_unit": {"type": "string", "enum": ["GFLOP/s", "GB/s"]},
+                    "pct_peak": _NUM_OR_NULL,
+                    "speedup": {"type": "object", "additionalProperties": _NUM_OR_NULL},
+                    "error": _STR_OR_NULL,
+                },
+            },
+        },
+        "auto_picks": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["backend", "layer", "pass", "auto", "best", "auto_ms", "best_ms", "ratio"],
+                "properties": {"backend": {"type": "string"}, "layer": {"type": "string"},
+                               "pass": {"type": "string"}, "auto": {"type": "string"}, "best": {"type": "string"},
+                               "auto_ms": _NUM, "best_ms": _NUM, "ratio": _NUM},
+            },
+        },
+    },
+}
+
+_JSON_TYPES = {"object": dict, "array": list, "string": str, "boolean": bool, "null": type(None)}
+
+
+def validate(instance: Any, schema: dict[str, Any] = JSON_SCHEMA, where: str = "$") -> list[str]:
+    """Check ``instance`` against the subset of JSON Schema that :data:`JSON_SCHEMA` uses
+    (type, enum, required, properties, additionalProperties, items, minimum).
+
+    Returns
+    -------
+    list of str
+        One message per violation (empty when the instance is valid).
+    """
+    errors: list[str] = []
+    types = schema.get("type")
+    if types is not None:
+        types = [types] if isinstance(types, str) else types
+        if not any(_is_type(instance, t) for t in types):
+            return [f"{where}: expected {' or '.join(types)}, got {type(instance).__name__}"]
+    if "enum" in schema and instance not in schema["enum"]:
+        errors.append(f"{where}: {instance!r} is not one of {schema['enum']}")
+    if "minimum" in schema and isinstance(instance, (int, float)) and instance < schema["minimum"]:
+        errors.append(f"{where}: {instance} < minimum {schema['minimum']}")
+    if isinstance(instance, dict):
+        errors += [f"{where}: missing {key!r}" for key in schema.get("required", ()) if key not in instance]
+        props = schema.get("properties", {})
+        extra = schema.get("additionalProperties", True)
+        for key, value in instance.items():
+            if key in props:
+                errors += validate(value, props[key], f"{where}.{key}")
+            elif extra is False:
+                errors.append(f"{where}: unexpected key {key!r}")
+            elif isinstance(extra, dict):
+                errors += validate(value, extra, f"{where}.{key}")
+    if isinstance(instance, list) and "items" in schema:
+        for i, item in enumerate(instance):
+            errors += validate(item, schema["items"], f"{where}[{i}]")
+    return errors
+
+
+def _is_type(value: Any, name: str) -> bool:
+    if name == "integer":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if name == "number":
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, _JSON_TYPES[name])
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Seconds: median and minimum of the timed runs, and the untimed first call (None when skipped)."""
+
+    median: float
+    minimum: float
+    runs: int
+    first: float | None
+
+
+@dataclass(frozen=True)
+class Effort:
+    """How hard to time one row: warm-up calls, run count bounds and a time budget (seconds)."""
+
+    warmup: int
+    min_runs: int
+    max_runs: int
+    budget: float
+
+
+FULL = Effort(warmup=1, min_runs=5, max_runs=30, budget=1.0)
+QUICK = Effort(warmup=1, min_runs=2, max_runs=5, budget=0.15)
+REFERENCE_FULL = Effort(warmup=0, min_runs=2, max_runs=3, budget=1.0)
+REFERENCE_QUICK = Effort(warmup=0, min_runs=1, max_runs=1, budget=0.0)
+
+
+def measure(fn: Callable[[], Any], effort: Effort) -> Timing:
+    """Time ``fn``: ``effort.warmup`` untimed calls, then at least ``min_runs`` and at most
+    ``max_runs`` timed calls, stopping once ``budget`` seconds of timed calls are spent."""
+    first = None
+    for i in range(effort.warmup):
+        t0 = time.perf_counter()
+        fn()
+        if i == 0:
+            first = time.perf_counter() - t0
+    gc.collect()
+    times: list[float] = []
+    while len(times) < effort.min_runs or (len(times) < effort.max_runs and sum(times) < effort.budget):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return Timing(statistics.median(times), min(times), len(times), first)
+
+
+def gemm_peak(dtype: Any = np.float32, size: int = 2048, repeats: int = 5) -> float:
+    """GFLOP/s of ``numpy.matmul`` on two ``size`` x ``size`` matrices (best of ``repeats``)."""
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((size, size)).astype(dtype)
+    b = rng.standard_normal((size, size)).astype(dtype)
+    out = np.empty((size, size), dtype=dtype)
+    np.matmul(a, b, out=out)
+    best = min(_timed(lambda: np.matmul(a, b, out=out)) for _ in range(repeats))
+    return 2.0 * size**3 / best / 1e9
+
+
+def copy_bandwidth(nbytes: int = 256 * 2**20, repeats: int = 5) -> float:
+    """GB/s of ``numpy.copyto`` between two arrays of ``nbytes`` (bytes read + written, best of ``repeats``)."""
+    src = np.ones(nbytes // 4, dtype=np.float32)
+    dst = np.zeros_like(src)
+    np.copyto(dst, src)
+    best = min(_timed(lambda: np.copyto(dst, src)) for _ in range(repeats))
+    return 2.0 * src.nbytes / best / 1e9
+
+
+def _timed(fn: Callable[[], Any]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+# --------------------------------------------------------------------------- machine facts
+
+
+def _version(module: str) -> str | None:
+    try:
+        return str(importlib.import_module(module).__version__)
+    except Exception:
+        return None
+
+
+def versions() -> dict[str, str | None]:
+    import fastconv
+
+    return {"fastconv": fastconv.__version__, "python": platform.python_version(), "numpy": np.__version__,
+            "scipy": _version("scipy"), "numba": _version("numba"), "cython": _version("Cython"),
+            "torch": _version("torch")}
+
+
+def cpu_info() -> dict[str, Any]:
+    model = platform.processor() or ""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        usable = None
+    blas = []
+    try:
+        from threadpoolctl import threadpool_info
+
+        blas = [{k: v for k, v in lib.items() if k in ("internal_api", "version", "num_threads", "architecture")}
+                for lib in threadpool_info() if lib.get("user_api") == "blas"]
+    except Exception:
+        pass
+    try:
+        load = [round(v, 2) for v in os.getloadavg()]
+    except (AttributeError, OSError):  # pragma: no cover - not Unix
+        load = None
+    return {"model": model or "unknown", "machine": platform.machine(), "system": platform.system(),
+            "logical_cpus": os.cpu_count(), "usable_cpus": usable, "load_average": load, "blas": blas}
+
+
+def compile_seconds(backends: Iterable[str]) -> dict[str, dict[str, float]]:
+    """``{backend: {kernel: seconds}}`` for loaded backends whose package has ``compile_times()``."""
+    from ._dispatch import REGISTRY
+
+    result = {}
+    for name in backends:
+        module = sys.modules.get(REGISTRY.get(name, ":").partition(":")[0])
+        fn = getattr(module, "compile_times", None)
+        if callable(fn):
+            try:
+                result[name] = {str(k): float(v) for k, v in dict(fn()).items()}
+            except Exception:
+                pass
+    return result
+
+
+# --------------------------------------------------------------------------- planning and running
+
+
+@dataclass(frozen=True)
+class Job:
+    """One row to time: ``case`` already has the batch that is timed; ``scale`` multiplies
+    the measured times up to the batch being reported."""
+
+    case: suite.Case
+    pass_: str
+    impl: str
+    algorithm: str | None
+    auto_pick: bool | None
+    scale: float
+    effort: Effort
+
+
+def plan(cases: Iterable[suite.Case], passes: Iterable[str], backends: dict[str, Any], baselines: Iterable[str],
+         dtype: np.dtype, divisor: int, quick: bool) -> list[Job]:
+    """Every (case, pass, implementation, algorithm) to time, in table order."""
+    jobs = []
+    passes = tuple(passes)
+    for case in cases:
+        case = case.with_batch(max(1, case.n // divisor))
+        for pass_ in case.passes:
+            if pass_ not in passes:
+                continue
+            for name, backend in backends.items():
+                if name == "reference":
+                    small = case.with_batch(1)
+                    jobs.append(Job(small, pass_, name, None, None, case.n / small.n,
+                                    REFERENCE_QUICK if quick else REFERENCE_FULL))
+                    continue
+                if case.kind == "pool":
+                    jobs.append(Job(case, pass_, name, None, None, 1.0, QUICK if quick else FULL))
+                    continue
+                g = case.geometry(dtype)
+                auto = backend.default_algorithm(suite.conv_op(pass_), g)
+                for algo in backend.algorithms:
+                    jobs.append(Job(case, pass_, name, algo, algo == auto, 1.0, QUICK if quick else FULL))
+            for base in baselines:
+                if base in suite.BASELINES[case.kind]:
+                    jobs.append(Job(case, pass_, base, None, None, 1.0, QUICK if quick else FULL))
+    return jobs
+
+
+def _row(job: Job, full_n: int, dtype: np.dtype, peaks: dict[str, float]) -> dict[str, Any]:
+    unit, amount = suite.work(job.case.with_batch(full_n), job.pass_, dtype)
+    row: dict[str, Any] = {
+        "layer": job.case.name, "kind": job.case.kind, "pass": job.pass_, "impl": job.impl,
+        "algorithm": job.algorithm, "auto_pick": job.auto_pick, "shape": job.case.with_batch(full_n).describe(),
+        "n": job.case.n, "estimated": job.scale != 1.0, "ms": None, "ms_min": None, "first_ms": None, "runs": 0,
+        "rate": None, "rate_unit": "GFLOP/s" if unit == "flop" else "GB/s", "pct_peak": None, "speedup": {},
+        "error": None,
+    }
+    try:
+        timing = measure(suite.make_call(job.case, job.pass_, job.impl, job.algorithm, dtype), job.effort)
+    except Exception as exc:  # report, keep going
+        row["error"] = f"{type(exc).__name__}: {exc}"[:300]
+        return row
+    seconds = timing.median * job.scale
+    rate = amount / seconds / 1e9
+    peak = peaks["gemm_gflops"] if unit == "flop" else peaks["copy_gbps"]
+    row.update(ms=seconds * 1e3, ms_min=timing.minimum * job.scale * 1e3, runs=timing.runs,
+               first_ms=None if timing.first is None else timing.first * 1e3,
+               rate=rate, pct_peak=100.0 * rate / peak)
+    return row
+
+
+def add_speedups(rows: list[dict[str, Any]], compare: Iterable[str]) -> None:
+    """Fill each fastconv row's ``speedup``: baseline time / row time, where the baseline of a
+    fastconv backend is its "auto" algorithm (or its only row)."""
+    compare = tuple(compare)
+    baseline_ms: dict[tuple[str, str, str], float] = {}
+    for r in rows:
+        if r["ms"] is not None and r["auto_pick"] in (True, None):
+            baseline_ms[(r["layer"], r["pass"], r["impl"])] = r["ms"]
+    for r in rows:
+        if r["impl"] in suite.BASELINES["corr2d"] or r["impl"] == "reference":
+            continue
+        for base in compare:
+            if base == r["impl"] or (base.startswith("scipy") and r["kind"] != "corr2d"):
+                continue
+            other = baseline_ms.get((r["layer"], r["pass"], base))
+            r["speedup"][base] = None if other is None or r["ms"] is None else other / r["ms"]
+
+
+def auto_picks(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """For every backend with several algorithms: the "auto" pick vs the fastest measured one."""
+    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    for r in rows:
+        if r["auto_pick"] is not None and r["ms"] is not None:
+            groups.setdefault((r["impl"], r["layer"], r["pass"]), []).append(r)
+    picks = []
+    for (impl, layer, pass_), rs in groups.items():
+        auto = [r for r in rs if r["auto_pick"]]
+        if len(rs) < 2 or not auto:
+            continue
+        best = min(rs, key=lambda r: r["ms"])
+        picks.append({"backend": impl, "layer": layer, "pass": pass_, "auto": auto[0]["algorithm"],
+                      "best": best["algorithm"], "auto_ms": auto[0]["ms"], "best_ms": best["ms"],
+                      "ratio": auto[0]["ms"] / best["ms"]})
+    return picks
+
+
+# --------------------------------------------------------------------------- output
+
+
+def _fmt(value: float | None, spec: str, prefix: str = "") -> str:
+    return "" if value is None else prefix + format(value, spec)
+
+
+def _speed(value: float | None, estimated: bool = False) -> str:
+    if value is None:
+        return ""
+    digits = ".2f" if value < 10 else ".1f" if value < 100 else ".0f"
+    return ("~" if estimated else "") + format(value, digits) + "x"
+
+
+def format_table(rows: list[dict[str, Any]], compare: Iterable[str]) -> str:
+    """The human-readable table, one block per layer."""
+    compare = tuple(compare)
+    estimated_ref = {(r["layer"], r["pass"]) for r in rows if r["impl"] == "reference" and r["estimated"]}
+    labels = {"reference": "x ref", "numpy": "x numpy", "torch": "x torch", "scipy.signal": "x sp.sig",
+              "scipy.ndimage": "x sp.ndi"}
+    head = ["pass", "impl", "algo", "ms", "rate", "%peak"] + [labels.get(c, "x " + c) for c in compare]
+    lines: list[list[str]] = []
+    blocks: list[tuple[str, list[list[str]]]] = []
+    layer = None
+    for r in rows:
+        if r["layer"] != layer:
+            layer = r["layer"]
+            lines = []
+            blocks.append((f"{layer}: {r['shape']}", lines))
+        algo = "" if r["algorithm"] is None else r["algorithm"] + ("*" if r["auto_pick"] else "")
+        if r["error"] is not None:
+            lines.append([r["pass"], r["impl"], algo, "error: " + r["error"][:60]] + [""] * (len(head) - 4))
+            continue
+        impl = r["impl"] + (f" (n={r['n']})~" if r["estimated"] else "")
+        cells = [r["pass"], impl, algo, _fmt(r["ms"], ".3f" if r["ms"] < 10 else ".1f"),
+                 _fmt(r["rate"], ".1f") + " " + r["rate_unit"].replace("GFLOP/s", "GF/s"),
+                 _fmt(r["pct_peak"], ".1f")]
+        for c in compare:
+            cells.append(_speed(r["speedup"].get(c), c == "reference" and (r["layer"], r["pass"]) in estimated_ref))
+        lines.append(cells)
+    widths = [len(h) for h in head]
+    for _, ls in blocks:
+        for cells in ls:
+            if not cells[3].startswith("error"):
+                widths = [max(w, len(c)) for w, c in zip(widths, cells)]
+    right = {3, 4, 5} | set(range(6, len(head)))
+
+    def line(cells: list[str]) -> str:
+        if cells[3].startswith("error"):
+            return "  ".join(c.ljust(w) for c, w in zip(cells[:3], widths)) + "  " + cells[3]
+        return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+    out = [line(head), "  ".join("-" * w for w in widths)]
+    for title, ls in blocks:
+        out.append(f"[{title}]")
+        out += [line(cells) for cells in ls]
+    return "\n".join(out)
+
+
+def plot(rows: list[dict[str, Any]], path: str) -> None:
+    """Bar chart of the speed-up vs PyTorch of each backend's "auto" pick, per layer, one panel per pass."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in rows if r["speedup"].get("torch") is not None and r["auto_pick"] in (True, None)]
+    passes = [p for p in suite.ALL_PASSES if any(r["pass"] == p for r in rows)]
+    if not passes:
+        raise ValueError("nothing to plot: no fastconv row has a PyTorch comparison")
+    impls = sorted({r["impl"] for r in rows})
+    fig, axes = plt.subplots(len(passes), 1, figsize=(12, 3.2 * len(passes)), squeeze=False)
+    for ax, pass_ in zip(axes[:, 0], passes):
+        layers = list(dict.fromkeys(r["layer"] for r in rows if r["pass"] == pass_))
+        width = 0.8 / max(1, len(impls))
+        for j, impl in enumerate(impls):
+            values = {r["layer"]: r["speedup"]["torch"] for r in rows if r["pass"] == pass_ and r["impl"] == impl}
+            xs = [i + (j - (len(impls) - 1) / 2) * width for i, l in enumerate(layers) if l in values]
+            ax.bar(xs, [values[l] for l in layers if l in values], width, label=impl)
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_yscale("log")
+        ax.set_xticks(range(len(layers)), layers, rotation=30, ha="right", fontsize=8)
+        ax.set_ylabel("speed-up vs PyTorch")
+        ax.set_title(pass_)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def _names(text: str | None, known: Iterable[str], what: str) -> list[str] | None:
+    if text is None:
+        return None
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    bad = [n for n in names if n not in known]
+    if bad:
+        raise SystemExit(f"fastconv bench: unknown {what} {', '.join(bad)}; choose from {', '.join(known)}")
+    return names
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    groups = "conv, pool, corr2d"
+    parser.add_argument("--backends", help="comma-separated fastconv backends (default: every available one)")
+    parser.add_argument("--layers", help=f"comma-separated layer names or groups ({groups}); default: all")
+    parser.add_argument("--passes", help="comma-separated passes: " + ", ".join(suite.ALL_PASSES))
+    parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    parser.add_argument("--threads", type=int, help="thread count for fastconv, BLAS and PyTorch")
+    parser.add_argument("--quick", action="store_true", help="batch N/4 and few repeats (about a minute)")
+    parser.add_argument("--no-compare", action="store_true", help="skip PyTorch and SciPy")
+    parser.add_argument("--json", metavar="FILE", help="write machine-readable results (see fastconv.benchmark)")
+    parser.add_argument("--plot", metavar="FILE", help="bar chart of the speed-up vs PyTorch (PNG)")
+
+
+def _select_cases(layers: list[str] | None) -> list[suite.Case]:
+    if layers is None:
+        return list(suite.CASES)
+    chosen = []
+    for name in layers:
+        chosen += [c for c in suite.CASES if c.kind == name] if name in ("conv", "pool", "corr2d") \
+            else [suite.CASES_BY_NAME[name]]
+    return list(dict.fromkeys(chosen))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the benchmark described by ``args`` (see :func:`add_arguments`); print the table."""
+    import fastconv
+    from . import _dispatch
+
+    started = time.perf_counter()
+    available = {n: i for n, i in fastconv.available_backends().items()}
+    usable = [n for n, i in available.items() if i["available"]]
+    names = _names(args.backends, list(_dispatch.REGISTRY), "backend") or usable
+    missing = [n for n in names if n not in usable]
+    if missing:
+        print(f"fastconv bench: skipping unavailable backends: "
+              + "; ".join(f"{n} ({available[n]['reason']})" for n in missing), file=sys.stderr)
+    backends = {n: _dispatch._load(n) for n in names if n in usable}
+    if not backends:
+        print("fastconv bench: no backend to time", file=sys.stderr)
+        return 2
+    cases = _select_cases(_names(args.layers, [c.name for c in suite.CASES] + ["conv", "pool", "corr2d"], "layer"))
+    passes = _names(args.passes, suite.ALL_PASSES, "pass") or list(suite.ALL_PASSES)
+    dtype = np.dtype(args.dtype)
+    if args.threads is not None:
+        fastconv.set_num_threads(args.threads)
+    threads = fastconv.get_num_threads()
+    baselines = [] if args.no_compare else [b for b in ("torch", "scipy.signal", "scipy.ndimage")
+                                            if suite.baseline_available(b)]
+    if "torch" in baselines:
+        import torch
+
+        torch.set_num_threads(threads)
+    divisor = 4 if args.quick else 1
+
+    print(f"fastconv bench  fastconv {fastconv.__version__}  numpy {np.__version__}  dtype {dtype}  "
+          f"threads {threads}" + ("  QUICK: batch N/4, few repeats" if args.quick else ""))
+    cpu = cpu_info()
+    print(f"cpu: {cpu['model']} ({cpu['usable_cpus']} usable of {cpu['logical_cpus']} logical CPUs)")
+    if cpu["load_average"] and cpu["load_average"][0] > 0.5 * (cpu["usable_cpus"] or 1):
+        print(f"WARNING: load average {cpu['load_average'][0]:.1f} on {cpu['usable_cpus']} CPUs: other work is "
+              "running, timings will be noisy")
+    peaks = {"gemm_size": 2048, "copy_bytes": (64 if args.quick else 256) * 2**20}
+    peaks["gemm_gflops"] = gemm_peak(dtype, peaks["gemm_size"], repeats=3 if args.quick else 5)
+    peaks["copy_gbps"] = copy_bandwidth(peaks["copy_bytes"], repeats=3 if args.quick else 5)
+    gemm = "sgemm" if dtype == np.float32 else "dgemm"
+    print(f"machine: {gemm} peak {peaks['gemm_gflops']:.1f} GFLOP/s (numpy.matmul {peaks['gemm_size']}^2), "
+          f"copy bandwidth {peaks['copy_gbps']:.1f} GB/s (numpy.copyto, read + write)")
+
+    jobs = plan(cases, passes, backends, baselines, dtype, divisor, args.quick)
+    full_n = {c.name: max(1, c.n // divisor) for c in suite.CASES}
+    rows = []
+    for job in _progress(jobs):
+        rows.append(_row(job, full_n[job.case.name], dtype, peaks))
+    compare = [n for n in ("reference", "numpy") if n in backends] + baselines
+    add_speedups(rows, compare)
+    picks = auto_picks(rows)
+    compiled = compile_seconds(backends)
+
+    print()
+    print(format_table(rows, compare))
+    print()
+    notes = ["ms = median of the timed runs after one warm-up call; rate = GFLOP/s (2*N*K*Ho*Wo*(C/groups)*R*S) "
+             f"or GB/s; %peak = of the {gemm} peak or of the copy bandwidth",
+             "x name = that implementation's time / this row's time (> 1: this row is faster); "
+             "* = the algorithm \"auto\" picks"]
+    if "reference" in backends:
+        notes.append("reference (n=1)~ : timed on one image, scaled by N (speed-ups vs it marked ~)")
+    if args.quick:
+        notes.append("--quick: every batch N is N/4 (at least 1) and few repeats; numbers are rougher")
+    print("\n".join("note: " + n for n in notes))
+    if picks:
+        print("\n\"auto\" algorithm vs the fastest measured one (ratio = auto time / best time):")
+        for p in picks:
+            flag = "" if p["auto"] == p["best"] else f"   best: {p['best']}"
+            print(f"  {p['backend']:<8} {p['layer']:<12} {p['pass']:<16} auto={p['auto']:<8} "
+                  f"ratio {p['ratio']:.2f}{flag}")
+        within = sum(p["ratio"] <= 1.10 for p in picks)
+        print(f"  within 10% of the best: {within}/{len(picks)}")
+    for name, times in compiled.items():
+        if times:
+            print(f"\n{name} JIT compile time: {sum(times.values()):.2f} s total over {len(times)} kernels "
+                  "(excluded from the timings: it happens in the warm-up call)")
+            for kernel, sec in sorted(times.items(), key=lambda kv: -kv[1])[:8]:
+                print(f"  {kernel:<48} {sec:.2f} s")
+    print(f"\ntotal wall time {time.perf_counter() - started:.1f} s")
+
+    doc = {
+        "schema": SCHEMA_ID,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "quick": bool(args.quick), "batch_divisor": divisor,
+        "settings": {"dtype": dtype.name, "threads": threads, "backends": list(backends),
+                     "layers": [c.name for c in cases], "passes": passes, "baselines": baselines},
+        "versions": versions(), "cpu": cpu, "peaks": peaks,
+        "backends": {n: {"available": i["available"], "reason": i["reason"], "algorithms": list(i["algorithms"])}
+                     for n, i in available.items()},
+        "compile_seconds": compiled, "results": rows, "auto_picks": picks,
+    }
+    errors = validate(doc)
+    if errors:  # a bug in this module, never the user's fault: say so loudly
+        print("fastconv bench: internal error, JSON output does not match its schema:\n  " + "\n  ".join(errors[:10]),
+              file=sys.stderr)
+        return 3
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(doc, f, indent=1)
+        print(f"wrote {args.json}")
+    if args.plot:
+        try:
+            plot(rows, args.plot)
+            print(f"wrote {args.plot}")
+        except ValueError as exc:
+            print(f"fastconv bench: no plot: {exc}", file=sys.stderr)
+    return 1 if any(r["error"] for r in rows) else 0
+
+
+def _progress(jobs: list[Job]):
+    """Iterate ``jobs`` with a tqdm bar on stderr (plain iteration without tqdm)."""
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover - tqdm is a dependency
+        yield from jobs
+        return
+    with tqdm(jobs, file=sys.stderr, unit="case", leave=False, dynamic_ncols=True) as bar:
+        for job in bar:
+            bar.set_postfix_str(f"{job.case.name} {job.pass_} {job.impl} {job.algorithm or ''}".strip())
+            yield job

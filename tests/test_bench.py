@@ -1,0 +1,143 @@
+"""``fastconv bench`` and the benchmark layer suite (never asserts speed, only structure)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from fastconv import _bench_suite as suite
+from fastconv import benchmark, cli
+
+# --------------------------------------------------------------------------- the suite
+
+
+def test_suite_is_the_design_table():
+    names = [c.name for c in suite.CASES]
+    assert names == ["stripe-c1", "stripe-c2", "mnist-c1", "mnist-c2", "cifar-64", "vgg-224", "resnet-stem",
+                     "pw-1x1", "dw-3x3", "dilated", "maxpool-2x2", "maxpool-3x3s2", "avgpool-2x2",
+                     "corr2d-3x3", "corr2d-7x7"]
+    stem = suite.CASES_BY_NAME["resnet-stem"].geometry()
+    assert stem.output_shape == (8, 64, 112, 112)
+    # 2*N*K*Ho*Wo*(C/groups)*R*S written out by hand
+    assert suite.work(suite.CASES_BY_NAME["vgg-224"], "forward") == ("flop", 2 * 8 * 64 * 224 * 224 * 3 * 3 * 3)
+    assert suite.work(suite.CASES_BY_NAME["dw-3x3"], "backward-weight") == ("flop", 2 * 32 * 128 * 56 * 56 * 1 * 9)
+    assert suite.work(suite.CASES_BY_NAME["dilated"], "forward")[1] == 2 * 16 * 64 * 56 * 56 * 64 * 9
+    # max 3x3/2 pad 1 on 8x64x112x112: float32 in + out, int64 indices
+    unit, nbytes = suite.work(suite.CASES_BY_NAME["maxpool-3x3s2"], "forward")
+    assert (unit, nbytes) == ("byte", 4 * 8 * 64 * 112 * 112 + (4 + 8) * 8 * 64 * 56 * 56)
+
+
+def test_make_call_rejects_what_a_case_does_not_have():
+    with pytest.raises(ValueError):
+        suite.make_call(suite.CASES_BY_NAME["maxpool-2x2"], "backward-input", "numpy")
+    with pytest.raises(ValueError):
+        suite.make_call(suite.CASES_BY_NAME["stripe-c1"], "forward", "scipy.signal")
+
+
+@pytest.mark.parametrize("case", suite.CASES, ids=lambda c: c.name)
+def test_every_implementation_computes_the_same_thing(case):
+    """The timed callables must do the same work: compare them on a batch of one."""
+    torch = pytest.importorskip("torch")
+    torch.set_num_threads(1)
+    small = case.with_batch(1)
+    impls = ["numpy", "torch"] + (["scipy.signal", "scipy.ndimage"] if case.kind == "corr2d" else [])
+    for pass_ in case.passes:
+        outs = {}
+        for impl in impls:
+            out = suite.make_call(small, pass_, impl)()
+            out = out[0] if isinstance(out, tuple) else out  # max-pool forward: (values, indices)
+            outs[impl] = np.asarray(out, dtype=np.float64).ravel()
+        ref = outs.pop("numpy")
+        for impl, out in outs.items():
+            assert out.shape == ref.shape, (case.name, pass_, impl)
+            assert np.linalg.norm(out - ref) <= 1e-5 * np.linalg.norm(ref), (case.name, pass_, impl)
+
+
+# --------------------------------------------------------------------------- measuring and summaries
+
+
+def test_measure_run_counts():
+    calls = []
+    fn = lambda: calls.append(1)  # noqa: E731
+    t = benchmark.measure(fn, benchmark.Effort(warmup=2, min_runs=3, max_runs=9, budget=0.0))
+    assert (t.runs, len(calls)) == (3, 5) and t.first is not None and t.minimum <= t.median
+    calls.clear()
+    t = benchmark.measure(fn, benchmark.Effort(warmup=0, min_runs=1, max_runs=7, budget=1e9))
+    assert (t.runs, len(calls), t.first) == (7, 7, None)
+
+
+def _row(impl, algo, auto, ms, layer="cifar-64", pass_="forward"):
+    return {"layer": layer, "kind": "conv", "pass": pass_, "impl": impl, "algorithm": algo, "auto_pick": auto,
+            "ms": ms, "speedup": {}, "estimated": False, "error": None}
+
+
+def test_speedups_and_auto_picks():
+    rows = [_row("cython", "direct", False, 2.0), _row("cython", "im2col", True, 4.0),
+            _row("numpy", "im2col", True, 8.0), _row("torch", None, None, 1.0), _row("reference", None, None, 400.0)]
+    benchmark.add_speedups(rows, ["reference", "numpy", "torch"])
+    direct, im2col, numpy_row = rows[0]["speedup"], rows[1]["speedup"], rows[2]["speedup"]
+    assert direct == {"reference": 200.0, "numpy": 4.0, "torch": 0.5}
+    assert im2col == {"reference": 100.0, "numpy": 2.0, "torch": 0.25}
+    assert numpy_row == {"reference": 50.0, "torch": 0.125}
+    assert rows[3]["speedup"] == {} and rows[4]["speedup"] == {}
+    picks = benchmark.auto_picks(rows)
+    assert picks == [{"backend": "cython", "layer": "cifar-64", "pass": "forward", "auto": "im2col",
+                      "best": "direct", "auto_ms": 4.0, "best_ms": 2.0, "ratio": 2.0}]
+
+
+def test_validator_reports_violations():
+    schema = benchmark.JSON_SCHEMA
+    assert benchmark.validate({}, schema)  # everything missing
+    assert any("quick" in e for e in benchmark.validate({"quick": "yes"}, schema))
+    row_schema = schema["properties"]["results"]["items"]
+    assert any("kind" in e for e in benchmark.validate({"kind": "fft"}, row_schema))
+    assert any("n" in e for e in benchmark.validate({"n": 0}, row_schema))
+    assert any("ms" in e for e in benchmark.validate({"ms": True}, row_schema))
+
+
+def test_schema_is_valid_json_schema():
+    jsonschema = pytest.importorskip("jsonschema")
+    jsonschema.Draft7Validator.check_schema(benchmark.JSON_SCHEMA)
+
+
+# --------------------------------------------------------------------------- the command
+
+
+def test_quick_bench_end_to_end(tmp_path, capsys):
+    out_json, out_png = tmp_path / "bench.json", tmp_path / "bench.png"
+    rc = cli.main(["bench", "--quick", "--layers", "stripe-c1,maxpool-2x2", "--backends", "numpy,reference",
+                   "--json", str(out_json), "--plot", str(out_png)])
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    assert "QUICK" in text and "sgemm peak" in text and "x ref" in text and "stripe-c1" in text
+    doc = json.loads(out_json.read_text())
+    assert benchmark.validate(doc) == []
+    try:
+        import jsonschema
+    except ImportError:
+        pass
+    else:
+        jsonschema.validate(doc, benchmark.JSON_SCHEMA)
+    assert doc["quick"] is True and doc["batch_divisor"] == 4
+    assert doc["peaks"]["gemm_gflops"] > 0 and doc["peaks"]["copy_gbps"] > 0
+    rows = {(r["layer"], r["pass"], r["impl"]): r for r in doc["results"]}
+    for pass_ in suite.CONV_PASSES:
+        numpy_row, ref_row = rows[("stripe-c1", pass_, "numpy")], rows[("stripe-c1", pass_, "reference")]
+        assert numpy_row["error"] is None and numpy_row["ms"] > 0 and numpy_row["n"] == 100
+        assert ref_row["estimated"] is True and ref_row["n"] == 1
+        assert numpy_row["speedup"]["reference"] == pytest.approx(ref_row["ms"] / numpy_row["ms"])
+        assert numpy_row["rate_unit"] == "GFLOP/s"
+    for pass_ in suite.POOL_PASSES:
+        assert rows[("maxpool-2x2", pass_, "numpy")]["rate_unit"] == "GB/s"
+    if "torch" in doc["settings"]["baselines"]:
+        assert rows[("stripe-c1", "forward", "torch")]["ms"] > 0
+        assert out_png.stat().st_size > 0
+
+
+def test_bench_rejects_unknown_names():
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--layers", "no-such-layer"])
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--backends", "nope"])
