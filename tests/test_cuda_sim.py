@@ -420,3 +420,22 @@ if CUDA["available"]:
         assert selftest.check(convs[1:], pools, dtypes=(np.float32,), verbose=False) == []
         rows = selftest.bench(convs[:1], repeat=1)
         assert rows[0]["case"] == "tiny" and rows[0]["direct"] > 0 and rows[0]["im2col"] > 0
+
+    @pytest.mark.parametrize("trans_a,trans_b,accumulate", [(False, False, False), (True, False, True),
+                                                            (False, True, True), (True, True, False)])
+    def test_gemm_kernel(trans_a, trans_b, accumulate):
+        """The batched GEMM on ragged sizes (partial tiles in every dimension), all transposes."""
+        from fastconv.backends.cuda import _kernels
+
+        rng = np.random.default_rng(4)
+        z, m, n, k = 2, 11, 13, 9
+        a = rng.standard_normal((z, k, m) if trans_a else (z, m, k))
+        b = rng.standard_normal((z, n, k) if trans_b else (z, k, n))
+        c = rng.standard_normal((z, m, n))
+        want = (a.transpose(0, 2, 1) if trans_a else a) @ (b.transpose(0, 2, 1) if trans_b else b)
+        if accumulate:
+            want += c
+        dc = cuda.to_device(c)
+        cuda_backend._gemm(_kernels.kernels("float64"), cuda.to_device(a), cuda.to_device(b), dc,
+                           trans_a, trans_b, accumulate)
+        assert_close(dc.copy_to_host(), want, np.float64)

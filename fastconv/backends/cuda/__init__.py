@@ -276,6 +276,6 @@ def _direct_tile(g: ConvGeometry):
 
 def _gemm(kern, a, b, c, trans_a: bool, trans_b: bool, accumulate: bool) -> None:
     z, m, n = (int(d) for d in c.shape)
-    t = K.TILE
-    grid = (min(-(-n // t), MAX_BLOCKS), min(-(-m // t), MAX_BLOCKS), min(z, MAX_BLOCKS))
+    t, edge = K.TILE, K.TILE * K.REG
+    grid = (min(-(-n // edge), MAX_BLOCKS), min(-(-m // edge), MAX_BLOCKS), min(z, MAX_BLOCKS))
     kern.gemm[grid, (t, t)](a, b, c, trans_a, trans_b, accumulate)

@@ -28,8 +28,10 @@ from numba import cuda
 #: True when running under NUMBA_ENABLE_CUDASIM=1 (python per thread: keep blocks small)
 SIMULATOR = bool(numba.config.ENABLE_CUDASIM)
 
-#: GEMM tile edge (a TILE x TILE thread block computes a TILE x TILE block of C)
+#: GEMM thread block edge and step along the reduced axis
 TILE = 4 if SIMULATOR else 16
+#: GEMM register tile: each thread computes REG x REG outputs, a block (TILE*REG)^2
+REG = 2 if SIMULATOR else 4
 #: output channels each thread of the direct conv kernel accumulates in registers
 KB = 2 if SIMULATOR else 4
 #: threads per block of 1-D kernels and of the block reductions (a power of two)
@@ -61,7 +63,8 @@ def kernels(dtype_name: str) -> SimpleNamespace:
     ftype = np.dtype(dtype_name).type  # cast/constructor usable inside kernels
     nbtype = numba.from_dtype(np.dtype(dtype_name))
     neg_inf = ftype(-np.inf)
-    tile, kb, threads = TILE, KB, THREADS
+    tile, reg, kb, threads = TILE, REG, KB, THREADS
+    block_edge = TILE * REG  # GEMM block tile edge (a compile-time constant for shared arrays)
 
     # ------------------------------------------------------------ helpers
     # (integer min/max as device functions: the builtins fail to type in numba 0.68's
@@ -345,42 +348,81 @@ def kernels(dtype_name: str) -> SimpleNamespace:
         """Batched tiled GEMM: c[z] (+)= op(a[z]) @ op(b[z]) with op = transpose when asked.
 
         a is (Z, M, Kd) or, with trans_a, (Z, Kd, M); b is (Z, Kd, N) or, with
-        trans_b, (Z, N, Kd); c is (Z, M, N).  TILE x TILE blocks stage one tile of
-        each operand in shared memory per step along Kd.
+        trans_b, (Z, N, Kd); c is (Z, M, N).  A TILE x TILE thread block computes a
+        (TILE*REG) x (TILE*REG) block of c: per step of TILE along Kd it stages one
+        slab of each operand in shared memory (loads walk each operand's contiguous
+        axis), then every thread accumulates a REG x REG register tile whose rows
+        and columns are TILE apart (conflict-free shared reads).
         """
-        sa = cuda.shared.array((tile, tile), nbtype)
-        sb = cuda.shared.array((tile, tile), nbtype)
+        bm = block_edge
+        sa = cuda.shared.array((tile, block_edge), nbtype)
+        sb = cuda.shared.array((tile, block_edge), nbtype)
+        acc = cuda.local.array((reg, reg), nbtype)
+        ra = cuda.local.array(reg, nbtype)
+        rb = cuda.local.array(reg, nbtype)
         z_n, m_n, n_n = c.shape
         kd = a.shape[1] if trans_a else a.shape[2]
         ty, tx = cuda.threadIdx.y, cuda.threadIdx.x
+        t = ty * tile + tx
+        slab = tile * bm
         z = cuda.blockIdx.z
         while z < z_n:
             by = cuda.blockIdx.y
-            while by * tile < m_n:
+            while by * bm < m_n:
                 bx = cuda.blockIdx.x
-                while bx * tile < n_n:
-                    row = by * tile + ty
-                    col = bx * tile + tx
-                    acc = ftype(0)
+                while bx * bm < n_n:
+                    row0 = by * bm
+                    col0 = bx * bm
+                    for i in range(reg):
+                        for j in range(reg):
+                            acc[i, j] = ftype(0)
                     for k0 in range(0, kd, tile):
-                        ka = k0 + tx
-                        v = ftype(0)
-                        if row < m_n and ka < kd:
-                            v = a[z, ka, row] if trans_a else a[z, row, ka]
-                        sa[ty, tx] = v
-                        kb_ = k0 + ty
-                        v = ftype(0)
-                        if kb_ < kd and col < n_n:
-                            v = b[z, col, kb_] if trans_b else b[z, kb_, col]
-                        sb[ty, tx] = v
+                        e = t
+                        while e < slab:
+                            if trans_a:  # a[z, k, m]: m contiguous
+                                kk = e // bm
+                                mm = e - kk * bm
+                            else:  # a[z, m, k]: k contiguous
+                                mm = e // tile
+                                kk = e - mm * tile
+                            r = row0 + mm
+                            k = k0 + kk
+                            v = ftype(0)
+                            if r < m_n and k < kd:
+                                v = a[z, k, r] if trans_a else a[z, r, k]
+                            sa[kk, mm] = v
+                            if trans_b:  # b[z, n, k]: k contiguous
+                                nn = e // tile
+                                kk = e - nn * tile
+                            else:  # b[z, k, n]: n contiguous
+                                kk = e // bm
+                                nn = e - kk * bm
+                            col = col0 + nn
+                            k = k0 + kk
+                            v = ftype(0)
+                            if col < n_n and k < kd:
+                                v = b[z, col, k] if trans_b else b[z, k, col]
+                            sb[kk, nn] = v
+                            e += tile * tile
                         cuda.syncthreads()
                         for kk in range(tile):
-                            acc += sa[ty, kk] * sb[kk, tx]
+                            for i in range(reg):
+                                ra[i] = sa[kk, ty + i * tile]
+                                rb[i] = sb[kk, tx + i * tile]
+                            for i in range(reg):
+                                for j in range(reg):
+                                    acc[i, j] += ra[i] * rb[j]
                         cuda.syncthreads()
-                    if row < m_n and col < n_n:
-                        if accumulate:
-                            acc += c[z, row, col]
-                        c[z, row, col] = acc
+                    for i in range(reg):
+                        r = row0 + ty + i * tile
+                        if r < m_n:
+                            for j in range(reg):
+                                col = col0 + tx + j * tile
+                                if col < n_n:
+                                    v = acc[i, j]
+                                    if accumulate:
+                                        v += c[z, r, col]
+                                    c[z, r, col] = v
                     bx += cuda.gridDim.x
                 by += cuda.gridDim.y
             z += cuda.gridDim.z
