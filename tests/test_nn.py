@@ -306,3 +306,20 @@ def test_optimizer_argument_checks():
         nn.SGD([p], lr=0.1, nesterov=True)
     with pytest.raises(ValueError, match="empty"):
         nn.Adam([])
+
+
+def test_float32_stays_float32_through_a_training_step():
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1, rng=0), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2),
+                          nn.AvgPool2d(2), nn.Flatten(), nn.Dropout(0.5, rng=0), nn.Linear(16, 3, rng=0),
+                          backend="reference")
+    x = np.random.default_rng(0).random((5, 1, 8, 8), dtype=np.float32)
+    outs = model.forward_all(x)
+    assert all(o.dtype == np.float32 for o in outs), [o.dtype for o in outs]
+    ce = nn.CrossEntropyLoss()
+    ce(outs[-1], np.array([0, 1, 2, 0, 1]))
+    g = ce.backward()
+    assert g.dtype == np.float32
+    assert model.backward(g).dtype == np.float32
+    opt = nn.Adam(model.parameters())
+    opt.step()
+    assert all(p.data.dtype == np.float32 and p.grad.dtype == np.float32 for p in model.parameters())

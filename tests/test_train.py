@@ -91,3 +91,13 @@ def test_mnist_short_run_on_offline_subset():
     history = nn.fit(model, nn.Adam(model.parameters(), lr=1e-3), data.x_train[:2000], data.y_train[:2000],
                      epochs=1, batch_size=64, x_test=data.x_test, y_test=data.y_test, rng=rng, log=None)
     assert history.epochs[-1].test_acc >= 0.70, history.epochs[-1]
+
+
+def test_fit_argument_checks():
+    model = nn.stripes_net(rng=0)
+    opt = nn.Adam(model.parameters())
+    x = np.zeros((4, 1, 16, 16), dtype=np.float32)
+    with pytest.raises(ValueError, match="batch_size"):
+        nn.fit(model, opt, x, np.zeros(4, dtype=np.int64), epochs=1, batch_size=0)
+    with pytest.raises(ValueError, match="same"):
+        nn.fit(model, opt, x, np.zeros(3, dtype=np.int64), epochs=1, batch_size=2)

