@@ -68,12 +68,15 @@ def conv2d_direct(x, w, bias, out, sh, sw, top, left, dh, dw, groups):
                     wv = w[kk, cc, r, s]
                     off = s * dw - left
                     lo, hi = _span(off, sw, wd, wo)
+                    dst = row[lo:hi]
                     if sw == 1:
-                        for ow in range(lo, hi):
-                            row[ow] += wv * xrow[ow + off]
+                        src = xrow[lo + off:hi + off]
+                        for j in range(hi - lo):
+                            dst[j] += wv * src[j]
                     else:
-                        for ow in range(lo, hi):
-                            row[ow] += wv * xrow[ow * sw + off]
+                        src_s = xrow[lo * sw + off::sw]
+                        for j in range(hi - lo):
+                            dst[j] += wv * src_s[j]
 
 
 @njit(**_CONV)
@@ -108,12 +111,15 @@ def conv2d_backward_input_direct(gy, w, gx, sh, sw, top, left, dh, dw, groups):
                     wv = w[kk, cl, r, s]
                     off = s * dw - left
                     lo, hi = _span(off, sw, wd, wo)
+                    src = grow[lo:hi]
                     if sw == 1:
-                        for ow in range(lo, hi):
-                            row[ow + off] += wv * grow[ow]
+                        dst = row[lo + off:hi + off]
+                        for j in range(hi - lo):
+                            dst[j] += wv * src[j]
                     else:
-                        for ow in range(lo, hi):
-                            row[ow * sw + off] += wv * grow[ow]
+                        dst_s = row[lo * sw + off::sw]
+                        for j in range(hi - lo):
+                            dst_s[j] += wv * src[j]
 
 
 @njit(**_CONV)
@@ -145,13 +151,16 @@ def conv2d_backward_weight_direct(gy, x, gw, sh, sw, top, left, dh, dw, groups):
                     for s in range(ns):
                         off = s * dw - left
                         lo, hi = _span(off, sw, wd, wo)
+                        gsrc = grow[lo:hi]
                         d = zero
                         if sw == 1:
-                            for ow in range(lo, hi):
-                                d += grow[ow] * xrow[ow + off]
+                            xsrc = xrow[lo + off:hi + off]
+                            for j in range(hi - lo):
+                                d += gsrc[j] * xsrc[j]
                         else:
-                            for ow in range(lo, hi):
-                                d += grow[ow] * xrow[ow * sw + off]
+                            xsrc_s = xrow[lo * sw + off::sw]
+                            for j in range(hi - lo):
+                                d += gsrc[j] * xsrc_s[j]
                         acc[r, s] += d
         for r in range(nr):
             for s in range(ns):
@@ -201,8 +210,15 @@ def im2col(x, n0, cols, nr, ns, sh, sw, top, left, dh, dw, ho, wo):
                 dst[base:base + wo] = 0
                 continue
             dst[base:base + lo] = 0
-            for ow in range(lo, hi):
-                dst[base + ow] = src[ih, ow * sw + off]
+            seg = dst[base + lo:base + hi]
+            if sw == 1:
+                xs = src[ih, lo + off:hi + off]
+                for q in range(hi - lo):
+                    seg[q] = xs[q]
+            else:
+                xs_s = src[ih, lo * sw + off::sw]
+                for q in range(hi - lo):
+                    seg[q] = xs_s[q]
             dst[base + hi:base + wo] = 0
 
 
@@ -229,10 +245,15 @@ def col2im(cols, gx, n0, nr, ns, sh, sw, top, left, dh, dw, ho, wo):
                     ih = oh * sh - top + r * dh
                     if ih < 0 or ih >= h:
                         continue
-                    prow = plane[ih]
-                    base = oh * wo
-                    for ow in range(lo, hi):
-                        prow[ow * sw + off] += src[base + ow]
+                    seg = src[oh * wo + lo:oh * wo + hi]
+                    if sw == 1:
+                        dst = plane[ih, lo + off:hi + off]
+                        for q in range(hi - lo):
+                            dst[q] += seg[q]
+                    else:
+                        dst_s = plane[ih, lo * sw + off::sw]
+                        for q in range(hi - lo):
+                            dst_s[q] += seg[q]
 
 
 # --------------------------------------------------------------------------- pooling
