@@ -59,3 +59,16 @@ LAYOUTS = ("c", "fortran", "strided", "reversed", "readonly")
 @pytest.fixture(params=[np.float32, np.float64], ids=["f32", "f64"])
 def dtype(request):
     return np.dtype(request.param)
+
+
+def python_child(args: list[str], **kwargs):
+    """Run ``python *args`` in a child process that imports the same fastconv as this
+    process (an installed one, or the source tree in a development checkout)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    package_parent = str(Path(fastconv.__file__).resolve().parents[1])
+    kwargs.setdefault("capture_output", True)
+    kwargs.setdefault("text", True)
+    return subprocess.run([sys.executable, *args], cwd=package_parent, **kwargs)

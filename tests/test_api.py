@@ -4,15 +4,13 @@ scipy.signal compatibility of correlate2d / convolve2d."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import scipy.signal
 
 import fastconv
-from conftest import assert_close, host_backends
+from conftest import assert_close, host_backends, python_child
 
 # --------------------------------------------------------------------------- dtypes
 
@@ -76,17 +74,17 @@ def test_environment_variable_sets_default_and_argument_wins():
             "from fastconv import _dispatch; print(_dispatch.resolve(None, 'x').name, "
             "_dispatch.resolve('reference', 'x').name)")
     env = dict(os.environ, FASTCONV_BACKEND="numpy")
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    out = python_child(["-c", code], env=env, check=True)
     assert out.stdout.split() == ["numpy", "numpy", "reference"]
     env["FASTCONV_BACKEND"] = "bogus"
-    bad = subprocess.run([sys.executable, "-c", "import fastconv, numpy as np; fastconv.conv2d(np.ones((1,1,3,3)),"
-                          " np.ones((1,1,1,1)))"], env=env, capture_output=True, text=True)
+    bad = python_child(["-c", "import fastconv, numpy as np; fastconv.conv2d(np.ones((1,1,3,3)), np.ones((1,1,1,1)))"],
+                       env=env)
     assert bad.returncode != 0 and "FASTCONV_BACKEND" in bad.stderr
 
 
 def test_import_is_light():
     code = "import sys, fastconv; print('numba' in sys.modules, 'scipy' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    out = python_child(["-c", code], check=True)
     assert out.stdout.split() == ["False", "False"]
 
 

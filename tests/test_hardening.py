@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import textwrap
 import threading
 from pathlib import Path
@@ -13,7 +11,7 @@ import numpy as np
 import pytest
 
 import fastconv
-from conftest import assert_close, backend_algorithms, host_backends
+from conftest import assert_close, backend_algorithms, host_backends, python_child
 
 HERE = Path(__file__).parent
 
@@ -35,7 +33,7 @@ def test_bad_input_matrix_never_crashes_the_interpreter(backend):
                 results[name] = type(exc).__name__ if isinstance(exc, exc_type) else repr(exc)
         print(json.dumps(results))
     """)
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    proc = python_child(["-c", code], timeout=600)
     assert proc.returncode == 0, f"child exited with {proc.returncode}: {proc.stderr[-2000:]}"
     results = json.loads(proc.stdout.strip().splitlines()[-1])
     wrong = {name: r for name, r in results.items() if r not in ("ValueError", "TypeError")}
@@ -112,8 +110,7 @@ _MEMORY_PROBE = textwrap.dedent("""
 def test_peak_memory_stays_within_output_plus_workspace(backend, algorithm):
     """Peak RSS growth of a large conv: output + 8 MiB workspace + a small constant.
     Columns of this layer without chunking would be 64*288*784*4 B = 58 MiB."""
-    proc = subprocess.run([sys.executable, "-c", _MEMORY_PROBE, backend, algorithm], capture_output=True, text=True,
-                          timeout=600)
+    proc = python_child(["-c", _MEMORY_PROBE, backend, algorithm], timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     grown = json.loads(proc.stdout.strip().splitlines()[-1])
     output_kib = 64 * 64 * 28 * 28 * 4 // 1024
