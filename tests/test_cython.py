@@ -15,6 +15,8 @@ pytestmark = pytest.mark.skipif(not fastconv.available_backends()["cython"]["ava
                                 reason="Cython extensions not built")
 
 ALGORITHMS = ("direct", "im2col")
+#: im2col runs either one multi-threaded GEMM per batch chunk or per-thread images with 1-thread GEMMs
+MODES = ("per_image", "batched")
 TOL = {np.float32: 1e-5, np.float64: 1e-12}
 
 
@@ -65,7 +67,17 @@ def _draw_conv(rng, seed: int):
     return x, wt, b, kw
 
 
-@pytest.mark.parametrize("algorithm", ALGORITHMS)
+@pytest.fixture(params=[("direct", "auto"), ("im2col", "per_image"), ("im2col", "batched")],
+                ids=["direct", "im2col-per_image", "im2col-batched"])
+def algorithm(request, monkeypatch):
+    """An algorithm name; for im2col, with each threading mode forced in turn."""
+    from fastconv.backends.cython import CythonBackend
+
+    name, mode = request.param
+    monkeypatch.setattr(CythonBackend, "im2col_mode", mode)
+    return name
+
+
 @pytest.mark.parametrize("seed", range(40))
 def test_conv_random_configs(seed, algorithm):
     x, w, b, kw = random_conv(seed)
@@ -83,11 +95,11 @@ def test_conv_random_configs(seed, algorithm):
         assert rel_err(a, e) <= TOL[x.dtype.type], name
 
 
-@pytest.mark.parametrize("algorithm", ALGORITHMS)
 def test_pointwise_and_large_reduction(algorithm):
     """1x1 (no-lowering GEMM path) and a GEMM-sized 3x3 layer, fp32."""
     rng = np.random.default_rng(1)
-    for (n, c, h, k, r, pad, groups) in [(3, 16, 7, 8, 1, 0, 1), (2, 12, 5, 6, 1, 0, 3), (2, 32, 9, 16, 3, 1, 1)]:
+    layers = [(3, 16, 7, 8, 1, 0, 1), (1, 8, 5, 4, 1, 0, 2), (2, 12, 5, 6, 1, 0, 3), (2, 32, 9, 16, 3, 1, 1)]
+    for (n, c, h, k, r, pad, groups) in layers:
         x = rng.standard_normal((n, c, h, h)).astype(np.float32)
         w = rng.standard_normal((k, c // groups, r, r)).astype(np.float32)
         kw = dict(padding=pad, groups=groups)
@@ -108,8 +120,9 @@ def restore_config():
     _config.set_num_threads(threads)
 
 
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("limit", [1, 3000, 10**6])
-def test_im2col_workspace_chunks(limit, restore_config):
+def test_im2col_workspace_chunks(limit, mode, restore_config, monkeypatch):
     """Tiny limits force one image (or a few, with an uneven last chunk) per chunk."""
     rng = np.random.default_rng(7)
     x = rng.standard_normal((7, 4, 9, 8))
@@ -118,6 +131,9 @@ def test_im2col_workspace_chunks(limit, restore_config):
     ref = fastconv.conv2d(x, w, **kw, backend="reference")
     gy = rng.standard_normal(ref.shape)
     want = fastconv.conv2d_backward(gy, x, w, **kw, need_bias=False, backend="reference")
+    from fastconv.backends.cython import CythonBackend
+
+    monkeypatch.setattr(CythonBackend, "im2col_mode", mode)
     fastconv.set_workspace_limit(limit)
     out = fastconv.conv2d(x, w, **kw, backend="cython", algorithm="im2col")
     got = fastconv.conv2d_backward(gy, x, w, **kw, need_bias=False, backend="cython", algorithm="im2col")
@@ -126,18 +142,33 @@ def test_im2col_workspace_chunks(limit, restore_config):
     assert rel_err(got.weight, want.weight) <= 1e-12
 
 
-def test_workspace_chunk_size_respects_limit(restore_config):
-    from fastconv.backends.cython import _Workspace
+def test_workspace_size_respects_limit(restore_config):
     from fastconv._args import ConvGeometry
+    from fastconv.backends.cython import _per_image_buffers, _Workspace
 
     g = ConvGeometry(32, 16, 20, 20, 8, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1, np.dtype(np.float32))
     fastconv.set_workspace_limit(1_000_000)
     ws = _Workspace(g)
     assert (ws.col.nbytes + ws.tmp.nbytes) <= 1_000_000
     assert 1 <= ws.chunk < g.n
+    fastconv.set_workspace_limit(600_000)  # room for one image's columns (230 kB) per thread, at most 2
+    assert _per_image_buffers(g, 4).shape[0] == 2
+    assert _per_image_buffers(g, 1).shape[0] == 1
+    fastconv.set_workspace_limit(1)  # a single image is still processed
+    assert _per_image_buffers(g, 4).shape[0] == 1
 
 
-@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_blas_thread_count_restored(algorithm, restore_config):
+    """Per-image im2col pins BLAS to one thread only while it runs."""
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    fastconv.set_num_threads(2)
+    before = [lib["num_threads"] for lib in threadpoolctl.threadpool_info()]
+    x, w = np.ones((4, 3, 6, 6)), np.ones((2, 3, 3, 3))
+    fastconv.conv2d(x, w, backend="cython", algorithm=algorithm)
+    fastconv.conv2d_backward(np.ones((4, 2, 4, 4)), x, w, backend="cython", algorithm=algorithm)
+    assert [lib["num_threads"] for lib in threadpoolctl.threadpool_info()] == before
+
+
 def test_thread_counts_agree(algorithm, restore_config):
     rng = np.random.default_rng(3)
     x = rng.standard_normal((5, 6, 12, 11))

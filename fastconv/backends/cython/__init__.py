@@ -14,6 +14,8 @@ backend unavailable) when the extensions have not been compiled.
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from typing import Any
 
 import numpy as np
@@ -32,9 +34,71 @@ def _conv_args(g: ConvGeometry) -> tuple[int, ...]:
     return (*g.stride, g.padding[0], g.padding[2], *g.dilation, g.groups)
 
 
-def _is_pointwise(g: ConvGeometry) -> bool:
-    """1x1, stride 1, unpadded: the input already is the column matrix."""
-    return g.r == g.s == 1 and g.stride == (1, 1) and not any(g.padding)
+class _SingleThreadedBlas:
+    """Context manager pinning scipy's BLAS to one thread (re-entrant across Python threads).
+
+    Used while OpenMP threads each call GEMM on their own images, so BLAS's
+    thread pool does not oversubscribe the cores.  A no-op when threadpoolctl
+    cannot find the library behind ``scipy.linalg.cython_blas``.
+    """
+
+    _lock = threading.Lock()
+    _depth = 0
+    _saved = 1
+    _controller: Any = None
+    _searched = False
+
+    @classmethod
+    def _find(cls) -> Any:
+        if not cls._searched:
+            cls._searched = True
+            try:
+                import scipy.linalg  # noqa: F401  (loads the BLAS behind cython_blas)
+                from threadpoolctl import ThreadpoolController
+
+                libs = ThreadpoolController().select(user_api="blas").lib_controllers
+                scipy_libs = [c for c in libs if "scipy" in c.filepath and "numpy" not in c.filepath]
+                cls._controller = scipy_libs[0] if scipy_libs else None
+            except Exception:  # pragma: no cover - threadpoolctl missing or unusual BLAS
+                cls._controller = None
+        return cls._controller
+
+    def __enter__(self) -> None:
+        ctl = self._find()
+        if ctl is None:
+            return
+        with self._lock:
+            if type(self)._depth == 0:
+                type(self)._saved = ctl.num_threads
+                ctl.set_num_threads(1)
+            type(self)._depth += 1
+
+    def __exit__(self, *exc: object) -> None:
+        ctl = self._find()
+        if ctl is None:
+            return
+        with self._lock:
+            type(self)._depth -= 1
+            if type(self)._depth == 0:
+                ctl.set_num_threads(type(self)._saved)
+
+
+@contextlib.contextmanager
+def _blas_for(nt: int, n: int):
+    """Yield the OpenMP thread count for a loop over ``n`` images that each call GEMM:
+    ``nt`` with BLAS pinned to one thread when there are enough images, else 1 (BLAS threads)."""
+    if nt > 1 and n >= nt:
+        with _SingleThreadedBlas():
+            yield nt
+    else:
+        yield 1
+
+
+def _per_image_buffers(g: ConvGeometry, nt: int) -> np.ndarray:
+    """One (C*R*S * P) column buffer per thread, as many threads as the workspace limit allows."""
+    size = g.c * g.r * g.s * g.out_h * g.out_w
+    threads = _config.batch_chunk(size * g.dtype.itemsize, min(nt, g.n))
+    return np.empty((threads, size), g.dtype)
 
 
 class _Workspace:
@@ -43,11 +107,9 @@ class _Workspace:
     def __init__(self, g: ConvGeometry) -> None:
         p = g.out_h * g.out_w
         rows = g.c * g.r * g.s
-        per_image = (rows + g.k) * p * g.dtype.itemsize
-        self.chunk = _config.batch_chunk(per_image, g.n)
+        self.chunk = _config.batch_chunk((rows + g.k) * p * g.dtype.itemsize, g.n)
         self.col = np.empty(rows * self.chunk * p, g.dtype)
         self.tmp = np.empty(g.k * self.chunk * p, g.dtype)
-        self.fits_int32 = max(self.chunk * p, rows, g.k) <= _INT32_MAX
 
     def chunks(self, n: int):
         """(first image, image count) of every chunk."""
@@ -60,55 +122,87 @@ class CythonBackend(Backend):
 
     name = "cython"
     algorithms = ("direct", "im2col")
+    #: how im2col spreads work over threads: "auto", "per_image" (OpenMP threads each run
+    #: single-threaded GEMMs on whole images) or "batched" (one multi-threaded GEMM per chunk,
+    #: with the copies single-threaded so that BLAS's spinning workers never compete with
+    #: OpenMP's).  Measured on the 2-core box, per_image wins whenever there are at least as
+    #: many images as threads; "auto" uses batched only for smaller batches.
+    im2col_mode = "auto"
+
+    def _plan(self, g: ConvGeometry, algorithm: str, nt: int) -> str:
+        """Which kernel family runs: "direct", "pointwise", "per_image" or "batched"."""
+        p, rows = g.out_h * g.out_w, g.c * g.r * g.s
+        if algorithm != "im2col" or max(p, rows, g.k, g.c * g.h * g.w) > _INT32_MAX:
+            return "direct"  # BLAS takes 32-bit ints; absurdly large planes stay direct
+        if g.r == g.s == 1 and g.stride == (1, 1) and not any(g.padding):
+            return "pointwise"
+        if self.im2col_mode != "auto":
+            return self.im2col_mode
+        return "per_image" if nt == 1 or g.n >= nt else "batched"
 
     # ----------------------------------------------------------------- conv
     def conv2d(self, x, weight, bias, g, algorithm):
         out = np.empty(g.output_shape, g.dtype)
         b = np.zeros(g.k, g.dtype) if bias is None else bias
         nt = _config.get_num_threads()
-        if algorithm == "im2col" and _is_pointwise(g) and g.c <= _INT32_MAX and g.h * g.w <= _INT32_MAX:
-            _im2col.pointwise_forward(x, weight.reshape(g.k, -1), b, out, g.groups)
-            return out
-        if algorithm == "im2col":
+        w2 = weight.reshape(g.k, -1)
+        plan = self._plan(g, algorithm, nt)
+        if plan == "pointwise":
+            with _blas_for(nt, g.n) as threads:
+                _im2col.pointwise_forward(x, w2, b, out, g.groups, threads)
+        elif plan == "per_image":
+            with _SingleThreadedBlas():
+                _im2col.forward_per_image(x, w2, b, out, _per_image_buffers(g, nt), g.r, g.s, *_conv_args(g))
+        elif plan == "batched":
             ws = _Workspace(g)
-            if ws.fits_int32:
-                for n0, nb in ws.chunks(g.n):
-                    _im2col.forward(x, weight.reshape(g.k, -1), b, out, ws.col, ws.tmp, n0, nb, g.r, g.s,
-                                    *_conv_args(g), nt)
-                return out
-        _direct.forward(x, weight, b, out, *_conv_args(g), nt)
+            for n0, nb in ws.chunks(g.n):
+                _im2col.forward(x, w2, b, out, ws.col, ws.tmp, n0, nb, g.r, g.s, *_conv_args(g), 1)
+        else:
+            _direct.forward(x, weight, b, out, *_conv_args(g), nt)
         return out
 
     def conv2d_backward_input(self, grad_out, weight, g, algorithm):
         gx = np.zeros(g.input_shape, g.dtype)
         nt = _config.get_num_threads()
-        if algorithm == "im2col" and _is_pointwise(g) and g.c <= _INT32_MAX and g.h * g.w <= _INT32_MAX:
-            _im2col.pointwise_backward_input(grad_out, weight.reshape(g.k, -1), gx, g.groups)
-            return gx
-        if algorithm == "im2col":
+        w2 = weight.reshape(g.k, -1)
+        plan = self._plan(g, algorithm, nt)
+        if plan == "pointwise":
+            with _blas_for(nt, g.n) as threads:
+                _im2col.pointwise_backward_input(grad_out, w2, gx, g.groups, threads)
+        elif plan == "per_image":
+            with _SingleThreadedBlas():
+                _im2col.backward_input_per_image(grad_out, w2, gx, _per_image_buffers(g, nt), g.r, g.s,
+                                                 *_conv_args(g))
+        elif plan == "batched":
             ws = _Workspace(g)
-            if ws.fits_int32:
-                for n0, nb in ws.chunks(g.n):
-                    _im2col.backward_input(grad_out, weight.reshape(g.k, -1), gx, ws.col, ws.tmp, n0, nb,
-                                           g.r, g.s, *_conv_args(g), nt)
-                return gx
-        _direct.backward_input(grad_out, weight, gx, *_conv_args(g), nt)
+            for n0, nb in ws.chunks(g.n):
+                _im2col.backward_input(grad_out, w2, gx, ws.col, ws.tmp, n0, nb, g.r, g.s, *_conv_args(g), 1)
+        else:
+            _direct.backward_input(grad_out, weight, gx, *_conv_args(g), nt)
         return gx
 
     def conv2d_backward_weight(self, grad_out, x, g, algorithm):
         gw = np.zeros(g.weight_shape, g.dtype)
         nt = _config.get_num_threads()
-        if algorithm == "im2col" and _is_pointwise(g) and g.c <= _INT32_MAX and g.h * g.w <= _INT32_MAX:
-            _im2col.pointwise_backward_weight(grad_out, x, gw.reshape(g.k, -1), g.groups)
-            return gw
-        if algorithm == "im2col":
+        gw2 = gw.reshape(g.k, -1)
+        plan = self._plan(g, algorithm, nt)
+        if plan == "pointwise":
+            with _blas_for(nt, g.n) as threads:
+                partial = np.zeros((threads,) + gw2.shape, g.dtype)
+                _im2col.pointwise_backward_weight(grad_out, x, partial, g.groups)
+            np.sum(partial, axis=0, out=gw2)
+        elif plan == "per_image":
+            cols = _per_image_buffers(g, nt)
+            partial = np.zeros((len(cols),) + gw2.shape, g.dtype)
+            with _SingleThreadedBlas():
+                _im2col.backward_weight_per_image(grad_out, x, partial, cols, g.r, g.s, *_conv_args(g))
+            np.sum(partial, axis=0, out=gw2)
+        elif plan == "batched":
             ws = _Workspace(g)
-            if ws.fits_int32:
-                for n0, nb in ws.chunks(g.n):
-                    _im2col.backward_weight(grad_out, x, gw.reshape(g.k, -1), ws.col, ws.tmp, n0, nb,
-                                            g.r, g.s, *_conv_args(g), nt)
-                return gw
-        _direct.backward_weight(grad_out, x, gw, *_conv_args(g), nt)
+            for n0, nb in ws.chunks(g.n):
+                _im2col.backward_weight(grad_out, x, gw2, ws.col, ws.tmp, n0, nb, g.r, g.s, *_conv_args(g), 1)
+        else:
+            _direct.backward_weight(grad_out, x, gw, *_conv_args(g), nt)
         return gw
 
     def conv2d_backward_bias(self, grad_out, g):

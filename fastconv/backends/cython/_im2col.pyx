@@ -20,7 +20,7 @@ workspace limit, and guarantees every GEMM dimension fits a 32-bit int.
 """
 
 from cython cimport floating
-from cython.parallel cimport prange
+from cython.parallel cimport parallel, prange, threadid
 from scipy.linalg.cython_blas cimport dgemm, sgemm
 
 from ._loops cimport end_in, fill, first_in
@@ -40,72 +40,88 @@ cdef void _gemm(bint ta, bint tb, Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, floa
         dgemm(transa, transb, &m_, &n_, &k_, &alpha, <double*> b, &lda_, <double*> a, &ldb_, &beta, c, &ldc_)
 
 
+cdef inline void _im2col_plane(const floating* xp, Py_ssize_t H, Py_ssize_t W, floating* col,
+                               Py_ssize_t ld, Py_ssize_t R, Py_ssize_t S, Py_ssize_t Ho, Py_ssize_t Wo,
+                               Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t pt, Py_ssize_t pl, Py_ssize_t dh,
+                               Py_ssize_t dw) noexcept nogil:
+    """Unfold one (H, W) input plane into R*S column rows ``col + (r*S + s) * ld``, P values each."""
+    cdef Py_ssize_t r, s, oh, ow, ih, off, lo, hi
+    cdef floating* seg
+    cdef const floating* xrow
+    for r in range(R):
+        for s in range(S):
+            seg = col + (r * S + s) * ld
+            off = s * dw - pl
+            lo = first_in(off, sw)
+            hi = end_in(off, sw, W, Wo)
+            if hi <= lo:  # this tap never lands inside the image: all-zero row
+                lo = 0
+                hi = 0
+            for oh in range(Ho):
+                ih = oh * sh - pt + r * dh
+                if ih < 0 or ih >= H:
+                    fill(seg + oh * Wo, 0, Wo)
+                    continue
+                xrow = xp + ih * W
+                fill(seg + oh * Wo, 0, lo)
+                if sw == 1:
+                    for ow in range(lo, hi):
+                        seg[oh * Wo + ow] = xrow[ow + off]
+                else:
+                    for ow in range(lo, hi):
+                        seg[oh * Wo + ow] = xrow[ow * sw + off]
+                fill(seg + oh * Wo + hi, 0, Wo - hi)
+
+
+cdef inline void _col2im_plane(const floating* col, Py_ssize_t ld, floating* gxp, Py_ssize_t H, Py_ssize_t W,
+                               Py_ssize_t R, Py_ssize_t S, Py_ssize_t Ho, Py_ssize_t Wo,
+                               Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t pt, Py_ssize_t pl, Py_ssize_t dh,
+                               Py_ssize_t dw) noexcept nogil:
+    """Add R*S column rows ``col + (r*S + s) * ld`` back into one (H, W) plane."""
+    cdef Py_ssize_t r, s, oh, ow, ih, off, lo, hi
+    cdef const floating* seg
+    cdef floating* gxrow
+    for r in range(R):
+        for s in range(S):
+            seg = col + (r * S + s) * ld
+            off = s * dw - pl
+            lo = first_in(off, sw)
+            hi = end_in(off, sw, W, Wo)
+            if hi <= lo:
+                continue
+            for oh in range(Ho):
+                ih = oh * sh - pt + r * dh
+                if ih < 0 or ih >= H:
+                    continue
+                gxrow = gxp + ih * W
+                if sw == 1:
+                    for ow in range(lo, hi):
+                        gxrow[ow + off] += seg[oh * Wo + ow]
+                else:
+                    for ow in range(lo, hi):
+                        gxrow[ow * sw + off] += seg[oh * Wo + ow]
+
+
 cdef void _im2col(const floating[:, :, :, ::1] x, Py_ssize_t n0, Py_ssize_t nb, floating* col,
                   Py_ssize_t R, Py_ssize_t S, Py_ssize_t Ho, Py_ssize_t Wo, Py_ssize_t sh, Py_ssize_t sw,
                   Py_ssize_t pt, Py_ssize_t pl, Py_ssize_t dh, Py_ssize_t dw, int nt) noexcept nogil:
-    """Fill ``col`` (C*R*S, nb*P) from images n0 .. n0+nb-1."""
-    cdef Py_ssize_t C = x.shape[1], H = x.shape[2], W = x.shape[3], P = Ho * Wo
-    cdef Py_ssize_t t, b, c, r, s, oh, ow, ih, off, lo, hi
-    cdef floating* seg
-    cdef const floating* xrow
+    """Fill ``col`` (C*R*S, nb*P) from images n0 .. n0+nb-1, one (image, channel) plane per unit."""
+    cdef Py_ssize_t C = x.shape[1], P = Ho * Wo, t
     for t in prange(nb * C, num_threads=nt, schedule="static"):
-        b = t // C
-        c = t % C
-        for r in range(R):
-            for s in range(S):
-                seg = col + ((c * R + r) * S + s) * nb * P + b * P
-                off = s * dw - pl
-                lo = first_in(off, sw)
-                hi = end_in(off, sw, W, Wo)
-                if hi <= lo:  # this tap never lands inside the image: all-zero row
-                    lo = 0
-                    hi = 0
-                for oh in range(Ho):
-                    ih = oh * sh - pt + r * dh
-                    if ih < 0 or ih >= H:
-                        fill(seg + oh * Wo, 0, Wo)
-                        continue
-                    xrow = &x[n0 + b, c, ih, 0]
-                    fill(seg + oh * Wo, 0, lo)
-                    if sw == 1:
-                        for ow in range(lo, hi):
-                            seg[oh * Wo + ow] = xrow[ow + off]
-                    else:
-                        for ow in range(lo, hi):
-                            seg[oh * Wo + ow] = xrow[ow * sw + off]
-                    fill(seg + oh * Wo + hi, 0, Wo - hi)
+        _im2col_plane(&x[n0 + t // C, t % C, 0, 0], x.shape[2], x.shape[3],
+                      col + (t % C) * R * S * nb * P + (t // C) * P, nb * P,
+                      R, S, Ho, Wo, sh, sw, pt, pl, dh, dw)
 
 
 cdef void _col2im(const floating* col, floating[:, :, :, ::1] gx, Py_ssize_t n0, Py_ssize_t nb,
                   Py_ssize_t R, Py_ssize_t S, Py_ssize_t Ho, Py_ssize_t Wo, Py_ssize_t sh, Py_ssize_t sw,
                   Py_ssize_t pt, Py_ssize_t pl, Py_ssize_t dh, Py_ssize_t dw, int nt) noexcept nogil:
     """Add ``col`` (C*R*S, nb*P) back into images n0 .. n0+nb-1 of ``gx`` (one plane per unit)."""
-    cdef Py_ssize_t C = gx.shape[1], H = gx.shape[2], W = gx.shape[3], P = Ho * Wo
-    cdef Py_ssize_t t, b, c, r, s, oh, ow, ih, off, lo, hi
-    cdef const floating* seg
-    cdef floating* gxrow
+    cdef Py_ssize_t C = gx.shape[1], P = Ho * Wo, t
     for t in prange(nb * C, num_threads=nt, schedule="static"):
-        b = t // C
-        c = t % C
-        for r in range(R):
-            for s in range(S):
-                seg = col + ((c * R + r) * S + s) * nb * P + b * P
-                off = s * dw - pl
-                lo = first_in(off, sw)
-                hi = end_in(off, sw, W, Wo)
-                if hi <= lo:
-                    continue
-                for oh in range(Ho):
-                    ih = oh * sh - pt + r * dh
-                    if ih < 0 or ih >= H:
-                        continue
-                    gxrow = &gx[n0 + b, c, ih, 0]
-                    if sw == 1:
-                        for ow in range(lo, hi):
-                            gxrow[ow + off] += seg[oh * Wo + ow]
-                    else:
-                        for ow in range(lo, hi):
-                            gxrow[ow * sw + off] += seg[oh * Wo + ow]
+        _col2im_plane(col + (t % C) * R * S * nb * P + (t // C) * P, nb * P,
+                      &gx[n0 + t // C, t % C, 0, 0], gx.shape[2], gx.shape[3],
+                      R, S, Ho, Wo, sh, sw, pt, pl, dh, dw)
 
 
 cdef void _to_kmajor(const floating[:, :, :, ::1] a, Py_ssize_t n0, Py_ssize_t nb, floating* t_,
@@ -176,13 +192,16 @@ def backward_weight(const floating[:, :, :, ::1] gy, const floating[:, :, :, ::1
 
 
 def pointwise_forward(const floating[:, :, :, ::1] x, const floating[:, ::1] w2, const floating[::1] bias,
-                      floating[:, :, :, ::1] out, Py_ssize_t groups):
-    """1x1, stride 1, no padding: out[n, g] = W[g] @ x[n, g] (one GEMM per image and group)."""
+                      floating[:, :, :, ::1] out, Py_ssize_t groups, int nt):
+    """1x1, stride 1, no padding: out[n, g] = W[g] @ x[n, g], one GEMM per image and group.
+
+    Images are spread over ``nt`` OpenMP threads (the caller pins BLAS to one
+    thread when ``nt > 1``).
+    """
     cdef Py_ssize_t N = x.shape[0], K = out.shape[1], P = x.shape[2] * x.shape[3]
-    cdef Py_ssize_t Kg = K // groups, Cg = w2.shape[1], n, g, k, p
-    cdef floating* dst
+    cdef Py_ssize_t Kg = K // groups, Cg = w2.shape[1], n, g, k
     with nogil:
-        for n in range(N):
+        for n in prange(N, num_threads=nt, schedule="static"):
             for k in range(K):
                 fill(&out[n, k, 0, 0], bias[k], P)
             for g in range(groups):
@@ -191,24 +210,101 @@ def pointwise_forward(const floating[:, :, :, ::1] x, const floating[:, ::1] w2,
 
 
 def pointwise_backward_input(const floating[:, :, :, ::1] gy, const floating[:, ::1] w2,
-                             floating[:, :, :, ::1] gx, Py_ssize_t groups):
+                             floating[:, :, :, ::1] gx, Py_ssize_t groups, int nt):
     """1x1, stride 1, no padding: gx[n, g] = W[g].T @ gy[n, g]."""
     cdef Py_ssize_t N = gy.shape[0], K = gy.shape[1], P = gy.shape[2] * gy.shape[3]
     cdef Py_ssize_t Kg = K // groups, Cg = w2.shape[1], n, g
     with nogil:
-        for n in range(N):
+        for n in prange(N, num_threads=nt, schedule="static"):
             for g in range(groups):
                 _gemm(True, False, Cg, P, Kg, <floating> 1, &w2[g * Kg, 0], Cg, &gy[n, g * Kg, 0, 0], P,
                       <floating> 0, &gx[n, g * Cg, 0, 0], P)
 
 
 def pointwise_backward_weight(const floating[:, :, :, ::1] gy, const floating[:, :, :, ::1] x,
-                              floating[:, ::1] gw2, Py_ssize_t groups):
-    """1x1, stride 1, no padding: gW[g] = sum_n gy[n, g] @ x[n, g].T (``gw2`` zero on entry)."""
+                              floating[:, :, ::1] partial, Py_ssize_t groups):
+    """1x1, stride 1, no padding: partial[tid, g] += gy[n, g] @ x[n, g].T over the images of
+    thread ``tid`` (``partial.shape[0]`` threads; zero on entry)."""
     cdef Py_ssize_t N = gy.shape[0], K = gy.shape[1], P = gy.shape[2] * gy.shape[3]
-    cdef Py_ssize_t Kg = K // groups, Cg = gw2.shape[1], n, g
-    with nogil:
-        for n in range(N):
+    cdef Py_ssize_t Kg = K // groups, Cg = partial.shape[2], n, g
+    cdef floating* gw = NULL
+    cdef int nt = <int> partial.shape[0]
+    with nogil, parallel(num_threads=nt):
+        gw = &partial[threadid(), 0, 0]
+        for n in prange(N, schedule="static"):
             for g in range(groups):
                 _gemm(False, True, Kg, Cg, P, <floating> 1, &gy[n, g * Kg, 0, 0], P, &x[n, g * Cg, 0, 0], P,
-                      <floating> 1, &gw2[g * Kg, 0], Cg)
+                      <floating> 1, gw + g * Kg * Cg, Cg)
+
+
+# --------------------------------------------------------------------------- one image per thread
+#
+# The alternative to one big multi-threaded GEMM per chunk: each OpenMP thread
+# takes whole images, unfolds one into its private column buffer ``cols[tid]``
+# (C*R*S, P) and calls a single-threaded GEMM (the caller pins BLAS to one
+# thread meanwhile).  The forward result lands directly in NCHW order, so no
+# transposes are needed; the weight gradient goes to a per-thread partial sum.
+
+
+def forward_per_image(const floating[:, :, :, ::1] x, const floating[:, ::1] w2, const floating[::1] bias,
+                      floating[:, :, :, ::1] out, floating[:, ::1] cols, Py_ssize_t R, Py_ssize_t S,
+                      Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t pt, Py_ssize_t pl, Py_ssize_t dh,
+                      Py_ssize_t dw, Py_ssize_t groups):
+    """Forward convolution, ``cols.shape[0]`` threads, one image at a time per thread."""
+    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], K = out.shape[1], P = out.shape[2] * out.shape[3]
+    cdef Py_ssize_t Kg = K // groups, CRSg = w2.shape[1], n, c, k, g
+    cdef floating* col = NULL
+    cdef int nt = <int> cols.shape[0]
+    with nogil, parallel(num_threads=nt):
+        col = &cols[threadid(), 0]
+        for n in prange(N, schedule="static"):
+            for c in range(C):
+                _im2col_plane(&x[n, c, 0, 0], x.shape[2], x.shape[3], col + c * R * S * P, P,
+                              R, S, out.shape[2], out.shape[3], sh, sw, pt, pl, dh, dw)
+            for k in range(K):
+                fill(&out[n, k, 0, 0], bias[k], P)
+            for g in range(groups):
+                _gemm(False, False, Kg, P, CRSg, <floating> 1, &w2[g * Kg, 0], CRSg, col + g * CRSg * P, P,
+                      <floating> 1, &out[n, g * Kg, 0, 0], P)
+
+
+def backward_input_per_image(const floating[:, :, :, ::1] gy, const floating[:, ::1] w2,
+                             floating[:, :, :, ::1] gx, floating[:, ::1] cols, Py_ssize_t R, Py_ssize_t S,
+                             Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t pt, Py_ssize_t pl, Py_ssize_t dh,
+                             Py_ssize_t dw, Py_ssize_t groups):
+    """Input gradient (``gx`` zero on entry), one image at a time per thread."""
+    cdef Py_ssize_t N = gy.shape[0], C = gx.shape[1], K = gy.shape[1], P = gy.shape[2] * gy.shape[3]
+    cdef Py_ssize_t Kg = K // groups, CRSg = w2.shape[1], n, c, g
+    cdef floating* col = NULL
+    cdef int nt = <int> cols.shape[0]
+    with nogil, parallel(num_threads=nt):
+        col = &cols[threadid(), 0]
+        for n in prange(N, schedule="static"):
+            for g in range(groups):
+                _gemm(True, False, CRSg, P, Kg, <floating> 1, &w2[g * Kg, 0], CRSg, &gy[n, g * Kg, 0, 0], P,
+                      <floating> 0, col + g * CRSg * P, P)
+            for c in range(C):
+                _col2im_plane(col + c * R * S * P, P, &gx[n, c, 0, 0], gx.shape[2], gx.shape[3],
+                              R, S, gy.shape[2], gy.shape[3], sh, sw, pt, pl, dh, dw)
+
+
+def backward_weight_per_image(const floating[:, :, :, ::1] gy, const floating[:, :, :, ::1] x,
+                              floating[:, :, ::1] partial, floating[:, ::1] cols, Py_ssize_t R, Py_ssize_t S,
+                              Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t pt, Py_ssize_t pl, Py_ssize_t dh,
+                              Py_ssize_t dw, Py_ssize_t groups):
+    """Per-thread weight-gradient partial sums ``partial[tid]`` (K, Cg*R*S), zero on entry."""
+    cdef Py_ssize_t N = gy.shape[0], C = x.shape[1], K = gy.shape[1], P = gy.shape[2] * gy.shape[3]
+    cdef Py_ssize_t Kg = K // groups, CRSg = partial.shape[2], n, c, g
+    cdef floating* col = NULL
+    cdef floating* gw = NULL
+    cdef int nt = <int> cols.shape[0]
+    with nogil, parallel(num_threads=nt):
+        col = &cols[threadid(), 0]
+        gw = &partial[threadid(), 0, 0]
+        for n in prange(N, schedule="static"):
+            for c in range(C):
+                _im2col_plane(&x[n, c, 0, 0], x.shape[2], x.shape[3], col + c * R * S * P, P,
+                              R, S, gy.shape[2], gy.shape[3], sh, sw, pt, pl, dh, dw)
+            for g in range(groups):
+                _gemm(False, True, Kg, CRSg, P, <floating> 1, &gy[n, g * Kg, 0, 0], P, col + g * CRSg * P, P,
+                      <floating> 1, gw + g * Kg * CRSg, CRSg)
