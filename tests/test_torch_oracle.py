@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import fastconv
+from conftest import host_backends
 
 # --------------------------------------------------------------------------- PyTorch as an oracle
 
@@ -79,7 +80,7 @@ def test_pools_match_torch(seed):
                                                             backend="reference"), xt.grad.numpy(), atol=1e-14)
 
 
-@pytest.mark.parametrize("backend", ["reference", "numpy"])
+@pytest.mark.parametrize("backend", ["reference"] + host_backends())
 def test_nan_inf_propagation_matches_torch(backend):
     rng = np.random.default_rng(5)
     x = rng.standard_normal((1, 2, 6, 6))
@@ -91,5 +92,9 @@ def test_nan_inf_propagation_matches_torch(backend):
     finite = np.isfinite(theirs)
     np.testing.assert_array_equal(np.isfinite(ours), finite)
     np.testing.assert_allclose(ours[finite], theirs[finite], rtol=1e-10)
+    out, idx = fastconv.max_pool2d(x, 3, 1, 1, return_indices=True, backend=backend)
+    out_t, idx_t = F.max_pool2d(torch.tensor(x), 3, 1, 1, return_indices=True)
+    np.testing.assert_array_equal(out, out_t.numpy())
+    np.testing.assert_array_equal(idx, idx_t.numpy())
     np.testing.assert_allclose(fastconv.avg_pool2d(x, 2, backend=backend), F.avg_pool2d(torch.tensor(x), 2).numpy(),
                                rtol=1e-12)  # NaN and inf in the same places
