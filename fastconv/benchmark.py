@@ -40,7 +40,9 @@ checked by :func:`validate`.  In words: an object with
                   "rate" and "rate_unit" ("GFLOP/s" | "GB/s"), "pct_peak",
                   "speedup" {"reference"|"numpy"|"torch"|"scipy.signal"|"scipy.ndimage": float|null},
                   "error" (str|null)
-``auto_picks``    [{"backend", "layer", "pass", "auto", "best", "auto_ms", "best_ms", "ratio"}]
+``auto_picks``    [{"backend", "layer", "pass", "auto", "best", "auto_ms", "best_ms", "ratio" (auto / best),
+                    "times_ms" {algorithm: ms}, "tuned" (the autotuner's pick with --autotune, else null),
+                    "tuned_ratio" (its measured time / best, or null)}]
 """
 
 from __future__ import annotations
@@ -157,10 +159,13 @@ JSON_SCHEMA: dict[str, Any] = {
             "type": "array",
             "items": {
                 "type": "object",
-                "required": ["backend", "layer", "pass", "auto", "best", "auto_ms", "best_ms", "ratio"],
+                "required": ["backend", "layer", "pass", "auto", "best", "auto_ms", "best_ms", "ratio", "times_ms",
+                             "tuned", "tuned_ratio"],
                 "properties": {"backend": {"type": "string"}, "layer": {"type": "string"},
                                "pass": {"type": "string"}, "auto": {"type": "string"}, "best": {"type": "string"},
-                               "auto_ms": _NUM, "best_ms": _NUM, "ratio": _NUM},
+                               "auto_ms": _NUM, "best_ms": _NUM, "ratio": _NUM,
+                               "times_ms": {"type": "object", "additionalProperties": _NUM},
+                               "tuned": _STR_OR_NULL, "tuned_ratio": _NUM_OR_NULL},
             },
         },
     },
@@ -237,7 +242,7 @@ class Effort:
 
 
 FULL = Effort(warmup=1, min_runs=5, max_runs=30, budget=1.0)
-QUICK = Effort(warmup=1, min_runs=2, max_runs=5, budget=0.15)
+QUICK = Effort(warmup=1, min_runs=2, max_runs=4, budget=0.1)
 REFERENCE_FULL = Effort(warmup=0, min_runs=2, max_runs=3, budget=1.0)
 REFERENCE_QUICK = Effort(warmup=0, min_runs=1, max_runs=1, budget=0.0)
 
@@ -451,8 +456,22 @@ def auto_picks(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         best = min(rs, key=lambda r: r["ms"])
         picks.append({"backend": impl, "layer": layer, "pass": pass_, "auto": auto[0]["algorithm"],
                       "best": best["algorithm"], "auto_ms": auto[0]["ms"], "best_ms": best["ms"],
-                      "ratio": auto[0]["ms"] / best["ms"]})
+                      "ratio": auto[0]["ms"] / best["ms"], "times_ms": {r["algorithm"]: r["ms"] for r in rs},
+                      "tuned": None, "tuned_ratio": None})
     return picks
+
+
+def add_tuned_picks(picks: list[dict[str, Any]], backends: dict[str, Any], dtype: np.dtype, divisor: int) -> None:
+    """Fill ``tuned``: what :func:`fastconv._autotune.choose` picks for each entry of
+    :func:`auto_picks` (it times the candidates itself, on a workspace-bounded batch), and
+    ``tuned_ratio``: the benchmark's time of that algorithm / the best time."""
+    from . import _autotune
+
+    for p in _progress(picks, "autotune"):
+        case = suite.CASES_BY_NAME[p["layer"]]
+        g = case.with_batch(max(1, case.n // divisor)).geometry(dtype)
+        p["tuned"] = _autotune.choose(backends[p["backend"]], suite.conv_op(p["pass"]), g)
+        p["tuned_ratio"] = p["times_ms"][p["tuned"]] / p["best_ms"]
 
 
 # --------------------------------------------------------------------------- output
@@ -567,6 +586,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, help="thread count for fastconv, BLAS and PyTorch")
     parser.add_argument("--quick", action="store_true", help="batch N/4 and few repeats (about a minute)")
     parser.add_argument("--no-compare", action="store_true", help="skip PyTorch and SciPy")
+    parser.add_argument("--autotune", action="store_true",
+                        help="also report what the autotuner (fastconv.set_autotune) picks per layer")
     parser.add_argument("--json", metavar="FILE", help="write machine-readable results (see fastconv.benchmark)")
     parser.add_argument("--plot", metavar="FILE", help="bar chart of the speed-up vs PyTorch (PNG)")
 
@@ -634,6 +655,8 @@ def run(args: argparse.Namespace) -> int:
     compare = [n for n in ("reference", "numpy") if n in backends] + baselines
     add_speedups(rows, compare)
     picks = auto_picks(rows)
+    if args.autotune:
+        add_tuned_picks(picks, backends, dtype, divisor)
     compiled = compile_seconds(backends)
 
     print()
@@ -651,11 +674,15 @@ def run(args: argparse.Namespace) -> int:
     if picks:
         print("\n\"auto\" algorithm vs the fastest measured one (ratio = auto time / best time):")
         for p in picks:
+            tuned = "" if p["tuned"] is None else f"   autotune={p['tuned']:<8} ratio {p['tuned_ratio']:.2f}"
             flag = "" if p["auto"] == p["best"] else f"   best: {p['best']}"
             print(f"  {p['backend']:<8} {p['layer']:<12} {p['pass']:<16} auto={p['auto']:<8} "
-                  f"ratio {p['ratio']:.2f}{flag}")
+                  f"ratio {p['ratio']:.2f}{tuned}{flag}")
         within = sum(p["ratio"] <= 1.10 for p in picks)
-        print(f"  within 10% of the best: {within}/{len(picks)}")
+        print(f"  \"auto\" within 10% of the best: {within}/{len(picks)}")
+        if args.autotune:
+            within = sum(p["tuned_ratio"] <= 1.10 for p in picks)
+            print(f"  autotune within 10% of the best: {within}/{len(picks)}")
     for name, times in compiled.items():
         if times:
             print(f"\n{name} JIT compile time: {sum(times.values()):.2f} s total over {len(times)} kernels "
@@ -693,14 +720,17 @@ def run(args: argparse.Namespace) -> int:
     return 1 if any(r["error"] for r in rows) else 0
 
 
-def _progress(jobs: list[Job]):
-    """Iterate ``jobs`` with a tqdm bar on stderr (plain iteration without tqdm)."""
+def _progress(items: list[Any], desc: str = "bench"):
+    """Iterate ``items`` (jobs or auto picks) with a tqdm bar on stderr (plain iteration without tqdm)."""
     try:
         from tqdm import tqdm
     except ImportError:  # pragma: no cover - tqdm is a dependency
-        yield from jobs
+        yield from items
         return
-    with tqdm(jobs, file=sys.stderr, unit="case", leave=False, dynamic_ncols=True) as bar:
-        for job in bar:
-            bar.set_postfix_str(f"{job.case.name} {job.pass_} {job.impl} {job.algorithm or ''}".strip())
-            yield job
+    with tqdm(items, desc=desc, file=sys.stderr, unit="case", leave=False, dynamic_ncols=True) as bar:
+        for item in bar:
+            if isinstance(item, Job):
+                bar.set_postfix_str(f"{item.case.name} {item.pass_} {item.impl} {item.algorithm or ''}".strip())
+            else:
+                bar.set_postfix_str(f"{item['layer']} {item['pass']} {item['backend']}")
+            yield item

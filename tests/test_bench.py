@@ -84,7 +84,8 @@ def test_speedups_and_auto_picks():
     assert rows[3]["speedup"] == {} and rows[4]["speedup"] == {}
     picks = benchmark.auto_picks(rows)
     assert picks == [{"backend": "cython", "layer": "cifar-64", "pass": "forward", "auto": "im2col",
-                      "best": "direct", "auto_ms": 4.0, "best_ms": 2.0, "ratio": 2.0}]
+                      "best": "direct", "auto_ms": 4.0, "best_ms": 2.0, "ratio": 2.0,
+                      "times_ms": {"direct": 2.0, "im2col": 4.0}, "tuned": None, "tuned_ratio": None}]
 
 
 def test_validator_reports_violations():
@@ -134,6 +135,29 @@ def test_quick_bench_end_to_end(tmp_path, capsys):
     if "torch" in doc["settings"]["baselines"]:
         assert rows[("stripe-c1", "forward", "torch")]["ms"] > 0
         assert out_png.stat().st_size > 0
+
+
+def test_quick_bench_with_autotune(tmp_path, capsys):
+    import fastconv
+
+    multi = [n for n, i in fastconv.available_backends().items()
+             if i["available"] and len(i["algorithms"]) > 1 and n != "cuda"]
+    if not multi:
+        pytest.skip("no available backend has more than one algorithm")
+    out_json = tmp_path / "bench.json"
+    rc = cli.main(["bench", "--quick", "--layers", "stripe-c2", "--passes", "forward,backward-weight",
+                   "--backends", multi[0], "--no-compare", "--autotune", "--json", str(out_json)])
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    doc = json.loads(out_json.read_text())
+    assert benchmark.validate(doc) == [] and doc["settings"]["baselines"] == []
+    picks = doc["auto_picks"]
+    assert {(p["layer"], p["pass"]) for p in picks} == {("stripe-c2", "forward"), ("stripe-c2", "backward-weight")}
+    for p in picks:
+        assert p["tuned"] in p["times_ms"] and p["auto"] in p["times_ms"]
+        assert p["tuned_ratio"] == pytest.approx(p["times_ms"][p["tuned"]] / p["best_ms"])
+        assert p["ratio"] >= 1.0 and p["tuned_ratio"] >= 1.0
+    assert "autotune within 10% of the best" in text
 
 
 def test_bench_rejects_unknown_names():
