@@ -52,7 +52,7 @@ def _load(args: argparse.Namespace):
         d = DEFAULTS["stripes"]
         x_tr, y_tr, x_te, y_te = stripes_dataset(args.train_size or d["train_size"],
                                                  args.test_size or d["test_size"], rng=args.seed)
-        return x_tr, y_tr, x_te, y_te, "stripes", f"generated stripe images, seed {args.seed}"
+        return x_tr, y_tr, x_te, y_te, "generated", f"generated stripe images, seed {args.seed}"
     from .data import load_mnist
 
     data = load_mnist(args.data_dir, download=not args.offline, rng=args.seed, progress=args.progress)
@@ -99,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
     written = ["weights.npz", "history.json"]
     if not args.no_plots:
         names = CLASS_NAMES[args.task]
-        title = f"{args.task}: {description}; backend {backend}"
+        title = f"{args.task} ({source} data, {len(x_tr)} training images), backend {backend}"
         plots.plot_history(history, out / "curves.png", title=title)
         plots.plot_filters(plots.first_conv(model).weight.data, out / "filters.png",
                            title=f"{args.task}: learned first-layer filters")

@@ -34,7 +34,10 @@ def plot_history(history: History, path: str | os.PathLike, title: str = "") -> 
     if min(history.column("train_loss")) > 0:
         ax_loss.set_yscale("log")
     ax_acc.set(xlabel="epoch", ylabel="accuracy", title="accuracy", ylim=(0, 1.02))
+    from matplotlib.ticker import MaxNLocator
+
     for ax in (ax_loss, ax_acc):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend()
     if title:
