@@ -360,16 +360,20 @@ def compile_seconds(backends: Iterable[str]) -> dict[str, dict[str, float]]:
 
 @dataclass(frozen=True)
 class Job:
-    """One row to time: ``case`` already has the batch that is timed; ``scale`` multiplies
-    the measured times up to the batch being reported."""
+    """One row to time.  ``case`` has the batch that is timed; times are scaled by
+    ``reported_n / case.n`` to the batch being reported (only the reference differs)."""
 
     case: suite.Case
     pass_: str
     impl: str
     algorithm: str | None
     auto_pick: bool | None
-    scale: float
+    reported_n: int
     effort: Effort
+
+    @property
+    def scale(self) -> float:
+        return self.reported_n / self.case.n
 
 
 def plan(cases: Iterable[suite.Case], passes: Iterable[str], backends: dict[str, Any], baselines: Iterable[str],
@@ -385,27 +389,29 @@ def plan(cases: Iterable[suite.Case], passes: Iterable[str], backends: dict[str,
             for name, backend in backends.items():
                 if name == "reference":
                     small = case.with_batch(1)
-                    jobs.append(Job(small, pass_, name, None, None, case.n / small.n,
+                    jobs.append(Job(small, pass_, name, None, None, case.n,
                                     REFERENCE_QUICK if quick else REFERENCE_FULL))
                     continue
                 if case.kind == "pool":
-                    jobs.append(Job(case, pass_, name, None, None, 1.0, QUICK if quick else FULL))
+                    jobs.append(Job(case, pass_, name, None, None, case.n, QUICK if quick else FULL))
                     continue
                 g = case.geometry(dtype)
                 auto = backend.default_algorithm(suite.conv_op(pass_), g)
                 for algo in backend.algorithms:
-                    jobs.append(Job(case, pass_, name, algo, algo == auto, 1.0, QUICK if quick else FULL))
+                    jobs.append(Job(case, pass_, name, algo, algo == auto, case.n, QUICK if quick else FULL))
             for base in baselines:
                 if base in suite.BASELINES[case.kind]:
-                    jobs.append(Job(case, pass_, base, None, None, 1.0, QUICK if quick else FULL))
+                    jobs.append(Job(case, pass_, base, None, None, case.n, QUICK if quick else FULL))
     return jobs
 
 
-def _row(job: Job, full_n: int, dtype: np.dtype, peaks: dict[str, float]) -> dict[str, Any]:
-    unit, amount = suite.work(job.case.with_batch(full_n), job.pass_, dtype)
+def _row(job: Job, dtype: np.dtype, peaks: dict[str, float]) -> dict[str, Any]:
+    """Time one job; the JSON row (see the module docstring), ``error`` set if it raised."""
+    reported = job.case.with_batch(job.reported_n)
+    unit, amount = suite.work(reported, job.pass_, dtype)
     row: dict[str, Any] = {
         "layer": job.case.name, "kind": job.case.kind, "pass": job.pass_, "impl": job.impl,
-        "algorithm": job.algorithm, "auto_pick": job.auto_pick, "shape": job.case.with_batch(full_n).describe(),
+        "algorithm": job.algorithm, "auto_pick": job.auto_pick, "shape": reported.describe(),
         "n": job.case.n, "estimated": job.scale != 1.0, "ms": None, "ms_min": None, "first_ms": None, "runs": 0,
         "rate": None, "rate_unit": "GFLOP/s" if unit == "flop" else "GB/s", "pct_peak": None, "speedup": {},
         "error": None,
@@ -648,10 +654,7 @@ def run(args: argparse.Namespace) -> int:
           f"copy bandwidth {peaks['copy_gbps']:.1f} GB/s (numpy.copyto, read + write)")
 
     jobs = plan(cases, passes, backends, baselines, dtype, divisor, args.quick)
-    full_n = {c.name: max(1, c.n // divisor) for c in suite.CASES}
-    rows = []
-    for job in _progress(jobs):
-        rows.append(_row(job, full_n[job.case.name], dtype, peaks))
+    rows = [_row(job, dtype, peaks) for job in _progress(jobs)]
     compare = [n for n in ("reference", "numpy") if n in backends] + baselines
     add_speedups(rows, compare)
     picks = auto_picks(rows)
