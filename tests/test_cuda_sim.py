@@ -352,8 +352,10 @@ if CUDA["available"]:
         g_w = backend.conv2d_backward_weight(g_pooled, dx, g, algorithm)
         g_b = backend.conv2d_backward_bias(g_pooled, g)
         assert copies == []
+        g_max = backend.max_pool2d_backward(maxed, idx, p)
+        assert copies == ["copy_to_host"]  # only its 4-byte "index out of range" flag
         monkeypatch.undo()
-        for a in (y, pooled, g_pooled, maxed, idx, g_x, g_w, g_b):
+        for a in (y, pooled, g_pooled, maxed, idx, g_x, g_w, g_b, g_max):
             assert _on_device(a)
         ref = fastconv.conv2d(x, weight, bias, **kw, backend="reference")
         assert_close(y.copy_to_host(), ref, dtype)
@@ -363,6 +365,8 @@ if CUDA["available"]:
         assert_close(g_pooled.copy_to_host(), ref_gp, dtype)
         ref_max, ref_idx = fastconv.max_pool2d(ref, **pool_kw, return_indices=True, backend="reference")
         np.testing.assert_array_equal(idx.copy_to_host(), ref_idx)
+        assert_close(g_max.copy_to_host(), fastconv.max_pool2d_backward(ref_max, ref, **pool_kw, backend="reference"),
+                     dtype)
         want = fastconv.conv2d_backward(ref_gp, x, weight, **kw, backend="reference")
         for got, r in zip((g_x, g_w, g_b), want):
             assert_close(got.copy_to_host(), r, dtype)

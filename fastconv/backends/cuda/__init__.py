@@ -76,8 +76,9 @@ def _launch_1d(kernel, work: int, *args: Any) -> None:
 
 
 def _zeros(shape: tuple[int, ...], dtype: np.dtype) -> Any:
+    """A zero-filled device array (filled by a kernel: nothing is copied from the host)."""
     out = cuda.device_array(shape, dtype=dtype)
-    _launch_1d(K.kernels(np.dtype(dtype).name).fill, out.size, out.reshape(out.size), dtype.type(0))
+    _launch_1d(K.kernels("float32").fill, out.size, out.reshape(out.size), dtype.type(0))
     return out
 
 
@@ -210,7 +211,7 @@ class CudaBackend(Backend):
         io = _Io(grad_out, indices)
         gy, idx = io.arrays
         gx = _zeros(p.input_shape, p.dtype)
-        bad = cuda.to_device(np.zeros(1, dtype=np.int32))
+        bad = _zeros((1,), np.dtype(np.int32))
         _launch_1d(K.kernels(p.dtype.name).max_pool_backward, gy.size, gy, idx, gx.reshape(gx.size),
                    p.h * p.w, bad)
         if bad.copy_to_host()[0]:
