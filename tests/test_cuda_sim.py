@@ -386,6 +386,21 @@ if CUDA["available"]:
         assert _on_device(out)
         assert_close(out.copy_to_host(), fastconv.conv2d(x, weight, bias, **kw, backend="reference"), dtype)
 
+    def test_noncontiguous_device_indices():
+        """max_pool2d_backward with int64 indices given as a strided device view."""
+        x = _pool_input((2, 2, 5, 5), np.float64)
+        kw = dict(kernel_size=3, stride=2, padding=1)
+        ref, idx = fastconv.max_pool2d(x, **kw, return_indices=True, backend="reference")
+        from fastconv._args import pool_args
+
+        p = pool_args("t", x, 3, 2, 1).geometry
+        wide = np.zeros(idx.shape[:-1] + (2 * idx.shape[-1],), np.int64)
+        wide[..., ::2] = idx
+        view = cuda.to_device(wide)[..., ::2]
+        gy = np.random.default_rng(5).standard_normal(ref.shape)
+        got = cuda_backend.CudaBackend().max_pool2d_backward(cuda.to_device(gy), view, p)
+        assert_close(got.copy_to_host(), fastconv.max_pool2d_backward(gy, x, **kw, backend="reference"), np.float64)
+
     def test_max_pool_backward_rejects_bad_device_indices():
         _, p = _geometries(np.zeros((1, 1, 4, 4), np.float32), np.zeros((1, 1, 1, 1), np.float32),
                            dict(stride=1, padding=0, dilation=1, groups=1), dict(kernel_size=2))

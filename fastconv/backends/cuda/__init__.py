@@ -66,7 +66,7 @@ def _to_device(a: Any) -> Any:
         a = cuda.as_cuda_array(a)
     if a.ndim == 4 and not a.is_c_contiguous():
         dense = cuda.device_array(tuple(a.shape), dtype=a.dtype)
-        _launch_1d(K.kernels(np.dtype(a.dtype).name).copy4d, dense.size, a, dense)
+        _launch_1d(K.kernels("float32").copy4d, dense.size, a, dense)  # generic: any dtype
         a = dense
     return a
 
@@ -78,7 +78,7 @@ def _launch_1d(kernel, work: int, *args: Any) -> None:
 def _zeros(shape: tuple[int, ...], dtype: np.dtype) -> Any:
     """A zero-filled device array (filled by a kernel: nothing is copied from the host)."""
     out = cuda.device_array(shape, dtype=dtype)
-    _launch_1d(K.kernels("float32").fill, out.size, out.reshape(out.size), dtype.type(0))
+    _launch_1d(K.kernels("float32").fill, out.size, out.reshape(out.size), dtype.type(0))  # generic
     return out
 
 
