@@ -26,6 +26,7 @@ from numba import njit, prange
 _CONV = dict(parallel=True, cache=True, nogil=True, fastmath={"contract", "reassoc"})
 _POOL = dict(parallel=True, cache=True, nogil=True)
 _SERIAL = dict(cache=True, nogil=True)
+_SERIAL_MATH = dict(cache=True, nogil=True, fastmath={"contract", "reassoc"})
 
 
 @njit(**_SERIAL)
@@ -37,6 +38,36 @@ def _span(offset: int, stride: int, size: int, out: int) -> tuple[int, int]:
     hi = last // stride + 1 if last >= 0 else 0
     hi = min(hi, out)
     return lo, max(lo, hi)
+
+
+# The inner loops below index with unsigned integers: numba wraps negative signed indices
+# around (Python semantics), and that per-element branch blocks vectorisation.  Every
+# caller guarantees non-negative starts (the ranges come from _span).  LLVM versions the
+# loops on the runtime steps, so step 1 runs as vector code.
+@njit(inline="always", **_SERIAL_MATH)
+def _axpy(dst, d0, dstep, src, s0, sstep, a, n):
+    """dst[d0 + q*dstep] += a * src[s0 + q*sstep] for q < n."""
+    d, ds, s, ss = np.uint64(d0), np.uint64(dstep), np.uint64(s0), np.uint64(sstep)
+    for q in range(np.uint64(n)):
+        dst[d + q * ds] += a * src[s + q * ss]
+
+
+@njit(inline="always", **_SERIAL_MATH)
+def _dot(x, x0, y, y0, ystep, n, zero):
+    """sum_q x[x0 + q] * y[y0 + q*ystep] for q < n, in the dtype of ``zero``."""
+    a, b, bs = np.uint64(x0), np.uint64(y0), np.uint64(ystep)
+    acc = zero
+    for q in range(np.uint64(n)):
+        acc += x[a + q] * y[b + q * bs]
+    return acc
+
+
+@njit(inline="always", **_SERIAL)
+def _copy(dst, d0, src, s0, sstep, n):
+    """dst[d0 + q] = src[s0 + q*sstep] for q < n."""
+    d, s, ss = np.uint64(d0), np.uint64(s0), np.uint64(sstep)
+    for q in range(np.uint64(n)):
+        dst[d + q] = src[s + q * ss]
 
 
 # --------------------------------------------------------------------------- direct conv
@@ -68,15 +99,7 @@ def conv2d_direct(x, w, bias, out, sh, sw, top, left, dh, dw, groups):
                     wv = w[kk, cc, r, s]
                     off = s * dw - left
                     lo, hi = _span(off, sw, wd, wo)
-                    dst = row[lo:hi]
-                    if sw == 1:
-                        src = xrow[lo + off:hi + off]
-                        for j in range(hi - lo):
-                            dst[j] += wv * src[j]
-                    else:
-                        src_s = xrow[lo * sw + off::sw]
-                        for j in range(hi - lo):
-                            dst[j] += wv * src_s[j]
+                    _axpy(row, lo, 1, xrow, lo * sw + off, sw, wv, hi - lo)
 
 
 @njit(**_CONV)
@@ -111,15 +134,7 @@ def conv2d_backward_input_direct(gy, w, gx, sh, sw, top, left, dh, dw, groups):
                     wv = w[kk, cl, r, s]
                     off = s * dw - left
                     lo, hi = _span(off, sw, wd, wo)
-                    src = grow[lo:hi]
-                    if sw == 1:
-                        dst = row[lo + off:hi + off]
-                        for j in range(hi - lo):
-                            dst[j] += wv * src[j]
-                    else:
-                        dst_s = row[lo * sw + off::sw]
-                        for j in range(hi - lo):
-                            dst_s[j] += wv * src[j]
+                    _axpy(row, lo * sw + off, sw, grow, lo, 1, wv, hi - lo)
 
 
 @njit(**_CONV)
@@ -151,17 +166,7 @@ def conv2d_backward_weight_direct(gy, x, gw, sh, sw, top, left, dh, dw, groups):
                     for s in range(ns):
                         off = s * dw - left
                         lo, hi = _span(off, sw, wd, wo)
-                        gsrc = grow[lo:hi]
-                        d = zero
-                        if sw == 1:
-                            xsrc = xrow[lo + off:hi + off]
-                            for j in range(hi - lo):
-                                d += gsrc[j] * xsrc[j]
-                        else:
-                            xsrc_s = xrow[lo * sw + off::sw]
-                            for j in range(hi - lo):
-                                d += gsrc[j] * xsrc_s[j]
-                        acc[r, s] += d
+                        acc[r, s] += _dot(grow, lo, xrow, lo * sw + off, sw, hi - lo, zero)
         for r in range(nr):
             for s in range(ns):
                 gw[kk, cl, r, s] = acc[r, s]
@@ -210,15 +215,7 @@ def im2col(x, n0, cols, nr, ns, sh, sw, top, left, dh, dw, ho, wo):
                 dst[base:base + wo] = 0
                 continue
             dst[base:base + lo] = 0
-            seg = dst[base + lo:base + hi]
-            if sw == 1:
-                xs = src[ih, lo + off:hi + off]
-                for q in range(hi - lo):
-                    seg[q] = xs[q]
-            else:
-                xs_s = src[ih, lo * sw + off::sw]
-                for q in range(hi - lo):
-                    seg[q] = xs_s[q]
+            _copy(dst, base + lo, src[ih], lo * sw + off, sw, hi - lo)
             dst[base + hi:base + wo] = 0
 
 
@@ -231,6 +228,7 @@ def col2im(cols, gx, n0, nr, ns, sh, sw, top, left, dh, dw, ho, wo):
     _, c, h, wd = gx.shape
     ll = ho * wo
     nb = cols.shape[1] // ll
+    one = gx.dtype.type(1)
     for t in prange(nb * c):
         j = t // c
         ca = t % c
@@ -245,15 +243,7 @@ def col2im(cols, gx, n0, nr, ns, sh, sw, top, left, dh, dw, ho, wo):
                     ih = oh * sh - top + r * dh
                     if ih < 0 or ih >= h:
                         continue
-                    seg = src[oh * wo + lo:oh * wo + hi]
-                    if sw == 1:
-                        dst = plane[ih, lo + off:hi + off]
-                        for q in range(hi - lo):
-                            dst[q] += seg[q]
-                    else:
-                        dst_s = plane[ih, lo * sw + off::sw]
-                        for q in range(hi - lo):
-                            dst_s[q] += seg[q]
+                    _axpy(plane[ih], lo * sw + off, sw, src, oh * wo + lo, 1, one, hi - lo)
 
 
 # --------------------------------------------------------------------------- pooling
