@@ -13,7 +13,9 @@ from cython cimport floating
 from cython.parallel cimport parallel, prange
 from libc.stdlib cimport free, malloc
 
-from ._loops cimport axpy, axpy_scatter, end_in, fill, first_in, mul_acc
+import numpy as np
+
+from ._loops cimport axpy, axpy_scatter, fill, mul_acc, tap_ranges
 
 
 def forward(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] w,
@@ -28,9 +30,13 @@ def forward(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] w,
     cdef Py_ssize_t N = x.shape[0], H = x.shape[2], W = x.shape[3]
     cdef Py_ssize_t K = w.shape[0], Cg = w.shape[1], R = w.shape[2], S = w.shape[3]
     cdef Py_ssize_t Ho = out.shape[2], Wo = out.shape[3], Kg = K // groups
-    cdef Py_ssize_t t, n, k, oh, c, ci, r, s, ih, off, lo, hi
+    cdef Py_ssize_t t, n, k, oh, c, ci, r, s, ih, off
     cdef floating* orow
     cdef const floating* xrow
+    cdef Py_ssize_t[::1] ranges = np.empty(2 * S, np.intp)
+    cdef Py_ssize_t* lo = &ranges[0]
+    cdef Py_ssize_t* hi = &ranges[S]
+    tap_ranges(lo, hi, S, dw, pl, sw, W, Wo)
     with nogil:
         for t in prange(N * K * Ho, num_threads=nt, schedule="static"):
             oh = t % Ho
@@ -46,11 +52,8 @@ def forward(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] w,
                         continue
                     xrow = &x[n, ci, ih, 0]
                     for s in range(S):
-                        off = s * dw - pl
-                        lo = first_in(off, sw)
-                        hi = end_in(off, sw, W, Wo)
-                        if hi > lo:
-                            axpy(orow + lo, xrow + lo * sw + off, w[k, c, r, s], hi - lo, sw)
+                        if hi[s] > lo[s]:
+                            axpy(orow + lo[s], xrow + lo[s] * sw + s * dw - pl, w[k, c, r, s], hi[s] - lo[s], sw)
 
 
 def backward_input(const floating[:, :, :, ::1] gy, const floating[:, :, :, ::1] w,
@@ -65,9 +68,13 @@ def backward_input(const floating[:, :, :, ::1] gy, const floating[:, :, :, ::1]
     cdef Py_ssize_t N = gx.shape[0], C = gx.shape[1], H = gx.shape[2], W = gx.shape[3]
     cdef Py_ssize_t K = w.shape[0], Cg = w.shape[1], R = w.shape[2], S = w.shape[3]
     cdef Py_ssize_t Ho = gy.shape[2], Wo = gy.shape[3], Kg = K // groups
-    cdef Py_ssize_t t, n, k, kk, oh, c, ci, r, s, ih, off, lo, hi
+    cdef Py_ssize_t t, n, k, kk, oh, c, ci, r, s, ih
     cdef floating* gxrow
     cdef const floating* gyrow
+    cdef Py_ssize_t[::1] ranges = np.empty(2 * S, np.intp)
+    cdef Py_ssize_t* lo = &ranges[0]
+    cdef Py_ssize_t* hi = &ranges[S]
+    tap_ranges(lo, hi, S, dw, pl, sw, W, Wo)
     with nogil:
         for t in prange(N * C, num_threads=nt, schedule="static"):
             n = t // C
@@ -83,11 +90,9 @@ def backward_input(const floating[:, :, :, ::1] gy, const floating[:, :, :, ::1]
                             continue
                         gxrow = &gx[n, ci, ih, 0]
                         for s in range(S):
-                            off = s * dw - pl
-                            lo = first_in(off, sw)
-                            hi = end_in(off, sw, W, Wo)
-                            if hi > lo:
-                                axpy_scatter(gxrow + lo * sw + off, sw, gyrow + lo, w[k, c, r, s], hi - lo)
+                            if hi[s] > lo[s]:
+                                axpy_scatter(gxrow + lo[s] * sw + s * dw - pl, sw, gyrow + lo[s], w[k, c, r, s],
+                                             hi[s] - lo[s])
 
 
 def backward_weight(const floating[:, :, :, ::1] gy, const floating[:, :, :, ::1] x,
@@ -103,11 +108,15 @@ def backward_weight(const floating[:, :, :, ::1] gy, const floating[:, :, :, ::1
     cdef Py_ssize_t N = x.shape[0], H = x.shape[2], W = x.shape[3]
     cdef Py_ssize_t K = gw.shape[0], Cg = gw.shape[1], R = gw.shape[2], S = gw.shape[3]
     cdef Py_ssize_t Ho = gy.shape[2], Wo = gy.shape[3], Kg = K // groups
-    cdef Py_ssize_t t, n, k, oh, c, ci, r, s, ih, off, lo, hi, i
+    cdef Py_ssize_t t, n, k, oh, c, ci, r, s, ih, i
     cdef floating* acc = NULL
     cdef floating total
     cdef const floating* xrow
     cdef const floating* gyrow
+    cdef Py_ssize_t[::1] ranges = np.empty(2 * S, np.intp)
+    cdef Py_ssize_t* lo = &ranges[0]
+    cdef Py_ssize_t* hi = &ranges[S]
+    tap_ranges(lo, hi, S, dw, pl, sw, W, Wo)
     with nogil, parallel(num_threads=nt):
         acc = <floating*> malloc(R * S * Wo * sizeof(floating))
         for t in prange(K * Cg, schedule="static"):
@@ -127,12 +136,9 @@ def backward_weight(const floating[:, :, :, ::1] gy, const floating[:, :, :, ::1
                             continue
                         xrow = &x[n, ci, ih, 0]
                         for s in range(S):
-                            off = s * dw - pl
-                            lo = first_in(off, sw)
-                            hi = end_in(off, sw, W, Wo)
-                            if hi > lo:
-                                mul_acc(acc + (r * S + s) * Wo + lo, gyrow + lo, xrow + lo * sw + off,
-                                        hi - lo, sw)
+                            if hi[s] > lo[s]:
+                                mul_acc(acc + (r * S + s) * Wo + lo[s], gyrow + lo[s], xrow + lo[s] * sw + s * dw - pl,
+                                        hi[s] - lo[s], sw)
             for r in range(R):
                 for s in range(S):
                     total = 0

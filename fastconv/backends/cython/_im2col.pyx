@@ -23,7 +23,9 @@ from cython cimport floating
 from cython.parallel cimport parallel, prange, threadid
 from scipy.linalg.cython_blas cimport dgemm, sgemm
 
-from ._loops cimport end_in, fill, first_in
+import numpy as np
+
+from ._loops cimport fill, tap_ranges
 
 
 cdef void _gemm(bint ta, bint tb, Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, floating alpha,
@@ -43,8 +45,9 @@ cdef void _gemm(bint ta, bint tb, Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, floa
 cdef inline void _im2col_plane(const floating* xp, Py_ssize_t H, Py_ssize_t W, floating* col,
                                Py_ssize_t ld, Py_ssize_t R, Py_ssize_t S, Py_ssize_t Ho, Py_ssize_t Wo,
                                Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t pt, Py_ssize_t pl, Py_ssize_t dh,
-                               Py_ssize_t dw) noexcept nogil:
-    """Unfold one (H, W) input plane into R*S column rows ``col + (r*S + s) * ld``, P values each."""
+                               Py_ssize_t dw, const Py_ssize_t* los, const Py_ssize_t* his) noexcept nogil:
+    """Unfold one (H, W) input plane into R*S column rows ``col + (r*S + s) * ld``, P values each
+    (``los`` / ``his``: the per-tap column ranges from ``tap_ranges``)."""
     cdef Py_ssize_t r, s, oh, ow, ih, off, lo, hi
     cdef floating* seg
     cdef const floating* xrow
@@ -52,11 +55,8 @@ cdef inline void _im2col_plane(const floating* xp, Py_ssize_t H, Py_ssize_t W, f
         for s in range(S):
             seg = col + (r * S + s) * ld
             off = s * dw - pl
-            lo = first_in(off, sw)
-            hi = end_in(off, sw, W, Wo)
-            if hi <= lo:  # this tap never lands inside the image: all-zero row
-                lo = 0
-                hi = 0
+            lo = los[s]  # lo == hi (and the row all zero) when the tap never lands inside
+            hi = his[s]
             for oh in range(Ho):
                 ih = oh * sh - pt + r * dh
                 if ih < 0 or ih >= H:
@@ -76,7 +76,7 @@ cdef inline void _im2col_plane(const floating* xp, Py_ssize_t H, Py_ssize_t W, f
 cdef inline void _col2im_plane(const floating* col, Py_ssize_t ld, floating* gxp, Py_ssize_t H, Py_ssize_t W,
                                Py_ssize_t R, Py_ssize_t S, Py_ssize_t Ho, Py_ssize_t Wo,
                                Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t pt, Py_ssize_t pl, Py_ssize_t dh,
-                               Py_ssize_t dw) noexcept nogil:
+                               Py_ssize_t dw, const Py_ssize_t* los, const Py_ssize_t* his) noexcept nogil:
     """Add R*S column rows ``col + (r*S + s) * ld`` back into one (H, W) plane."""
     cdef Py_ssize_t r, s, oh, ow, ih, off, lo, hi
     cdef const floating* seg
@@ -85,8 +85,8 @@ cdef inline void _col2im_plane(const floating* col, Py_ssize_t ld, floating* gxp
         for s in range(S):
             seg = col + (r * S + s) * ld
             off = s * dw - pl
-            lo = first_in(off, sw)
-            hi = end_in(off, sw, W, Wo)
+            lo = los[s]
+            hi = his[s]
             if hi <= lo:
                 continue
             for oh in range(Ho):
@@ -104,24 +104,26 @@ cdef inline void _col2im_plane(const floating* col, Py_ssize_t ld, floating* gxp
 
 cdef void _im2col(const floating[:, :, :, ::1] x, Py_ssize_t n0, Py_ssize_t nb, floating* col,
                   Py_ssize_t R, Py_ssize_t S, Py_ssize_t Ho, Py_ssize_t Wo, Py_ssize_t sh, Py_ssize_t sw,
-                  Py_ssize_t pt, Py_ssize_t pl, Py_ssize_t dh, Py_ssize_t dw, int nt) noexcept nogil:
+                  Py_ssize_t pt, Py_ssize_t pl, Py_ssize_t dh, Py_ssize_t dw, const Py_ssize_t* los,
+                  const Py_ssize_t* his, int nt) noexcept nogil:
     """Fill ``col`` (C*R*S, nb*P) from images n0 .. n0+nb-1, one (image, channel) plane per unit."""
     cdef Py_ssize_t C = x.shape[1], P = Ho * Wo, t
     for t in prange(nb * C, num_threads=nt, schedule="static"):
         _im2col_plane(&x[n0 + t // C, t % C, 0, 0], x.shape[2], x.shape[3],
                       col + (t % C) * R * S * nb * P + (t // C) * P, nb * P,
-                      R, S, Ho, Wo, sh, sw, pt, pl, dh, dw)
+                      R, S, Ho, Wo, sh, sw, pt, pl, dh, dw, los, his)
 
 
 cdef void _col2im(const floating* col, floating[:, :, :, ::1] gx, Py_ssize_t n0, Py_ssize_t nb,
                   Py_ssize_t R, Py_ssize_t S, Py_ssize_t Ho, Py_ssize_t Wo, Py_ssize_t sh, Py_ssize_t sw,
-                  Py_ssize_t pt, Py_ssize_t pl, Py_ssize_t dh, Py_ssize_t dw, int nt) noexcept nogil:
+                  Py_ssize_t pt, Py_ssize_t pl, Py_ssize_t dh, Py_ssize_t dw, const Py_ssize_t* los,
+                  const Py_ssize_t* his, int nt) noexcept nogil:
     """Add ``col`` (C*R*S, nb*P) back into images n0 .. n0+nb-1 of ``gx`` (one plane per unit)."""
     cdef Py_ssize_t C = gx.shape[1], P = Ho * Wo, t
     for t in prange(nb * C, num_threads=nt, schedule="static"):
         _col2im_plane(col + (t % C) * R * S * nb * P + (t // C) * P, nb * P,
                       &gx[n0 + t // C, t % C, 0, 0], gx.shape[2], gx.shape[3],
-                      R, S, Ho, Wo, sh, sw, pt, pl, dh, dw)
+                      R, S, Ho, Wo, sh, sw, pt, pl, dh, dw, los, his)
 
 
 cdef void _to_kmajor(const floating[:, :, :, ::1] a, Py_ssize_t n0, Py_ssize_t nb, floating* t_,
@@ -138,6 +140,14 @@ cdef void _to_kmajor(const floating[:, :, :, ::1] a, Py_ssize_t n0, Py_ssize_t n
             t_[(k * nb + b) * P + p] = src[p]
 
 
+cdef Py_ssize_t[::1] _tap_ranges(Py_ssize_t S, Py_ssize_t dw, Py_ssize_t pl, Py_ssize_t sw, Py_ssize_t W,
+                                 Py_ssize_t Wo):
+    """(lo[0..S), hi[0..S)) of ``tap_ranges`` in one array."""
+    cdef Py_ssize_t[::1] ranges = np.empty(2 * S, np.intp)
+    tap_ranges(&ranges[0], &ranges[S], S, dw, pl, sw, W, Wo)
+    return ranges
+
+
 def forward(const floating[:, :, :, ::1] x, const floating[:, ::1] w2, const floating[::1] bias,
             floating[:, :, :, ::1] out, floating[::1] col, floating[::1] tmp, Py_ssize_t n0, Py_ssize_t nb,
             Py_ssize_t R, Py_ssize_t S, Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t pt, Py_ssize_t pl,
@@ -147,8 +157,11 @@ def forward(const floating[:, :, :, ::1] x, const floating[:, ::1] w2, const flo
     cdef Py_ssize_t Kg = K // groups, CRSg = w2.shape[1], g, u, b, k, p
     cdef floating* dst
     cdef floating bk
+    cdef Py_ssize_t[::1] ranges = _tap_ranges(S, dw, pl, sw, x.shape[3], out.shape[3])
+    cdef const Py_ssize_t* los = &ranges[0]
+    cdef const Py_ssize_t* his = &ranges[S]
     with nogil:
-        _im2col(x, n0, nb, &col[0], R, S, Ho, Wo, sh, sw, pt, pl, dh, dw, nt)
+        _im2col(x, n0, nb, &col[0], R, S, Ho, Wo, sh, sw, pt, pl, dh, dw, los, his, nt)
         for g in range(groups):
             _gemm(False, False, Kg, nb * P, CRSg, <floating> 1, &w2[g * Kg, 0], CRSg,
                   &col[g * CRSg * nb * P], nb * P, <floating> 0, &tmp[g * Kg * nb * P], nb * P)
@@ -168,12 +181,15 @@ def backward_input(const floating[:, :, :, ::1] gy, const floating[:, ::1] w2, f
     """Input gradient of images n0 .. n0+nb-1 (``gx`` zero there on entry)."""
     cdef Py_ssize_t K = gy.shape[1], Ho = gy.shape[2], Wo = gy.shape[3], P = Ho * Wo
     cdef Py_ssize_t Kg = K // groups, CRSg = w2.shape[1], g
+    cdef Py_ssize_t[::1] ranges = _tap_ranges(S, dw, pl, sw, gx.shape[3], gy.shape[3])
+    cdef const Py_ssize_t* los = &ranges[0]
+    cdef const Py_ssize_t* his = &ranges[S]
     with nogil:
         _to_kmajor(gy, n0, nb, &tmp[0], nt)
         for g in range(groups):
             _gemm(True, False, CRSg, nb * P, Kg, <floating> 1, &w2[g * Kg, 0], CRSg,
                   &tmp[g * Kg * nb * P], nb * P, <floating> 0, &col[g * CRSg * nb * P], nb * P)
-        _col2im(&col[0], gx, n0, nb, R, S, Ho, Wo, sh, sw, pt, pl, dh, dw, nt)
+        _col2im(&col[0], gx, n0, nb, R, S, Ho, Wo, sh, sw, pt, pl, dh, dw, los, his, nt)
 
 
 def backward_weight(const floating[:, :, :, ::1] gy, const floating[:, :, :, ::1] x, floating[:, ::1] gw2,
@@ -183,8 +199,11 @@ def backward_weight(const floating[:, :, :, ::1] gy, const floating[:, :, :, ::1
     """Add the weight gradient of images n0 .. n0+nb-1 into ``gw2`` (K, Cg*R*S)."""
     cdef Py_ssize_t K = gy.shape[1], Ho = gy.shape[2], Wo = gy.shape[3], P = Ho * Wo
     cdef Py_ssize_t Kg = K // groups, CRSg = gw2.shape[1], g
+    cdef Py_ssize_t[::1] ranges = _tap_ranges(S, dw, pl, sw, x.shape[3], gy.shape[3])
+    cdef const Py_ssize_t* los = &ranges[0]
+    cdef const Py_ssize_t* his = &ranges[S]
     with nogil:
-        _im2col(x, n0, nb, &col[0], R, S, Ho, Wo, sh, sw, pt, pl, dh, dw, nt)
+        _im2col(x, n0, nb, &col[0], R, S, Ho, Wo, sh, sw, pt, pl, dh, dw, los, his, nt)
         _to_kmajor(gy, n0, nb, &tmp[0], nt)
         for g in range(groups):
             _gemm(False, True, Kg, CRSg, nb * P, <floating> 1, &tmp[g * Kg * nb * P], nb * P,
@@ -255,12 +274,15 @@ def forward_per_image(const floating[:, :, :, ::1] x, const floating[:, ::1] w2,
     cdef Py_ssize_t Kg = K // groups, CRSg = w2.shape[1], n, c, k, g
     cdef floating* col = NULL
     cdef int nt = <int> cols.shape[0]
+    cdef Py_ssize_t[::1] ranges = _tap_ranges(S, dw, pl, sw, x.shape[3], out.shape[3])
+    cdef const Py_ssize_t* los = &ranges[0]
+    cdef const Py_ssize_t* his = &ranges[S]
     with nogil, parallel(num_threads=nt):
         col = &cols[threadid(), 0]
         for n in prange(N, schedule="static"):
             for c in range(C):
                 _im2col_plane(&x[n, c, 0, 0], x.shape[2], x.shape[3], col + c * R * S * P, P,
-                              R, S, out.shape[2], out.shape[3], sh, sw, pt, pl, dh, dw)
+                              R, S, out.shape[2], out.shape[3], sh, sw, pt, pl, dh, dw, los, his)
             for k in range(K):
                 fill(&out[n, k, 0, 0], bias[k], P)
             for g in range(groups):
@@ -277,6 +299,9 @@ def backward_input_per_image(const floating[:, :, :, ::1] gy, const floating[:, 
     cdef Py_ssize_t Kg = K // groups, CRSg = w2.shape[1], n, c, g
     cdef floating* col = NULL
     cdef int nt = <int> cols.shape[0]
+    cdef Py_ssize_t[::1] ranges = _tap_ranges(S, dw, pl, sw, gx.shape[3], gy.shape[3])
+    cdef const Py_ssize_t* los = &ranges[0]
+    cdef const Py_ssize_t* his = &ranges[S]
     with nogil, parallel(num_threads=nt):
         col = &cols[threadid(), 0]
         for n in prange(N, schedule="static"):
@@ -285,7 +310,7 @@ def backward_input_per_image(const floating[:, :, :, ::1] gy, const floating[:, 
                       <floating> 0, col + g * CRSg * P, P)
             for c in range(C):
                 _col2im_plane(col + c * R * S * P, P, &gx[n, c, 0, 0], gx.shape[2], gx.shape[3],
-                              R, S, gy.shape[2], gy.shape[3], sh, sw, pt, pl, dh, dw)
+                              R, S, gy.shape[2], gy.shape[3], sh, sw, pt, pl, dh, dw, los, his)
 
 
 def backward_weight_per_image(const floating[:, :, :, ::1] gy, const floating[:, :, :, ::1] x,
@@ -298,13 +323,16 @@ def backward_weight_per_image(const floating[:, :, :, ::1] gy, const floating[:,
     cdef floating* col = NULL
     cdef floating* gw = NULL
     cdef int nt = <int> cols.shape[0]
+    cdef Py_ssize_t[::1] ranges = _tap_ranges(S, dw, pl, sw, x.shape[3], gy.shape[3])
+    cdef const Py_ssize_t* los = &ranges[0]
+    cdef const Py_ssize_t* his = &ranges[S]
     with nogil, parallel(num_threads=nt):
         col = &cols[threadid(), 0]
         gw = &partial[threadid(), 0, 0]
         for n in prange(N, schedule="static"):
             for c in range(C):
                 _im2col_plane(&x[n, c, 0, 0], x.shape[2], x.shape[3], col + c * R * S * P, P,
-                              R, S, gy.shape[2], gy.shape[3], sh, sw, pt, pl, dh, dw)
+                              R, S, gy.shape[2], gy.shape[3], sh, sw, pt, pl, dh, dw, los, his)
             for g in range(groups):
                 _gemm(False, True, Kg, CRSg, P, <floating> 1, &gy[n, g * Kg, 0, 0], P, col + g * CRSg * P, P,
                       <floating> 1, gw + g * Kg * CRSg, CRSg)

@@ -68,3 +68,17 @@ cdef inline void fill(floating* y, floating v, Py_ssize_t n) noexcept nogil:
     cdef Py_ssize_t i
     for i in range(n):
         y[i] = v
+
+
+cdef inline void tap_ranges(Py_ssize_t* lo, Py_ssize_t* hi, Py_ssize_t taps, Py_ssize_t dil, Py_ssize_t pad,
+                            Py_ssize_t stride, Py_ssize_t size, Py_ssize_t n_out) noexcept nogil:
+    """For every kernel tap ``s < taps`` (input offset ``s*dil - pad``), the output range
+    ``[lo[s], hi[s])`` whose input index lies in ``[0, size)``; ``lo <= hi <= n_out``.
+
+    Computed once per call, so the kernels' inner loops carry no divisions.
+    """
+    cdef Py_ssize_t s, off
+    for s in range(taps):
+        off = s * dil - pad
+        lo[s] = min(first_in(off, stride), n_out)
+        hi[s] = max(end_in(off, stride, size, n_out), lo[s])

@@ -16,7 +16,9 @@ from libc.math cimport INFINITY
 from libc.stdint cimport int64_t
 from libc.stdlib cimport free, malloc
 
-from ._loops cimport axpy_scatter, end_in, first_in
+import numpy as np
+
+from ._loops cimport axpy_scatter, tap_ranges
 
 
 cdef inline Py_ssize_t _first_on_grid(Py_ssize_t start, Py_ssize_t dil) noexcept nogil:
@@ -28,14 +30,28 @@ cdef inline Py_ssize_t _first_on_grid(Py_ssize_t start, Py_ssize_t dil) noexcept
 
 cdef inline void _max_update(floating* best, int64_t* where, const floating* xrow, Py_ssize_t lo,
                              Py_ssize_t hi, Py_ssize_t sw, Py_ssize_t off, Py_ssize_t rowbase) noexcept nogil:
+    """One window tap for output columns lo .. hi-1: take ``v`` if ``v > best or v != v``.
+
+    Written branch-free (selects, not jumps) so the compiler can vectorise it.
+    """
     cdef Py_ssize_t o, iw
-    cdef floating v
-    for o in range(lo, hi):
-        iw = o * sw + off
-        v = xrow[iw]
-        if v > best[o] or v != v:
-            best[o] = v
-            where[o] = rowbase + iw
+    cdef floating v, b
+    cdef bint take
+    if sw == 1:
+        for o in range(lo, hi):
+            v = xrow[o + off]
+            b = best[o]
+            take = (v > b) | (v != v)
+            best[o] = v if take else b
+            where[o] = (rowbase + o + off) if take else where[o]
+    else:
+        for o in range(lo, hi):
+            iw = o * sw + off
+            v = xrow[iw]
+            b = best[o]
+            take = (v > b) | (v != v)
+            best[o] = v if take else b
+            where[o] = (rowbase + iw) if take else where[o]
 
 
 def max_forward(const floating[:, :, :, ::1] x, floating[:, :, :, ::1] out, int64_t[:, :, :, ::1] idx,
@@ -44,9 +60,16 @@ def max_forward(const floating[:, :, :, ::1] x, floating[:, :, :, ::1] out, int6
     """Max pooling with PyTorch's int64 flat indices into each (H, W) plane."""
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3]
     cdef Py_ssize_t Ho = out.shape[2], Wo = out.shape[3]
-    cdef Py_ssize_t t, n, c, oh, ow, i, j, ih, hstart, h0, off
+    cdef Py_ssize_t t, n, c, oh, ow, i, j, ih, hstart, h0
     cdef floating* orow
     cdef int64_t* irow
+    cdef Py_ssize_t[::1] ranges = np.empty(2 * kw + Wo, np.intp)
+    cdef Py_ssize_t* lo = &ranges[0]
+    cdef Py_ssize_t* hi = &ranges[kw]
+    cdef Py_ssize_t* w0 = &ranges[2 * kw]  # first in-range column of each window
+    tap_ranges(lo, hi, kw, dw, pw, sw, W, Wo)
+    for ow in range(Wo):
+        w0[ow] = _first_on_grid(ow * sw - pw, dw)
     with nogil:
         for t in prange(N * C * Ho, num_threads=nt, schedule="static"):
             oh = t % Ho
@@ -58,15 +81,13 @@ def max_forward(const floating[:, :, :, ::1] x, floating[:, :, :, ::1] out, int6
             h0 = _first_on_grid(hstart, dh)
             for ow in range(Wo):
                 orow[ow] = -INFINITY
-                irow[ow] = h0 * W + _first_on_grid(ow * sw - pw, dw)
+                irow[ow] = h0 * W + w0[ow]
             for i in range(kh):
                 ih = hstart + i * dh
                 if ih < 0 or ih >= H:
                     continue
                 for j in range(kw):
-                    off = j * dw - pw
-                    _max_update(orow, irow, &x[n, c, ih, 0], first_in(off, sw), end_in(off, sw, W, Wo),
-                                sw, off, ih * W)
+                    _max_update(orow, irow, &x[n, c, ih, 0], lo[j], hi[j], sw, j * dw - pw, ih * W)
 
 
 def max_backward(const floating[:, :, :, ::1] gy, const int64_t[:, :, :, ::1] idx,
@@ -111,9 +132,13 @@ def avg_forward(const floating[:, :, :, ::1] x, floating[:, :, :, ::1] out,
     """Average pooling with PyTorch's divisor rule (0 where the divisor is 0)."""
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3]
     cdef Py_ssize_t Ho = out.shape[2], Wo = out.shape[3]
-    cdef Py_ssize_t t, n, c, oh, ow, ih, j, off, lo, hi, div, hstart
+    cdef Py_ssize_t t, n, c, oh, ow, ih, j, off, div, hstart
     cdef floating* orow
     cdef const floating* xrow
+    cdef Py_ssize_t[::1] ranges = np.empty(2 * kw, np.intp)
+    cdef Py_ssize_t* lo = &ranges[0]
+    cdef Py_ssize_t* hi = &ranges[kw]
+    tap_ranges(lo, hi, kw, 1, pw, sw, W, Wo)
     with nogil:
         for t in prange(N * C * Ho, num_threads=nt, schedule="static"):
             oh = t % Ho
@@ -127,9 +152,7 @@ def avg_forward(const floating[:, :, :, ::1] x, floating[:, :, :, ::1] out,
                 xrow = &x[n, c, ih, 0]
                 for j in range(kw):
                     off = j - pw
-                    lo = first_in(off, sw)
-                    hi = end_in(off, sw, W, Wo)
-                    for ow in range(lo, hi):
+                    for ow in range(lo[j], hi[j]):
                         orow[ow] += xrow[ow * sw + off]
             for ow in range(Wo):
                 div = _avg_divisor(oh, ow, H, W, kh, kw, sh, sw, ph, pw, count_include_pad)
@@ -142,9 +165,13 @@ def avg_backward(const floating[:, :, :, ::1] gy, floating[:, :, :, ::1] gx,
     """Spread gy[n, c, oh, ow] / divisor over its window; ``gx`` must be zero on entry."""
     cdef Py_ssize_t N = gx.shape[0], C = gx.shape[1], H = gx.shape[2], W = gx.shape[3]
     cdef Py_ssize_t Ho = gy.shape[2], Wo = gy.shape[3]
-    cdef Py_ssize_t t, n, c, oh, ow, ih, j, off, lo, hi, div, hstart
+    cdef Py_ssize_t t, n, c, oh, ow, ih, j, div, hstart
     cdef floating* scaled = NULL
     cdef const floating* gyrow
+    cdef Py_ssize_t[::1] ranges = np.empty(2 * kw, np.intp)
+    cdef Py_ssize_t* lo = &ranges[0]
+    cdef Py_ssize_t* hi = &ranges[kw]
+    tap_ranges(lo, hi, kw, 1, pw, sw, W, Wo)
     with nogil, parallel(num_threads=nt):
         scaled = <floating*> malloc(Wo * sizeof(floating))
         for t in prange(N * C, schedule="static"):
@@ -161,9 +188,6 @@ def avg_backward(const floating[:, :, :, ::1] gy, floating[:, :, :, ::1] gx,
                 hstart = oh * sh - ph
                 for ih in range(max(hstart, 0), min(hstart + kh, H)):
                     for j in range(kw):
-                        off = j - pw
-                        lo = first_in(off, sw)
-                        hi = end_in(off, sw, W, Wo)
-                        if hi > lo:
-                            axpy_scatter(&gx[n, c, ih, lo * sw + off], sw, scaled + lo, 1, hi - lo)
+                        if hi[j] > lo[j]:
+                            axpy_scatter(&gx[n, c, ih, lo[j] * sw + j - pw], sw, scaled + lo[j], 1, hi[j] - lo[j])
         free(scaled)
