@@ -67,8 +67,11 @@ def choice(value: Any, options: Sequence[str], func: str, name: str) -> str:
 
 def is_device_array(a: Any) -> bool:
     """True for GPU arrays (numba device arrays, CuPy, ...): anything exposing
-    ``__cuda_array_interface__`` that is not a NumPy array."""
-    return hasattr(a, "__cuda_array_interface__") and not isinstance(a, np.ndarray)
+    ``__cuda_array_interface__`` (or, in numba's CUDA simulator, ``__cuda_ndarray__``)
+    that is not a NumPy array."""
+    if isinstance(a, np.ndarray):
+        return False
+    return hasattr(a, "__cuda_array_interface__") or bool(getattr(a, "__cuda_ndarray__", False))
 
 
 def _dtype_of(a: Any, func: str, name: str) -> np.dtype:
@@ -253,7 +256,11 @@ def _batched(a: Any, func: str, name: str) -> tuple[Any, bool]:
     if len(shape) == 4:
         return a, True
     if len(shape) == 3:
-        return a.reshape((1,) + shape), False
+        try:
+            return a.reshape((1,) + shape), False
+        except (NotImplementedError, TypeError, ValueError):  # a non-contiguous device array
+            raise ValueError(f"{func}(): unbatched device array {name} of shape {shape} is not contiguous; "
+                             "make it contiguous or pass a 4-D batch") from None
     raise ValueError(f"{func}(): {name} must be 4-D (N, C, H, W) or 3-D (C, H, W), got shape {shape}")
 
 
@@ -325,7 +332,7 @@ def conv2d_backward_args(func: str, grad_out, x, weight, stride, padding, dilati
     if _shape(grad_out) != expected:
         raise ValueError(f"{func}(): grad_out must have the output shape {expected} (input shape {_shape(x)}, "
                          f"weight shape {g.weight_shape}), got {_shape(grad_out)}")
-    go4 = grad_out if batched else grad_out.reshape((1,) + _shape(grad_out))
+    go4 = grad_out if batched else _batched(grad_out, func, "grad_out")[0]
     arrays = (as_compute(go4, dtype), as_compute(x4, dtype), as_compute(weight, dtype))
     return Prepared(arrays, g, batched, any(is_device_array(a) for a in arrays))
 
@@ -370,7 +377,7 @@ def _grad_out4(func: str, grad_out, g: PoolGeometry, batched: bool, input_desc: 
     if _shape(grad_out) != expected:
         raise ValueError(f"{func}(): grad_out must have the pooled shape {expected} ({input_desc}), "
                          f"got {_shape(grad_out)}")
-    return grad_out if batched else grad_out.reshape((1,) + _shape(grad_out))
+    return grad_out if batched else _batched(grad_out, func, "grad_out")[0]
 
 
 def max_pool2d_backward_args(func: str, grad_out, x, kernel_size, stride, padding, dilation, ceil_mode,
@@ -390,7 +397,7 @@ def max_pool2d_backward_args(func: str, grad_out, x, kernel_size, stride, paddin
         if _shape(indices) != _shape(grad_out):
             raise ValueError(f"{func}(): indices must have the shape of grad_out {_shape(grad_out)}, "
                              f"got {_shape(indices)}")
-        idx4 = indices if batched else indices.reshape((1,) + _shape(indices))
+        idx4 = indices if batched else _batched(indices, func, "indices")[0]
         if not is_device_array(idx4):
             idx4 = np.ascontiguousarray(idx4, dtype=np.int64)
             if idx4.size and (idx4.min() < 0 or idx4.max() >= g.h * g.w):

@@ -26,8 +26,14 @@ def _unbatch(a: Any, batched: bool) -> Any:
     return a if batched else a[0]
 
 
-def _empty(shape: tuple[int, ...], dtype: np.dtype, fill: float = 0.0) -> np.ndarray:
-    return np.full(shape, fill, dtype=dtype)
+def _empty(shape: tuple[int, ...], dtype: np.dtype, on_device: bool = False) -> Any:
+    """Zeros for an empty batch's result; a device array when the inputs were."""
+    out = np.zeros(shape, dtype=dtype)
+    if on_device:
+        from numba import cuda
+
+        return cuda.to_device(out)
+    return out
 
 
 def conv2d(x: ArrayLike, weight: ArrayLike, bias: ArrayLike | None = None, stride: IntOrPair = 1,
@@ -66,10 +72,7 @@ def conv2d(x: ArrayLike, weight: ArrayLike, bias: ArrayLike | None = None, strid
     xc, w, b = a.arrays
     g = a.geometry
     if g.n == 0:
-        out = _empty(g.output_shape, g.dtype)
-        if b is not None:
-            out += b[None, :, None, None]
-        return _unbatch(out, a.batched)
+        return _unbatch(_empty(g.output_shape, g.dtype, a.on_device), a.batched)
     impl, algo = _dispatch.select_conv("conv2d", g, "conv2d", backend, algorithm, on_device=a.on_device)
     return _unbatch(impl.conv2d(xc, w, b, g, algo), a.batched)
 
@@ -101,9 +104,9 @@ def conv2d_backward(grad_out: ArrayLike, x: ArrayLike, weight: ArrayLike, stride
     g = a.geometry
     if g.n == 0:
         return Conv2dGrads(
-            _unbatch(_empty(g.input_shape, g.dtype), a.batched) if need_input else None,
-            _empty(g.weight_shape, g.dtype) if need_weight else None,
-            _empty((g.k,), g.dtype) if need_bias else None,
+            _unbatch(_empty(g.input_shape, g.dtype, a.on_device), a.batched) if need_input else None,
+            _empty(g.weight_shape, g.dtype, a.on_device) if need_weight else None,
+            _empty((g.k,), g.dtype, a.on_device) if need_bias else None,
         )
     grad_input = grad_weight = grad_bias = None
     if need_input:
@@ -149,7 +152,7 @@ def max_pool2d(x: ArrayLike, kernel_size: IntOrPair, stride: IntOrPair | None = 
     a = _args.pool_args("max_pool2d", x, kernel_size, stride, padding, dilation, ceil_mode)
     p = a.geometry
     if p.n == 0:
-        out, idx = _empty(p.output_shape, p.dtype), np.zeros(p.output_shape, dtype=np.int64)
+        out, idx = _empty(p.output_shape, p.dtype, a.on_device), _empty(p.output_shape, np.int64, a.on_device)
     else:
         impl = _dispatch.resolve(backend, "max_pool2d", on_device=a.on_device)
         out, idx = impl.max_pool2d(a.arrays[0], p)
@@ -181,7 +184,7 @@ def max_pool2d_backward(grad_out: ArrayLike, x: ArrayLike, kernel_size: IntOrPai
     gy, xc, idx = a.arrays
     p = a.geometry
     if p.n == 0:
-        return _unbatch(_empty(p.input_shape, p.dtype), a.batched)
+        return _unbatch(_empty(p.input_shape, p.dtype, a.on_device), a.batched)
     impl = _dispatch.resolve(backend, "max_pool2d_backward", on_device=a.on_device)
     if idx is None:
         _, idx = impl.max_pool2d(xc, p)
@@ -210,7 +213,7 @@ def avg_pool2d(x: ArrayLike, kernel_size: IntOrPair, stride: IntOrPair | None = 
     a = _args.pool_args("avg_pool2d", x, kernel_size, stride, padding, 1, ceil_mode, count_include_pad)
     p = a.geometry
     if p.n == 0:
-        return _unbatch(_empty(p.output_shape, p.dtype), a.batched)
+        return _unbatch(_empty(p.output_shape, p.dtype, a.on_device), a.batched)
     impl = _dispatch.resolve(backend, "avg_pool2d", on_device=a.on_device)
     return _unbatch(impl.avg_pool2d(a.arrays[0], p), a.batched)
 
@@ -237,7 +240,7 @@ def avg_pool2d_backward(grad_out: ArrayLike, input_shape: Sequence[int], kernel_
                                        padding, ceil_mode, count_include_pad)
     p = a.geometry
     if p.n == 0:
-        return _unbatch(_empty(p.input_shape, p.dtype), a.batched)
+        return _unbatch(_empty(p.input_shape, p.dtype, a.on_device), a.batched)
     impl = _dispatch.resolve(backend, "avg_pool2d_backward", on_device=a.on_device)
     return _unbatch(impl.avg_pool2d_backward(a.arrays[0], p), a.batched)
 

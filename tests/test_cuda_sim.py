@@ -413,9 +413,7 @@ if CUDA["available"]:
         """fastconv.conv2d / max_pool2d with device arrays return device arrays."""
         x, weight, bias, kw = _conv_data(CONV_CONFIGS[1], np.float32)
         dx, dw, db = (cuda.to_device(a) for a in (x, weight, bias))
-        if not fastconv._args.is_device_array(dx):
-            pytest.xfail("fastconv._args.is_device_array() does not recognise numba simulator arrays "
-                         "(they have __cuda_ndarray__ but no __cuda_array_interface__): lead to fix")
+        assert fastconv._args.is_device_array(dx)
         out = fastconv.conv2d(dx, dw, db, **kw, backend="cuda")
         assert _on_device(out)
         assert_close(out.copy_to_host(), fastconv.conv2d(x, weight, bias, **kw, backend="reference"), np.float32)
@@ -423,6 +421,8 @@ if CUDA["available"]:
         assert _on_device(unbatched) and unbatched.shape == out.shape[1:]
         pooled, idx = fastconv.max_pool2d(out, 2, return_indices=True)
         assert _on_device(pooled) and _on_device(idx)
+        empty = fastconv.conv2d(cuda.to_device(x[:0]), dw, db, **kw, backend="cuda")
+        assert _on_device(empty) and empty.shape == (0,) + out.shape[1:]
 
     def test_info_reports_simulator():
         info = fastconv.available_backends()["cuda"]
