@@ -29,7 +29,7 @@ _SERIAL = dict(cache=True, nogil=True)
 _SERIAL_MATH = dict(cache=True, nogil=True, fastmath={"contract", "reassoc"})
 
 
-@njit(**_SERIAL)
+@njit(inline="always", **_SERIAL)
 def _span(offset: int, stride: int, size: int, out: int) -> tuple[int, int]:
     """Output positions ``lo <= o < hi`` (within ``[0, out)``) with
     ``0 <= o * stride + offset < size``."""
@@ -40,10 +40,11 @@ def _span(offset: int, stride: int, size: int, out: int) -> tuple[int, int]:
     return lo, max(lo, hi)
 
 
-# The inner loops below index with unsigned integers: numba wraps negative signed indices
-# around (Python semantics), and that per-element branch blocks vectorisation.  Every
-# caller guarantees non-negative starts (the ranges come from _span).  LLVM versions the
-# loops on the runtime steps, so step 1 runs as vector code.
+# The conv kernels address flat (1-D) views of their C-contiguous arrays with explicit,
+# non-negative offsets, and the inner loops below index with unsigned integers: numba
+# wraps negative signed indices around (Python semantics), and that per-element branch,
+# like creating a view per short row segment, costs more than the arithmetic.  LLVM
+# versions the loops on the runtime steps, so step 1 runs as vector code.
 @njit(inline="always", **_SERIAL_MATH)
 def _axpy(dst, d0, dstep, src, s0, sstep, a, n):
     """dst[d0 + q*dstep] += a * src[s0 + q*sstep] for q < n."""
@@ -70,6 +71,14 @@ def _copy(dst, d0, src, s0, sstep, n):
         dst[d + q] = src[s + q * ss]
 
 
+@njit(inline="always", **_SERIAL)
+def _fill(dst, d0, n, value):
+    """dst[d0:d0 + n] = value."""
+    d = np.uint64(d0)
+    for q in range(np.uint64(n)):
+        dst[d + q] = value
+
+
 # --------------------------------------------------------------------------- direct conv
 @njit(**_CONV)
 def conv2d_direct(x, w, bias, out, sh, sw, top, left, dh, dw, groups):
@@ -78,28 +87,29 @@ def conv2d_direct(x, w, bias, out, sh, sw, top, left, dh, dw, groups):
     One work item per output row (n, k, oh), so a single large image (N = C = K = 1,
     as in correlate2d) still runs on every thread.
     """
-    n, _, h, wd = x.shape
+    n, c, h, wd = x.shape
     k, cpg, nr, ns = w.shape
     ho, wo = out.shape[2], out.shape[3]
     kpg = k // groups
+    xf, of, wf = x.reshape(x.size), out.reshape(out.size), w.reshape(w.size)
     for t in prange(n * k * ho):
         i = t // (k * ho)
         kk = (t // ho) % k
         oh = t % ho
-        row = out[i, kk, oh]
-        row[:] = bias[kk]
+        o0 = t * wo
+        _fill(of, o0, wo, bias[kk])
         c0 = (kk // kpg) * cpg
         for cc in range(cpg):
             for r in range(nr):
                 ih = oh * sh - top + r * dh
                 if ih < 0 or ih >= h:
                     continue
-                xrow = x[i, c0 + cc, ih]
+                x0 = ((i * c + c0 + cc) * h + ih) * wd
+                w0 = ((kk * cpg + cc) * nr + r) * ns
                 for s in range(ns):
-                    wv = w[kk, cc, r, s]
                     off = s * dw - left
                     lo, hi = _span(off, sw, wd, wo)
-                    _axpy(row, lo, 1, xrow, lo * sw + off, sw, wv, hi - lo)
+                    _axpy(of, o0 + lo, 1, xf, x0 + lo * sw + off, sw, wf[w0 + s], hi - lo)
 
 
 @njit(**_CONV)
@@ -113,12 +123,13 @@ def conv2d_backward_input_direct(gy, w, gx, sh, sw, top, left, dh, dw, groups):
     k, cpg, nr, ns = w.shape
     ho, wo = gy.shape[2], gy.shape[3]
     kpg = k // groups
+    yf, xf, wf = gy.reshape(gy.size), gx.reshape(gx.size), w.reshape(w.size)
     for t in prange(n * c * h):
         i = t // (c * h)
         ca = (t // h) % c
         ih = t % h
-        row = gx[i, ca, ih]
-        row[:] = 0
+        x0 = t * wd
+        _fill(xf, x0, wd, xf.dtype.type(0))
         cl = ca % cpg
         k0 = (ca // cpg) * kpg
         for r in range(nr):
@@ -129,12 +140,12 @@ def conv2d_backward_input_direct(gy, w, gx, sh, sw, top, left, dh, dw, groups):
             if oh >= ho:
                 continue
             for kk in range(k0, k0 + kpg):
-                grow = gy[i, kk, oh]
+                y0 = ((i * k + kk) * ho + oh) * wo
+                w0 = ((kk * cpg + cl) * nr + r) * ns
                 for s in range(ns):
-                    wv = w[kk, cl, r, s]
                     off = s * dw - left
                     lo, hi = _span(off, sw, wd, wo)
-                    _axpy(row, lo * sw + off, sw, grow, lo, 1, wv, hi - lo)
+                    _axpy(xf, x0 + lo * sw + off, sw, yf, y0 + lo, 1, wf[w0 + s], hi - lo)
 
 
 @njit(**_CONV)
@@ -145,11 +156,12 @@ def conv2d_backward_weight_direct(gy, x, gw, sh, sw, top, left, dh, dw, groups):
     summed in the compute dtype and added to a float64 accumulator, so long sums
     over the batch stay accurate in float32.
     """
-    n, _, h, wd = x.shape
+    n, c, h, wd = x.shape
     k, cpg, nr, ns = gw.shape
     ho, wo = gy.shape[2], gy.shape[3]
     kpg = k // groups
     zero = gw.dtype.type(0)
+    yf, xf = gy.reshape(gy.size), x.reshape(x.size)
     for t in prange(k * cpg):
         kk = t // cpg
         cl = t % cpg
@@ -157,16 +169,16 @@ def conv2d_backward_weight_direct(gy, x, gw, sh, sw, top, left, dh, dw, groups):
         acc = np.zeros((nr, ns), np.float64)
         for i in range(n):
             for oh in range(ho):
-                grow = gy[i, kk, oh]
+                y0 = ((i * k + kk) * ho + oh) * wo
                 for r in range(nr):
                     ih = oh * sh - top + r * dh
                     if ih < 0 or ih >= h:
                         continue
-                    xrow = x[i, ca, ih]
+                    x0 = ((i * c + ca) * h + ih) * wd
                     for s in range(ns):
                         off = s * dw - left
                         lo, hi = _span(off, sw, wd, wo)
-                        acc[r, s] += _dot(grow, lo, xrow, lo * sw + off, sw, hi - lo, zero)
+                        acc[r, s] += _dot(yf, y0 + lo, xf, x0 + lo * sw + off, sw, hi - lo, zero)
         for r in range(nr):
             for s in range(ns):
                 gw[kk, cl, r, s] = acc[r, s]
@@ -196,27 +208,27 @@ def im2col(x, n0, cols, nr, ns, sh, sw, top, left, dh, dw, ho, wo):
     A pure copy, so no fastmath is needed.
     """
     _, c, h, wd = x.shape
-    nb = cols.shape[1] // (ho * wo)
     ll = ho * wo
+    nb = cols.shape[1] // ll
+    xf, cf = x.reshape(x.size), cols.reshape(cols.size)
+    zero = cf.dtype.type(0)
     for t in prange(c * nr * ns * nb):
         row = t // nb
         j = t % nb
         ca = row // (nr * ns)
         r = (row // ns) % nr
         s = row % ns
-        dst = cols[row, j * ll:(j + 1) * ll]
-        src = x[n0 + j, ca]
         off = s * dw - left
         lo, hi = _span(off, sw, wd, wo)
         for oh in range(ho):
-            base = oh * wo
+            d0 = t * ll + oh * wo  # == row * nb*L + j*L + oh*wo
             ih = oh * sh - top + r * dh
             if ih < 0 or ih >= h:
-                dst[base:base + wo] = 0
+                _fill(cf, d0, wo, zero)
                 continue
-            dst[base:base + lo] = 0
-            _copy(dst, base + lo, src[ih], lo * sw + off, sw, hi - lo)
-            dst[base + hi:base + wo] = 0
+            _fill(cf, d0, lo, zero)
+            _copy(cf, d0 + lo, xf, (((n0 + j) * c + ca) * h + ih) * wd + lo * sw + off, sw, hi - lo)
+            _fill(cf, d0 + hi, wo - hi, zero)
 
 
 @njit(**_CONV)
@@ -228,22 +240,23 @@ def col2im(cols, gx, n0, nr, ns, sh, sw, top, left, dh, dw, ho, wo):
     _, c, h, wd = gx.shape
     ll = ho * wo
     nb = cols.shape[1] // ll
+    cf, xf = cols.reshape(cols.size), gx.reshape(gx.size)
     one = gx.dtype.type(1)
     for t in prange(nb * c):
         j = t // c
         ca = t % c
-        plane = gx[n0 + j, ca]
-        plane[:, :] = 0
+        p0 = ((n0 + j) * c + ca) * h * wd
+        _fill(xf, p0, h * wd, xf.dtype.type(0))
         for r in range(nr):
             for s in range(ns):
-                src = cols[(ca * nr + r) * ns + s, j * ll:(j + 1) * ll]
+                src0 = (((ca * nr + r) * ns + s) * nb + j) * ll
                 off = s * dw - left
                 lo, hi = _span(off, sw, wd, wo)
                 for oh in range(ho):
                     ih = oh * sh - top + r * dh
                     if ih < 0 or ih >= h:
                         continue
-                    _axpy(plane[ih], lo * sw + off, sw, src, oh * wo + lo, 1, one, hi - lo)
+                    _axpy(xf, p0 + ih * wd + lo * sw + off, sw, cf, src0 + oh * wo + lo, 1, one, hi - lo)
 
 
 # --------------------------------------------------------------------------- pooling
@@ -304,7 +317,7 @@ def max_pool2d_backward(gy, idx, gx):
                 dst[q] += src[o]
 
 
-@njit(**_SERIAL)
+@njit(inline="always", **_SERIAL)
 def _avg_window(o, stride, pad, k, size, include_pad):
     """PyTorch's avg-pool window along one axis: (start, stop, extent counted in the divisor)."""
     a = o * stride - pad
