@@ -29,6 +29,16 @@ from . import _direct, _im2col, _pool
 _INT32_MAX = 2**31 - 1
 
 
+#: below this many multiply-adds (or pooled taps) a call runs on one thread: starting and
+#: joining an OpenMP team costs more than it saves
+_SERIAL_WORK = 1 << 17
+
+
+def _threads(work: int) -> int:
+    """The OpenMP thread count for a kernel doing about ``work`` elementary operations."""
+    return 1 if work < _SERIAL_WORK else _config.get_num_threads()
+
+
 def _conv_args(g: ConvGeometry) -> tuple[int, ...]:
     """(sh, sw, pad_top, pad_left, dh, dw, groups): what every conv kernel takes after its arrays."""
     return (*g.stride, g.padding[0], g.padding[2], *g.dilation, g.groups)
@@ -144,7 +154,7 @@ class CythonBackend(Backend):
     def conv2d(self, x, weight, bias, g, algorithm):
         out = np.empty(g.output_shape, g.dtype)
         b = np.zeros(g.k, g.dtype) if bias is None else bias
-        nt = _config.get_num_threads()
+        nt = _threads(g.flops // 2)
         w2 = weight.reshape(g.k, -1)
         plan = self._plan(g, algorithm, nt)
         if plan == "pointwise":
@@ -163,7 +173,7 @@ class CythonBackend(Backend):
 
     def conv2d_backward_input(self, grad_out, weight, g, algorithm):
         gx = np.zeros(g.input_shape, g.dtype)
-        nt = _config.get_num_threads()
+        nt = _threads(g.flops // 2)
         w2 = weight.reshape(g.k, -1)
         plan = self._plan(g, algorithm, nt)
         if plan == "pointwise":
@@ -183,7 +193,7 @@ class CythonBackend(Backend):
 
     def conv2d_backward_weight(self, grad_out, x, g, algorithm):
         gw = np.zeros(g.weight_shape, g.dtype)
-        nt = _config.get_num_threads()
+        nt = _threads(g.flops // 2)
         gw2 = gw.reshape(g.k, -1)
         plan = self._plan(g, algorithm, nt)
         if plan == "pointwise":
@@ -207,7 +217,7 @@ class CythonBackend(Backend):
 
     def conv2d_backward_bias(self, grad_out, g):
         gb = np.empty(g.k, g.dtype)
-        _direct.bias_grad(grad_out, gb, _config.get_num_threads())
+        _direct.bias_grad(grad_out, gb, _threads(grad_out.size))
         return gb
 
     # ----------------------------------------------------------------- pools
@@ -215,24 +225,24 @@ class CythonBackend(Backend):
         out = np.empty(p.output_shape, p.dtype)
         idx = np.empty(p.output_shape, np.int64)
         _pool.max_forward(x, out, idx, *p.kernel, *p.stride, *p.padding, *p.dilation,
-                          _config.get_num_threads())
+                          _threads(out.size * p.kernel[0] * p.kernel[1]))
         return out, idx
 
     def max_pool2d_backward(self, grad_out, indices, p):
         gx = np.zeros(p.input_shape, p.dtype)
-        _pool.max_backward(grad_out, np.ascontiguousarray(indices, np.int64), gx, _config.get_num_threads())
+        _pool.max_backward(grad_out, np.ascontiguousarray(indices, np.int64), gx, _threads(gx.size))
         return gx
 
     def avg_pool2d(self, x, p):
         out = np.empty(p.output_shape, p.dtype)
         _pool.avg_forward(x, out, *p.kernel, *p.stride, *p.padding, p.count_include_pad,
-                          _config.get_num_threads())
+                          _threads(out.size * p.kernel[0] * p.kernel[1]))
         return out
 
     def avg_pool2d_backward(self, grad_out, p):
         gx = np.zeros(p.input_shape, p.dtype)
         _pool.avg_backward(grad_out, gx, *p.kernel, *p.stride, *p.padding, p.count_include_pad,
-                           _config.get_num_threads())
+                           _threads(grad_out.size * p.kernel[0] * p.kernel[1]))
         return gx
 
     # ----------------------------------------------------------------- selection
