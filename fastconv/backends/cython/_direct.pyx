@@ -15,7 +15,7 @@ from libc.stdlib cimport free, malloc
 
 import numpy as np
 
-from ._loops cimport axpy, axpy_scatter, fill, mul_acc, tap_ranges
+from ._loops cimport _rows_per_chunk, axpy, axpy_scatter, fill, mul_acc, tap_ranges
 
 
 def forward(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] w,
@@ -38,7 +38,7 @@ def forward(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] w,
     cdef Py_ssize_t* hi = &ranges[S]
     tap_ranges(lo, hi, S, dw, pl, sw, W, Wo)
     with nogil:
-        for t in prange(N * K * Ho, num_threads=nt, schedule="static"):
+        for t in prange(N * K * Ho, num_threads=nt, schedule="dynamic", chunksize=_rows_per_chunk(N * K * Ho, nt)):
             oh = t % Ho
             k = (t // Ho) % K
             n = t // (Ho * K)
@@ -76,7 +76,7 @@ def backward_input(const floating[:, :, :, ::1] gy, const floating[:, :, :, ::1]
     cdef Py_ssize_t* hi = &ranges[S]
     tap_ranges(lo, hi, S, dw, pl, sw, W, Wo)
     with nogil:
-        for t in prange(N * C, num_threads=nt, schedule="static"):
+        for t in prange(N * C, num_threads=nt, schedule="dynamic"):
             n = t // C
             ci = t % C
             c = ci % Cg
@@ -119,7 +119,7 @@ def backward_weight(const floating[:, :, :, ::1] gy, const floating[:, :, :, ::1
     tap_ranges(lo, hi, S, dw, pl, sw, W, Wo)
     with nogil, parallel(num_threads=nt):
         acc = <floating*> malloc(R * S * Wo * sizeof(floating))
-        for t in prange(K * Cg, schedule="static"):
+        for t in prange(K * Cg, schedule="dynamic"):
             if acc == NULL:
                 with gil:
                     raise MemoryError("conv2d_backward_weight: cannot allocate the accumulation buffer")
@@ -171,7 +171,7 @@ def bias_grad(const floating[:, :, :, ::1] gy, floating[::1] gb, int nt):
     cdef Py_ssize_t k, n
     cdef double total
     with nogil:
-        for k in prange(K, num_threads=nt, schedule="static"):
+        for k in prange(K, num_threads=nt, schedule="dynamic"):
             total = 0
             for n in range(N):
                 total = total + _plane_sum(&gy[n, k, 0, 0], P)

@@ -108,7 +108,7 @@ cdef void _im2col(const floating[:, :, :, ::1] x, Py_ssize_t n0, Py_ssize_t nb, 
                   const Py_ssize_t* his, int nt) noexcept nogil:
     """Fill ``col`` (C*R*S, nb*P) from images n0 .. n0+nb-1, one (image, channel) plane per unit."""
     cdef Py_ssize_t C = x.shape[1], P = Ho * Wo, t
-    for t in prange(nb * C, num_threads=nt, schedule="static"):
+    for t in prange(nb * C, num_threads=nt, schedule="dynamic"):
         _im2col_plane(&x[n0 + t // C, t % C, 0, 0], x.shape[2], x.shape[3],
                       col + (t % C) * R * S * nb * P + (t // C) * P, nb * P,
                       R, S, Ho, Wo, sh, sw, pt, pl, dh, dw, los, his)
@@ -120,7 +120,7 @@ cdef void _col2im(const floating* col, floating[:, :, :, ::1] gx, Py_ssize_t n0,
                   const Py_ssize_t* his, int nt) noexcept nogil:
     """Add ``col`` (C*R*S, nb*P) back into images n0 .. n0+nb-1 of ``gx`` (one plane per unit)."""
     cdef Py_ssize_t C = gx.shape[1], P = Ho * Wo, t
-    for t in prange(nb * C, num_threads=nt, schedule="static"):
+    for t in prange(nb * C, num_threads=nt, schedule="dynamic"):
         _col2im_plane(col + (t % C) * R * S * nb * P + (t // C) * P, nb * P,
                       &gx[n0 + t // C, t % C, 0, 0], gx.shape[2], gx.shape[3],
                       R, S, Ho, Wo, sh, sw, pt, pl, dh, dw, los, his)
@@ -132,7 +132,7 @@ cdef void _to_kmajor(const floating[:, :, :, ::1] a, Py_ssize_t n0, Py_ssize_t n
     cdef Py_ssize_t K = a.shape[1], P = a.shape[2] * a.shape[3]
     cdef Py_ssize_t u, b, k, p
     cdef const floating* src
-    for u in prange(nb * K, num_threads=nt, schedule="static"):
+    for u in prange(nb * K, num_threads=nt, schedule="dynamic"):
         b = u // K
         k = u % K
         src = &a[n0 + b, k, 0, 0]
@@ -165,7 +165,7 @@ def forward(const floating[:, :, :, ::1] x, const floating[:, ::1] w2, const flo
         for g in range(groups):
             _gemm(False, False, Kg, nb * P, CRSg, <floating> 1, &w2[g * Kg, 0], CRSg,
                   &col[g * CRSg * nb * P], nb * P, <floating> 0, &tmp[g * Kg * nb * P], nb * P)
-        for u in prange(nb * K, num_threads=nt, schedule="static"):
+        for u in prange(nb * K, num_threads=nt, schedule="dynamic"):
             b = u // K
             k = u % K
             dst = &out[n0 + b, k, 0, 0]
@@ -220,7 +220,7 @@ def pointwise_forward(const floating[:, :, :, ::1] x, const floating[:, ::1] w2,
     cdef Py_ssize_t N = x.shape[0], K = out.shape[1], P = x.shape[2] * x.shape[3]
     cdef Py_ssize_t Kg = K // groups, Cg = w2.shape[1], n, g, k
     with nogil:
-        for n in prange(N, num_threads=nt, schedule="static"):
+        for n in prange(N, num_threads=nt, schedule="dynamic"):
             for k in range(K):
                 fill(&out[n, k, 0, 0], bias[k], P)
             for g in range(groups):
@@ -234,7 +234,7 @@ def pointwise_backward_input(const floating[:, :, :, ::1] gy, const floating[:, 
     cdef Py_ssize_t N = gy.shape[0], K = gy.shape[1], P = gy.shape[2] * gy.shape[3]
     cdef Py_ssize_t Kg = K // groups, Cg = w2.shape[1], n, g
     with nogil:
-        for n in prange(N, num_threads=nt, schedule="static"):
+        for n in prange(N, num_threads=nt, schedule="dynamic"):
             for g in range(groups):
                 _gemm(True, False, Cg, P, Kg, <floating> 1, &w2[g * Kg, 0], Cg, &gy[n, g * Kg, 0, 0], P,
                       <floating> 0, &gx[n, g * Cg, 0, 0], P)
@@ -250,7 +250,7 @@ def pointwise_backward_weight(const floating[:, :, :, ::1] gy, const floating[:,
     cdef int nt = <int> partial.shape[0]
     with nogil, parallel(num_threads=nt):
         gw = &partial[threadid(), 0, 0]
-        for n in prange(N, schedule="static"):
+        for n in prange(N, schedule="dynamic"):
             for g in range(groups):
                 _gemm(False, True, Kg, Cg, P, <floating> 1, &gy[n, g * Kg, 0, 0], P, &x[n, g * Cg, 0, 0], P,
                       <floating> 1, gw + g * Kg * Cg, Cg)
@@ -279,7 +279,7 @@ def forward_per_image(const floating[:, :, :, ::1] x, const floating[:, ::1] w2,
     cdef const Py_ssize_t* his = &ranges[S]
     with nogil, parallel(num_threads=nt):
         col = &cols[threadid(), 0]
-        for n in prange(N, schedule="static"):
+        for n in prange(N, schedule="dynamic"):
             for c in range(C):
                 _im2col_plane(&x[n, c, 0, 0], x.shape[2], x.shape[3], col + c * R * S * P, P,
                               R, S, out.shape[2], out.shape[3], sh, sw, pt, pl, dh, dw, los, his)
@@ -304,7 +304,7 @@ def backward_input_per_image(const floating[:, :, :, ::1] gy, const floating[:, 
     cdef const Py_ssize_t* his = &ranges[S]
     with nogil, parallel(num_threads=nt):
         col = &cols[threadid(), 0]
-        for n in prange(N, schedule="static"):
+        for n in prange(N, schedule="dynamic"):
             for g in range(groups):
                 _gemm(True, False, CRSg, P, Kg, <floating> 1, &w2[g * Kg, 0], CRSg, &gy[n, g * Kg, 0, 0], P,
                       <floating> 0, col + g * CRSg * P, P)
@@ -329,7 +329,7 @@ def backward_weight_per_image(const floating[:, :, :, ::1] gy, const floating[:,
     with nogil, parallel(num_threads=nt):
         col = &cols[threadid(), 0]
         gw = &partial[threadid(), 0, 0]
-        for n in prange(N, schedule="static"):
+        for n in prange(N, schedule="dynamic"):
             for c in range(C):
                 _im2col_plane(&x[n, c, 0, 0], x.shape[2], x.shape[3], col + c * R * S * P, P,
                               R, S, gy.shape[2], gy.shape[3], sh, sw, pt, pl, dh, dw, los, his)

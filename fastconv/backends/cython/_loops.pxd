@@ -82,3 +82,9 @@ cdef inline void tap_ranges(Py_ssize_t* lo, Py_ssize_t* hi, Py_ssize_t taps, Py_
         off = s * dil - pad
         lo[s] = min(first_in(off, stride), n_out)
         hi[s] = max(end_in(off, stride, size, n_out), lo[s])
+
+
+cdef inline Py_ssize_t _rows_per_chunk(Py_ssize_t rows, int nt) noexcept nogil:
+    """Chunk size for dynamically scheduled row loops: about 16 chunks per thread, so a
+    thread that the OS has descheduled holds up the others by little."""
+    return max(1, rows // (16 * max(nt, 1)))

@@ -18,7 +18,7 @@ from libc.stdlib cimport free, malloc
 
 import numpy as np
 
-from ._loops cimport axpy_scatter, tap_ranges
+from ._loops cimport _rows_per_chunk, axpy_scatter, tap_ranges
 
 
 cdef inline Py_ssize_t _first_on_grid(Py_ssize_t start, Py_ssize_t dil) noexcept nogil:
@@ -71,7 +71,7 @@ def max_forward(const floating[:, :, :, ::1] x, floating[:, :, :, ::1] out, int6
     for ow in range(Wo):
         w0[ow] = _first_on_grid(ow * sw - pw, dw)
     with nogil:
-        for t in prange(N * C * Ho, num_threads=nt, schedule="static"):
+        for t in prange(N * C * Ho, num_threads=nt, schedule="dynamic", chunksize=_rows_per_chunk(N * C * Ho, nt)):
             oh = t % Ho
             c = (t // Ho) % C
             n = t // (Ho * C)
@@ -104,7 +104,7 @@ def max_backward(const floating[:, :, :, ::1] gy, const int64_t[:, :, :, ::1] id
     cdef const floating* g
     cdef const int64_t* ind
     with nogil:
-        for t in prange(N * C, num_threads=nt, schedule="static"):
+        for t in prange(N * C, num_threads=nt, schedule="dynamic"):
             plane = &gx[t // C, t % C, 0, 0]
             g = &gy[t // C, t % C, 0, 0]
             ind = &idx[t // C, t % C, 0, 0]
@@ -140,7 +140,7 @@ def avg_forward(const floating[:, :, :, ::1] x, floating[:, :, :, ::1] out,
     cdef Py_ssize_t* hi = &ranges[kw]
     tap_ranges(lo, hi, kw, 1, pw, sw, W, Wo)
     with nogil:
-        for t in prange(N * C * Ho, num_threads=nt, schedule="static"):
+        for t in prange(N * C * Ho, num_threads=nt, schedule="dynamic", chunksize=_rows_per_chunk(N * C * Ho, nt)):
             oh = t % Ho
             c = (t // Ho) % C
             n = t // (Ho * C)
@@ -174,7 +174,7 @@ def avg_backward(const floating[:, :, :, ::1] gy, floating[:, :, :, ::1] gx,
     tap_ranges(lo, hi, kw, 1, pw, sw, W, Wo)
     with nogil, parallel(num_threads=nt):
         scaled = <floating*> malloc(Wo * sizeof(floating))
-        for t in prange(N * C, schedule="static"):
+        for t in prange(N * C, schedule="dynamic"):
             if scaled == NULL:
                 with gil:
                     raise MemoryError("avg_pool2d_backward: cannot allocate a row buffer")
