@@ -220,7 +220,10 @@ class NumbaBackend(Backend):
             _conv2d_backward_weight_direct(grad_out, x, gw, *_conv_params(g), g.groups)
             return gw
         ll = g.out_h * g.out_w
-        acc = np.zeros((g.k, g.c_per_group * g.r * g.s))  # float64 sum of the per-chunk GEMMs
+        crs = g.c_per_group * g.r * g.s
+        # float64 sum of the per-chunk GEMMs, kept transposed per group: (groups, C/G*R*S, K/G);
+        # cols @ gy.T (long rows of both operands) is the faster orientation for BLAS here
+        acc = np.zeros((g.groups, crs, g.k_per_group))
         part = np.empty(acc.shape, dtype=g.dtype)
         pointwise = _is_pointwise(g)
         for n0, nb in _chunks(g):
@@ -230,10 +233,10 @@ class NumbaBackend(Backend):
             else:
                 cols = np.empty((g.c * g.r * g.s, nb * ll), dtype=g.dtype)
                 _im2col(x, n0, cols, g.r, g.s, *_conv_params(g), g.out_h, g.out_w)
-            for cs, ks in _groups(g, g.r * g.s):
-                np.matmul(gy[ks], cols[cs].T, out=part[ks])
+            for grp, (cs, ks) in enumerate(_groups(g, g.r * g.s)):
+                np.matmul(cols[cs], gy[ks].T, out=part[grp])
             acc += part
-        gw[...] = acc.reshape(g.weight_shape)
+        gw[...] = acc.transpose(0, 2, 1).reshape(g.weight_shape)
         return gw
 
     def conv2d_backward_bias(self, grad_out, g):

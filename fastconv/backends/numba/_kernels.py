@@ -216,6 +216,7 @@ def im2col(x, n0, cols, nr, ns, sh, sw, top, left, dh, dw, ho, wo):
     """Fill cols[(c*R + r)*S + s, j*L + oh*wo + ow] = x[n0 + j, c, ih, iw] (0 in the padding).
 
     ``cols`` has shape (C*R*S, nb*L) with L = ho*wo: one GEMM then covers nb images.
+    One work item per input plane (j, c), which it reads R*S times while it is in cache.
     A pure copy, so no fastmath is needed.
     """
     _, c, h, wd = x.shape
@@ -223,23 +224,24 @@ def im2col(x, n0, cols, nr, ns, sh, sw, top, left, dh, dw, ho, wo):
     nb = cols.shape[1] // ll
     xf, cf = x.reshape(x.size), cols.reshape(cols.size)
     zero = cf.dtype.type(0)
-    for t in prange(c * nr * ns * nb):
-        row = t // nb
-        j = t % nb
-        ca = row // (nr * ns)
-        r = (row // ns) % nr
-        s = row % ns
-        off = s * dw - left
-        lo, hi = _span(off, sw, wd, wo)
-        for oh in range(ho):
-            d0 = t * ll + oh * wo  # == row * nb*L + j*L + oh*wo
-            ih = oh * sh - top + r * dh
-            if ih < 0 or ih >= h:
-                _fill(cf, d0, wo, zero)
-                continue
-            _fill(cf, d0, lo, zero)
-            _copy(cf, d0 + lo, xf, (((n0 + j) * c + ca) * h + ih) * wd + lo * sw + off, sw, hi - lo)
-            _fill(cf, d0 + hi, wo - hi, zero)
+    los, his = _spans(ns, dw, left, sw, wd, wo)
+    for t in prange(nb * c):
+        j = t // c
+        ca = t % c
+        p0 = ((n0 + j) * c + ca) * h * wd
+        for r in range(nr):
+            for s in range(ns):
+                lo, hi = los[s], his[s]
+                d0 = (((ca * nr + r) * ns + s) * nb + j) * ll
+                for oh in range(ho):
+                    ih = oh * sh - top + r * dh
+                    if ih < 0 or ih >= h:
+                        _fill(cf, d0, wo, zero)
+                    else:
+                        _fill(cf, d0, lo, zero)
+                        _copy(cf, d0 + lo, xf, p0 + ih * wd + lo * sw + s * dw - left, sw, hi - lo)
+                        _fill(cf, d0 + hi, wo - hi, zero)
+                    d0 += wo
 
 
 @njit(**_CONV)
