@@ -539,6 +539,27 @@ def format_table(rows: list[dict[str, Any]], compare: Iterable[str]) -> str:
     return "\n".join(out)
 
 
+def format_summary(picks: list[dict[str, Any]], compiled: dict[str, dict[str, float]], tuned: bool) -> str:
+    """The "auto" (and autotune) picks vs the best measured algorithm, and JIT compile times."""
+    out = []
+    if picks:
+        out.append("\n\"auto\" algorithm vs the fastest measured one (ratio = auto time / best time):")
+        for p in picks:
+            tune = "" if p["tuned"] is None else f"   autotune={p['tuned']:<8} ratio {p['tuned_ratio']:.2f}"
+            flag = "" if p["auto"] == p["best"] else f"   best: {p['best']}"
+            out.append(f"  {p['backend']:<8} {p['layer']:<12} {p['pass']:<16} auto={p['auto']:<8} "
+                       f"ratio {p['ratio']:.2f}{tune}{flag}")
+        out.append(f"  \"auto\" within 10% of the best: {sum(p['ratio'] <= 1.10 for p in picks)}/{len(picks)}")
+        if tuned:
+            out.append(f"  autotune within 10% of the best: {sum(p['tuned_ratio'] <= 1.10 for p in picks)}/{len(picks)}")
+    for name, times in compiled.items():
+        if times:
+            out.append(f"\n{name} JIT compile time: {sum(times.values()):.2f} s total over {len(times)} kernels "
+                       "(excluded from the timings: it happens in the warm-up call)")
+            out += [f"  {kernel:<48} {sec:.2f} s" for kernel, sec in sorted(times.items(), key=lambda kv: -kv[1])[:8]]
+    return "\n".join(out)
+
+
 def plot(rows: list[dict[str, Any]], path: str) -> None:
     """Bar chart of the speed-up vs PyTorch of each backend's "auto" pick, per layer, one panel per pass."""
     import matplotlib
@@ -589,13 +610,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layers", help=f"comma-separated layer names or groups ({groups}); default: all")
     parser.add_argument("--passes", help="comma-separated passes: " + ", ".join(suite.ALL_PASSES))
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
-    parser.add_argument("--threads", type=int, help="thread count for fastconv, BLAS and PyTorch")
+    parser.add_argument("--threads", type=_positive, help="thread count for fastconv, BLAS and PyTorch")
     parser.add_argument("--quick", action="store_true", help="batch N/4 and few repeats (about a minute)")
     parser.add_argument("--no-compare", action="store_true", help="skip PyTorch and SciPy")
     parser.add_argument("--autotune", action="store_true",
                         help="also report what the autotuner (fastconv.set_autotune) picks per layer")
     parser.add_argument("--json", metavar="FILE", help="write machine-readable results (see fastconv.benchmark)")
     parser.add_argument("--plot", metavar="FILE", help="bar chart of the speed-up vs PyTorch (PNG)")
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
 
 
 def _select_cases(layers: list[str] | None) -> list[suite.Case]:
@@ -614,7 +642,7 @@ def run(args: argparse.Namespace) -> int:
     from . import _dispatch
 
     started = time.perf_counter()
-    available = {n: i for n, i in fastconv.available_backends().items()}
+    available = fastconv.available_backends()
     usable = [n for n, i in available.items() if i["available"]]
     names = _names(args.backends, list(_dispatch.REGISTRY), "backend") or usable
     missing = [n for n in names if n not in usable]
@@ -674,24 +702,7 @@ def run(args: argparse.Namespace) -> int:
     if args.quick:
         notes.append("--quick: every batch N is N/4 (at least 1) and few repeats; numbers are rougher")
     print("\n".join("note: " + n for n in notes))
-    if picks:
-        print("\n\"auto\" algorithm vs the fastest measured one (ratio = auto time / best time):")
-        for p in picks:
-            tuned = "" if p["tuned"] is None else f"   autotune={p['tuned']:<8} ratio {p['tuned_ratio']:.2f}"
-            flag = "" if p["auto"] == p["best"] else f"   best: {p['best']}"
-            print(f"  {p['backend']:<8} {p['layer']:<12} {p['pass']:<16} auto={p['auto']:<8} "
-                  f"ratio {p['ratio']:.2f}{tuned}{flag}")
-        within = sum(p["ratio"] <= 1.10 for p in picks)
-        print(f"  \"auto\" within 10% of the best: {within}/{len(picks)}")
-        if args.autotune:
-            within = sum(p["tuned_ratio"] <= 1.10 for p in picks)
-            print(f"  autotune within 10% of the best: {within}/{len(picks)}")
-    for name, times in compiled.items():
-        if times:
-            print(f"\n{name} JIT compile time: {sum(times.values()):.2f} s total over {len(times)} kernels "
-                  "(excluded from the timings: it happens in the warm-up call)")
-            for kernel, sec in sorted(times.items(), key=lambda kv: -kv[1])[:8]:
-                print(f"  {kernel:<48} {sec:.2f} s")
+    print(format_summary(picks, compiled, args.autotune))
     print(f"\ntotal wall time {time.perf_counter() - started:.1f} s")
 
     doc = {
