@@ -173,7 +173,7 @@ def baseline_available(name: str) -> bool:
 # --------------------------------------------------------------------------- callables
 
 
-def _inputs(case: Case, pass_: str, dtype: np.dtype, seed: int) -> dict[str, np.ndarray]:
+def _inputs(case: Case, dtype: np.dtype, seed: int) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
 
     def rand(shape):
@@ -199,7 +199,7 @@ def make_call(case: Case, pass_: str, impl: str, algorithm: str | None = None, d
     dtype = np.dtype(dtype)
     if pass_ not in case.passes:
         raise ValueError(f"{case.name} has no pass {pass_!r}")
-    a = _inputs(case, pass_, dtype, seed)
+    a = _inputs(case, dtype, seed)
     if impl == "torch":
         return _torch_call(case, pass_, a)
     if impl.startswith("scipy."):
