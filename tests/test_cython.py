@@ -16,7 +16,7 @@ pytestmark = pytest.mark.skipif(not fastconv.available_backends()["cython"]["ava
 
 ALGORITHMS = ("direct", "im2col")
 #: im2col runs either one multi-threaded GEMM per batch chunk or per-thread images with 1-thread GEMMs
-MODES = ("per_image", "batched")
+MODES = ("threads", "batched")
 TOL = {np.float32: 1e-5, np.float64: 1e-12}
 
 
@@ -73,8 +73,8 @@ def always_parallel(monkeypatch):
     monkeypatch.setattr("fastconv.backends.cython._SERIAL_WORK", 0)
 
 
-@pytest.fixture(params=[("direct", "auto"), ("im2col", "per_image"), ("im2col", "batched")],
-                ids=["direct", "im2col-per_image", "im2col-batched"])
+@pytest.fixture(params=[("direct", "auto"), ("im2col", "threads"), ("im2col", "batched")],
+                ids=["direct", "im2col-threads", "im2col-batched"])
 def algorithm(request, monkeypatch):
     """An algorithm name; for im2col, with each threading mode forced in turn."""
     from fastconv.backends.cython import CythonBackend
@@ -150,7 +150,7 @@ def test_im2col_workspace_chunks(limit, mode, restore_config, monkeypatch):
 
 def test_workspace_size_respects_limit(restore_config):
     from fastconv._args import ConvGeometry
-    from fastconv.backends.cython import _per_image_buffers, _Workspace
+    from fastconv.backends.cython import _ThreadBuffers, _Workspace
 
     g = ConvGeometry(32, 16, 20, 20, 8, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1, np.dtype(np.float32))
     fastconv.set_workspace_limit(1_000_000)
@@ -158,10 +158,14 @@ def test_workspace_size_respects_limit(restore_config):
     assert (ws.col.nbytes + ws.tmp.nbytes) <= 1_000_000
     assert 1 <= ws.chunk < g.n
     fastconv.set_workspace_limit(600_000)  # room for one image's columns (230 kB) per thread, at most 2
-    assert _per_image_buffers(g, 4).shape[0] == 2
-    assert _per_image_buffers(g, 1).shape[0] == 1
+    buf = _ThreadBuffers(g, 4)
+    assert (buf.threads, buf.chunk) == (2, 1) and buf.cols.nbytes + buf.tmps.nbytes <= 600_000
+    fastconv.set_workspace_limit(2_000_000)  # 2 threads x 3 images x (col 230 kB + tmp 12.8 kB)
+    buf = _ThreadBuffers(g, 2)
+    assert (buf.threads, buf.chunk) == (2, 3) and buf.cols.nbytes + buf.tmps.nbytes <= 2_000_000
     fastconv.set_workspace_limit(1)  # a single image is still processed
-    assert _per_image_buffers(g, 4).shape[0] == 1
+    buf = _ThreadBuffers(g, 4)
+    assert (buf.threads, buf.chunk) == (1, 1)
 
 
 def test_blas_thread_count_restored(algorithm, restore_config):
@@ -296,6 +300,8 @@ def test_info_and_algorithm_choice():
     f32 = np.dtype(np.float32)
     depthwise = ConvGeometry(8, 32, 16, 16, 32, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 32, f32)
     wide = ConvGeometry(8, 64, 16, 16, 64, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1, f32)
+    signal = ConvGeometry(1, 1, 1024, 1024, 1, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1, f32)
     for op in ("conv2d", "conv2d_backward_input", "conv2d_backward_weight"):
         assert be.default_algorithm(op, depthwise) == "direct"
+        assert be.default_algorithm(op, signal) == "direct"
         assert be.default_algorithm(op, wide) == "im2col"

@@ -256,83 +256,143 @@ def pointwise_backward_weight(const floating[:, :, :, ::1] gy, const floating[:,
                       <floating> 1, gw + g * Kg * Cg, Cg)
 
 
-# --------------------------------------------------------------------------- one image per thread
+# --------------------------------------------------------------------------- chunks per thread
 #
 # The alternative to one big multi-threaded GEMM per chunk: each OpenMP thread
-# takes whole images, unfolds one into its private column buffer ``cols[tid]``
-# (C*R*S, P) and calls a single-threaded GEMM (the caller pins BLAS to one
-# thread meanwhile).  The forward result lands directly in NCHW order, so no
-# transposes are needed; the weight gradient goes to a per-thread partial sum.
+# takes whole chunks of ``nb`` images, unfolds them into its private column
+# buffer ``cols[tid]`` (C*R*S, nb*P) and calls a single-threaded GEMM (the
+# caller pins BLAS to one thread meanwhile), so no BLAS thread pool competes
+# with OpenMP's.  Small images get several per chunk (one bigger GEMM instead
+# of many tiny ones); with nb == 1 the GEMM reads and writes NCHW directly and
+# no transposes are needed.  The weight gradient goes to per-thread partial sums.
 
 
-def forward_per_image(const floating[:, :, :, ::1] x, const floating[:, ::1] w2, const floating[::1] bias,
-                      floating[:, :, :, ::1] out, floating[:, ::1] cols, Py_ssize_t R, Py_ssize_t S,
-                      Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t pt, Py_ssize_t pl, Py_ssize_t dh,
-                      Py_ssize_t dw, Py_ssize_t groups):
-    """Forward convolution, ``cols.shape[0]`` threads, one image at a time per thread."""
-    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], K = out.shape[1], P = out.shape[2] * out.shape[3]
-    cdef Py_ssize_t Kg = K // groups, CRSg = w2.shape[1], n, c, k, g
+cdef inline void _unfold_chunk(const floating[:, :, :, ::1] x, Py_ssize_t n0, Py_ssize_t m, floating* col,
+                               Py_ssize_t R, Py_ssize_t S, Py_ssize_t Ho, Py_ssize_t Wo, Py_ssize_t sh,
+                               Py_ssize_t sw, Py_ssize_t pt, Py_ssize_t pl, Py_ssize_t dh, Py_ssize_t dw,
+                               const Py_ssize_t* los, const Py_ssize_t* his) noexcept nogil:
+    """Serial im2col of images n0 .. n0+m-1 into ``col`` (C*R*S, m*P)."""
+    cdef Py_ssize_t b, c, P = Ho * Wo
+    for b in range(m):
+        for c in range(x.shape[1]):
+            _im2col_plane(&x[n0 + b, c, 0, 0], x.shape[2], x.shape[3], col + c * R * S * m * P + b * P, m * P,
+                          R, S, Ho, Wo, sh, sw, pt, pl, dh, dw, los, his)
+
+
+cdef inline void _gather_kmajor(const floating[:, :, :, ::1] a, Py_ssize_t n0, Py_ssize_t m,
+                                floating* t_) noexcept nogil:
+    """Serial t_ (K, m*P) <- a[n0:n0+m] (m, K, P)."""
+    cdef Py_ssize_t K = a.shape[1], P = a.shape[2] * a.shape[3], b, k, p
+    cdef const floating* src
+    for b in range(m):
+        for k in range(K):
+            src = &a[n0 + b, k, 0, 0]
+            for p in range(P):
+                t_[(k * m + b) * P + p] = src[p]
+
+
+def forward_threads(const floating[:, :, :, ::1] x, const floating[:, ::1] w2, const floating[::1] bias,
+                    floating[:, :, :, ::1] out, floating[:, ::1] cols, floating[:, ::1] tmps, Py_ssize_t nb,
+                    Py_ssize_t R, Py_ssize_t S, Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t pt, Py_ssize_t pl,
+                    Py_ssize_t dh, Py_ssize_t dw, Py_ssize_t groups):
+    """Forward convolution on ``cols.shape[0]`` threads, chunks of ``nb`` images per thread."""
+    cdef Py_ssize_t N = x.shape[0], K = out.shape[1], Ho = out.shape[2], Wo = out.shape[3], P = Ho * Wo
+    cdef Py_ssize_t Kg = K // groups, CRSg = w2.shape[1], ch, n0, m, b, k, g, p
     cdef floating* col = NULL
+    cdef floating* tmp = NULL
+    cdef floating* dst
+    cdef floating bk
     cdef int nt = <int> cols.shape[0]
-    cdef Py_ssize_t[::1] ranges = _tap_ranges(S, dw, pl, sw, x.shape[3], out.shape[3])
+    cdef Py_ssize_t[::1] ranges = _tap_ranges(S, dw, pl, sw, x.shape[3], Wo)
     cdef const Py_ssize_t* los = &ranges[0]
     cdef const Py_ssize_t* his = &ranges[S]
     with nogil, parallel(num_threads=nt):
         col = &cols[threadid(), 0]
-        for n in prange(N, schedule="dynamic"):
-            for c in range(C):
-                _im2col_plane(&x[n, c, 0, 0], x.shape[2], x.shape[3], col + c * R * S * P, P,
-                              R, S, out.shape[2], out.shape[3], sh, sw, pt, pl, dh, dw, los, his)
-            for k in range(K):
-                fill(&out[n, k, 0, 0], bias[k], P)
-            for g in range(groups):
-                _gemm(False, False, Kg, P, CRSg, <floating> 1, &w2[g * Kg, 0], CRSg, col + g * CRSg * P, P,
-                      <floating> 1, &out[n, g * Kg, 0, 0], P)
+        tmp = &tmps[threadid(), 0]
+        for ch in prange((N + nb - 1) // nb, schedule="dynamic"):
+            n0 = ch * nb
+            m = min(nb, N - n0)
+            _unfold_chunk(x, n0, m, col, R, S, Ho, Wo, sh, sw, pt, pl, dh, dw, los, his)
+            if m == 1:  # straight into NCHW
+                for k in range(K):
+                    fill(&out[n0, k, 0, 0], bias[k], P)
+                for g in range(groups):
+                    _gemm(False, False, Kg, P, CRSg, <floating> 1, &w2[g * Kg, 0], CRSg, col + g * CRSg * P, P,
+                          <floating> 1, &out[n0, g * Kg, 0, 0], P)
+            else:
+                for g in range(groups):
+                    _gemm(False, False, Kg, m * P, CRSg, <floating> 1, &w2[g * Kg, 0], CRSg,
+                          col + g * CRSg * m * P, m * P, <floating> 0, tmp + g * Kg * m * P, m * P)
+                for b in range(m):
+                    for k in range(K):
+                        dst = &out[n0 + b, k, 0, 0]
+                        bk = bias[k]
+                        for p in range(P):
+                            dst[p] = tmp[(k * m + b) * P + p] + bk
 
 
-def backward_input_per_image(const floating[:, :, :, ::1] gy, const floating[:, ::1] w2,
-                             floating[:, :, :, ::1] gx, floating[:, ::1] cols, Py_ssize_t R, Py_ssize_t S,
-                             Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t pt, Py_ssize_t pl, Py_ssize_t dh,
-                             Py_ssize_t dw, Py_ssize_t groups):
-    """Input gradient (``gx`` zero on entry), one image at a time per thread."""
-    cdef Py_ssize_t N = gy.shape[0], C = gx.shape[1], K = gy.shape[1], P = gy.shape[2] * gy.shape[3]
-    cdef Py_ssize_t Kg = K // groups, CRSg = w2.shape[1], n, c, g
+def backward_input_threads(const floating[:, :, :, ::1] gy, const floating[:, ::1] w2,
+                           floating[:, :, :, ::1] gx, floating[:, ::1] cols, floating[:, ::1] tmps,
+                           Py_ssize_t nb, Py_ssize_t R, Py_ssize_t S, Py_ssize_t sh, Py_ssize_t sw,
+                           Py_ssize_t pt, Py_ssize_t pl, Py_ssize_t dh, Py_ssize_t dw, Py_ssize_t groups):
+    """Input gradient (``gx`` zero on entry), chunks of ``nb`` images per thread."""
+    cdef Py_ssize_t N = gy.shape[0], C = gx.shape[1], K = gy.shape[1], Ho = gy.shape[2], Wo = gy.shape[3]
+    cdef Py_ssize_t P = Ho * Wo, Kg = K // groups, CRSg = w2.shape[1], ch, n0, m, b, c, g
     cdef floating* col = NULL
+    cdef floating* tmp = NULL
+    cdef const floating* src
     cdef int nt = <int> cols.shape[0]
-    cdef Py_ssize_t[::1] ranges = _tap_ranges(S, dw, pl, sw, gx.shape[3], gy.shape[3])
+    cdef Py_ssize_t[::1] ranges = _tap_ranges(S, dw, pl, sw, gx.shape[3], Wo)
     cdef const Py_ssize_t* los = &ranges[0]
     cdef const Py_ssize_t* his = &ranges[S]
     with nogil, parallel(num_threads=nt):
         col = &cols[threadid(), 0]
-        for n in prange(N, schedule="dynamic"):
+        tmp = &tmps[threadid(), 0]
+        for ch in prange((N + nb - 1) // nb, schedule="dynamic"):
+            n0 = ch * nb
+            m = min(nb, N - n0)
+            if m == 1:
+                src = &gy[n0, 0, 0, 0]
+            else:
+                _gather_kmajor(gy, n0, m, tmp)
+                src = tmp
             for g in range(groups):
-                _gemm(True, False, CRSg, P, Kg, <floating> 1, &w2[g * Kg, 0], CRSg, &gy[n, g * Kg, 0, 0], P,
-                      <floating> 0, col + g * CRSg * P, P)
-            for c in range(C):
-                _col2im_plane(col + c * R * S * P, P, &gx[n, c, 0, 0], gx.shape[2], gx.shape[3],
-                              R, S, gy.shape[2], gy.shape[3], sh, sw, pt, pl, dh, dw, los, his)
+                _gemm(True, False, CRSg, m * P, Kg, <floating> 1, &w2[g * Kg, 0], CRSg, src + g * Kg * m * P,
+                      m * P, <floating> 0, col + g * CRSg * m * P, m * P)
+            for b in range(m):
+                for c in range(C):
+                    _col2im_plane(col + c * R * S * m * P + b * P, m * P, &gx[n0 + b, c, 0, 0], gx.shape[2],
+                                  gx.shape[3], R, S, Ho, Wo, sh, sw, pt, pl, dh, dw, los, his)
 
 
-def backward_weight_per_image(const floating[:, :, :, ::1] gy, const floating[:, :, :, ::1] x,
-                              floating[:, :, ::1] partial, floating[:, ::1] cols, Py_ssize_t R, Py_ssize_t S,
-                              Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t pt, Py_ssize_t pl, Py_ssize_t dh,
-                              Py_ssize_t dw, Py_ssize_t groups):
+def backward_weight_threads(const floating[:, :, :, ::1] gy, const floating[:, :, :, ::1] x,
+                            floating[:, :, ::1] partial, floating[:, ::1] cols, floating[:, ::1] tmps,
+                            Py_ssize_t nb, Py_ssize_t R, Py_ssize_t S, Py_ssize_t sh, Py_ssize_t sw,
+                            Py_ssize_t pt, Py_ssize_t pl, Py_ssize_t dh, Py_ssize_t dw, Py_ssize_t groups):
     """Per-thread weight-gradient partial sums ``partial[tid]`` (K, Cg*R*S), zero on entry."""
-    cdef Py_ssize_t N = gy.shape[0], C = x.shape[1], K = gy.shape[1], P = gy.shape[2] * gy.shape[3]
-    cdef Py_ssize_t Kg = K // groups, CRSg = partial.shape[2], n, c, g
+    cdef Py_ssize_t N = gy.shape[0], K = gy.shape[1], Ho = gy.shape[2], Wo = gy.shape[3], P = Ho * Wo
+    cdef Py_ssize_t Kg = K // groups, CRSg = partial.shape[2], ch, n0, m, g
     cdef floating* col = NULL
+    cdef floating* tmp = NULL
     cdef floating* gw = NULL
+    cdef const floating* src
     cdef int nt = <int> cols.shape[0]
-    cdef Py_ssize_t[::1] ranges = _tap_ranges(S, dw, pl, sw, x.shape[3], gy.shape[3])
+    cdef Py_ssize_t[::1] ranges = _tap_ranges(S, dw, pl, sw, x.shape[3], Wo)
     cdef const Py_ssize_t* los = &ranges[0]
     cdef const Py_ssize_t* his = &ranges[S]
     with nogil, parallel(num_threads=nt):
         col = &cols[threadid(), 0]
+        tmp = &tmps[threadid(), 0]
         gw = &partial[threadid(), 0, 0]
-        for n in prange(N, schedule="dynamic"):
-            for c in range(C):
-                _im2col_plane(&x[n, c, 0, 0], x.shape[2], x.shape[3], col + c * R * S * P, P,
-                              R, S, gy.shape[2], gy.shape[3], sh, sw, pt, pl, dh, dw, los, his)
+        for ch in prange((N + nb - 1) // nb, schedule="dynamic"):
+            n0 = ch * nb
+            m = min(nb, N - n0)
+            _unfold_chunk(x, n0, m, col, R, S, Ho, Wo, sh, sw, pt, pl, dh, dw, los, his)
+            if m == 1:
+                src = &gy[n0, 0, 0, 0]
+            else:
+                _gather_kmajor(gy, n0, m, tmp)
+                src = tmp
             for g in range(groups):
-                _gemm(False, True, Kg, CRSg, P, <floating> 1, &gy[n, g * Kg, 0, 0], P, col + g * CRSg * P, P,
-                      <floating> 1, gw + g * Kg * CRSg, CRSg)
+                _gemm(False, True, Kg, CRSg, m * P, <floating> 1, src + g * Kg * m * P, m * P,
+                      col + g * CRSg * m * P, m * P, <floating> 1, gw + g * Kg * CRSg, CRSg)
