@@ -539,6 +539,25 @@ def format_table(rows: list[dict[str, Any]], compare: Iterable[str]) -> str:
     return "\n".join(out)
 
 
+def format_best(rows: list[dict[str, Any]]) -> str:
+    """One line per (layer, pass): the fastest fastconv implementation and its speed-ups."""
+    best: dict[tuple[str, str], dict[str, Any]] = {}
+    for r in rows:
+        if r["ms"] is None or r["impl"] == "reference" or r["impl"] in suite.BASELINES["corr2d"]:
+            continue
+        key = (r["layer"], r["pass"])
+        if key not in best or r["ms"] < best[key]["ms"]:
+            best[key] = r
+    estimated_ref = {(r["layer"], r["pass"]) for r in rows if r["impl"] == "reference" and r["estimated"]}
+    out = ["fastest fastconv implementation per layer and pass (~: vs the scaled N=1 reference time):"]
+    for (layer, pass_), r in best.items():
+        impl = r["impl"] + ("" if r["algorithm"] is None else f"/{r['algorithm']}")
+        speed = "  ".join(f"x {k} {_speed(v, k == 'reference' and (layer, pass_) in estimated_ref).rstrip('x')}"
+                          for k, v in r["speedup"].items() if v is not None)
+        out.append(f"  {layer:<14} {pass_:<16} {impl:<14} {r['ms']:9.3f} ms  {speed}")
+    return "\n".join(out)
+
+
 def format_summary(picks: list[dict[str, Any]], compiled: dict[str, dict[str, float]], tuned: bool) -> str:
     """The "auto" (and autotune) picks vs the best measured algorithm, and JIT compile times."""
     out = []
@@ -702,6 +721,8 @@ def run(args: argparse.Namespace) -> int:
     if args.quick:
         notes.append("--quick: every batch N is N/4 (at least 1) and few repeats; numbers are rougher")
     print("\n".join("note: " + n for n in notes))
+    print()
+    print(format_best(rows))
     print(format_summary(picks, compiled, args.autotune))
     print(f"\ntotal wall time {time.perf_counter() - started:.1f} s")
 
