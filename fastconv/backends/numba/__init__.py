@@ -109,15 +109,15 @@ def _conv_params(g: ConvGeometry) -> tuple[int, ...]:
     return (g.stride[0], g.stride[1], g.padding[0], g.padding[2], g.dilation[0], g.dilation[1])
 
 
-#: output planes at least this large are processed one image at a time: the GEMM is
-#: then big enough on its own and writes straight into the output (no transposes)
+#: output planes at least this large are processed one image at a time: each GEMM is
+#: big enough on its own, and backward-weight then reads grad_out in place (no transpose)
 _LARGE_PLANE = 2048
 
 
 def _chunks(g: ConvGeometry):
     """Batch chunks (n0, nb): one image at a time for large output planes, otherwise as
     many images as the workspace limit allows for the column matrix plus the
-    (K, nb*Ho*Wo) GEMM result."""
+    (K, nb*Ho*Wo) transposed grad_out of backward-weight."""
     ll = g.out_h * g.out_w
     if ll >= _LARGE_PLANE:
         step = 1
@@ -127,10 +127,9 @@ def _chunks(g: ConvGeometry):
         yield n0, min(step, g.n - n0)
 
 
-def _groups(g: ConvGeometry, taps: int):
-    """(input-row slice, filter slice) of every group; ``taps`` rows per input channel
-    (R*S for column matrices, 1 for pointwise inputs)."""
-    rows = g.c_per_group * taps
+def _groups(g: ConvGeometry):
+    """(column-row slice, filter slice) of every group."""
+    rows = g.c_per_group * g.r * g.s
     for grp in range(g.groups):
         yield slice(grp * rows, (grp + 1) * rows), slice(grp * g.k_per_group, (grp + 1) * g.k_per_group)
 
@@ -140,19 +139,51 @@ def _is_pointwise(g: ConvGeometry) -> bool:
     return g.r == g.s == 1 and g.stride == (1, 1) and not any(g.padding)
 
 
+_scratch_buffers = threading.local()
+
+
+def _scratch(slot: str, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """An uninitialised C-contiguous array from a per-thread buffer that is kept between calls.
+
+    Fresh large allocations cost a page fault per 4 KiB page on first touch, which is as
+    slow as the im2col copy itself; reusing the buffers avoids that.  Each buffer is at
+    most one workspace (a chunk's column matrix or GEMM result), so the memory kept is
+    bounded by the workspace limit (or one image's columns when that is larger).
+    """
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    buf = getattr(_scratch_buffers, slot, None)
+    if buf is None or buf.nbytes < nbytes:
+        buf = np.empty(nbytes, dtype=np.uint8)
+        setattr(_scratch_buffers, slot, buf)
+    return buf[:nbytes].view(dtype).reshape(shape)
+
+
+def _workspace_columns(g: ConvGeometry, nb: int) -> tuple[np.ndarray, np.ndarray]:
+    """The workspace for nb images: the (C*R*S, nb*Ho*Wo) column matrix that
+    :func:`_kernels.im2col` writes, and its (nb, C*R*S, Ho*Wo) view, whose per-image slices
+    are strided matrices that BLAS reads and writes in place (numpy's stacked matmul)."""
+    ll = g.out_h * g.out_w
+    cols = _scratch("cols", (g.c * g.r * g.s, nb * ll), g.dtype)
+    return cols, cols.reshape(-1, nb, ll).transpose(1, 0, 2)
+
+
+def _columns(x: np.ndarray, g: ConvGeometry, n0: int, nb: int) -> np.ndarray:
+    """im2col of images n0 .. n0+nb-1 as (nb, C*R*S, Ho*Wo) (a view of x for 1x1 convs)."""
+    if _is_pointwise(g):
+        return x.reshape(g.n, g.c, -1)[n0:n0 + nb]
+    cols, cols3 = _workspace_columns(g, nb)
+    _im2col(x, n0, cols, g.r, g.s, *_conv_params(g), g.out_h, g.out_w)
+    return cols3
+
+
 def _to_rows(a: np.ndarray, n0: int, nb: int) -> np.ndarray:
     """(nb, K, Ho, Wo) batch slice -> (K, nb*Ho*Wo) C-contiguous matrix (a view when nb == 1)."""
     n, k = a.shape[:2]
     if nb == 1:
         return a[n0].reshape(k, -1)
-    return np.ascontiguousarray(a[n0:n0 + nb].reshape(nb, k, -1).transpose(1, 0, 2)).reshape(k, -1)
-
-
-def _from_rows(res: np.ndarray, out: np.ndarray, n0: int, nb: int) -> None:
-    """Copy a (K, nb*Ho*Wo) GEMM result into out[n0:n0 + nb] (nothing to do when it is a view)."""
-    if nb > 1:
-        k = out.shape[1]
-        out[n0:n0 + nb] = res.reshape(k, nb, *out.shape[2:]).transpose(1, 0, 2, 3)
+    rows = _scratch("rows", (k, nb, a.shape[2] * a.shape[3]), a.dtype)
+    rows[...] = a[n0:n0 + nb].reshape(nb, k, -1).transpose(1, 0, 2)
+    return rows.reshape(k, -1)
 
 
 class NumbaBackend(Backend):
@@ -176,20 +207,12 @@ class NumbaBackend(Backend):
         if algorithm == "direct":
             _conv2d_direct(x, weight, b, out, *_conv_params(g), g.groups)
             return out
-        ll = g.out_h * g.out_w
         wmat = weight.reshape(g.k, -1)
-        if _is_pointwise(g):
-            x3, out3 = x.reshape(g.n, g.c, ll), out.reshape(g.n, g.k, ll)
-            for cs, ks in _groups(g, 1):
-                np.matmul(wmat[ks], x3[:, cs], out=out3[:, ks])
-        else:
-            for n0, nb in _chunks(g):
-                cols = np.empty((g.c * g.r * g.s, nb * ll), dtype=g.dtype)
-                _im2col(x, n0, cols, g.r, g.s, *_conv_params(g), g.out_h, g.out_w)
-                res = _to_rows(out, n0, nb) if nb == 1 else np.empty((g.k, nb * ll), dtype=g.dtype)
-                for cs, ks in _groups(g, g.r * g.s):
-                    np.matmul(wmat[ks], cols[cs], out=res[ks])
-                _from_rows(res, out, n0, nb)
+        out3 = out.reshape(g.n, g.k, -1)
+        for n0, nb in _chunks(g):
+            cols3 = _columns(x, g, n0, nb)
+            for cs, ks in _groups(g):
+                np.matmul(wmat[ks], cols3[:, cs], out=out3[n0:n0 + nb, ks])
         if bias is not None:
             out += bias[None, :, None, None]
         return out
@@ -199,19 +222,19 @@ class NumbaBackend(Backend):
         if algorithm == "direct":
             _conv2d_backward_input_direct(grad_out, weight, gx, *_conv_params(g), g.groups)
             return gx
-        ll = g.out_h * g.out_w
         wmat = weight.reshape(g.k, -1)
-        if _is_pointwise(g):
-            gy3, gx3 = grad_out.reshape(g.n, g.k, ll), gx.reshape(g.n, g.c, ll)
-            for cs, ks in _groups(g, 1):
-                np.matmul(wmat[ks].T, gy3[:, ks], out=gx3[:, cs])
-            return gx
+        gy3 = grad_out.reshape(g.n, g.k, -1)
+        pointwise = _is_pointwise(g)
         for n0, nb in _chunks(g):
-            gy = _to_rows(grad_out, n0, nb)
-            cols = np.empty((g.c * g.r * g.s, nb * ll), dtype=g.dtype)
-            for cs, ks in _groups(g, g.r * g.s):
-                np.matmul(wmat[ks].T, gy[ks], out=cols[cs])
-            _col2im(cols, gx, n0, g.r, g.s, *_conv_params(g), g.out_h, g.out_w)
+            # the column gradients: straight into gx for 1x1 convs, else into the workspace
+            if pointwise:
+                cols, cols3 = None, gx.reshape(g.n, g.c, -1)[n0:n0 + nb]
+            else:
+                cols, cols3 = _workspace_columns(g, nb)
+            for cs, ks in _groups(g):
+                np.matmul(wmat[ks].T, gy3[n0:n0 + nb, ks], out=cols3[:, cs])
+            if cols is not None:
+                _col2im(cols, gx, n0, g.r, g.s, *_conv_params(g), g.out_h, g.out_w)
         return gx
 
     def conv2d_backward_weight(self, grad_out, x, g, algorithm):
@@ -231,9 +254,9 @@ class NumbaBackend(Backend):
             if pointwise and nb == 1:
                 cols = x[n0].reshape(g.c, ll)
             else:
-                cols = np.empty((g.c * g.r * g.s, nb * ll), dtype=g.dtype)
+                cols = _scratch("cols", (g.c * g.r * g.s, nb * ll), g.dtype)
                 _im2col(x, n0, cols, g.r, g.s, *_conv_params(g), g.out_h, g.out_w)
-            for grp, (cs, ks) in enumerate(_groups(g, g.r * g.s)):
+            for grp, (cs, ks) in enumerate(_groups(g)):
                 np.matmul(cols[cs], gy[ks].T, out=part[grp])
             acc += part
         gw[...] = acc.transpose(0, 2, 1).reshape(g.weight_shape)
