@@ -15,15 +15,23 @@ backend unavailable) when the extensions have not been compiled.
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 from typing import Any
 
-import numpy as np
+# OpenMP threads that finish early busy-wait by default.  On a machine shared with other
+# processes (2 cores, load 5-15 when this was measured) a spinning thread steals the core
+# from the one still working and 2-thread calls ran 3-5x slower than 1-thread ones; with
+# passive waiting they never do.  libgomp reads this once, when it is loaded (by the imports
+# below), and only if the user has not chosen a policy.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from ... import _config
-from ..._args import ConvGeometry, PoolGeometry
-from ..base import Backend
-from . import _direct, _im2col, _pool
+import numpy as np  # noqa: E402
+
+from ... import _config  # noqa: E402
+from ..._args import ConvGeometry, PoolGeometry  # noqa: E402
+from ..base import Backend  # noqa: E402
+from . import _direct, _im2col, _pool  # noqa: E402
 
 #: BLAS takes 32-bit ints: larger GEMM dimensions fall back to the direct kernels
 _INT32_MAX = 2**31 - 1
@@ -280,4 +288,4 @@ class CythonBackend(Backend):
 
     def info(self) -> dict[str, Any]:
         return {"openmp": bool(_direct.OPENMP), "blas": "scipy.linalg.cython_blas",
-                "threads": _config.get_num_threads()}
+                "threads": _config.get_num_threads(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
