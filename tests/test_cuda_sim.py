@@ -197,6 +197,7 @@ if CUDA["available"]:
         (1, 3, 5, 6, 3, 2, 2, 2, 0, 1, 3),  # depthwise, strided, even kernel
         (2, 2, 5, 6, 2, 2, 4, 1, "same", (1, 2), 1),  # "same" with an even, dilated kernel
         (1, 3, 7, 7, 5, 1, 1, 3, 0, 1, 1),  # strided 1x1
+        (1, 2, 9, 10, 2, 3, 3, (4, 3), (2, 1), 2, 1),  # stride and dilation sharing a factor (4, 2)
     ]
 
     def _conv_data(cfg, dtype, seed=0):
@@ -458,3 +459,21 @@ if CUDA["available"]:
         cuda_backend._gemm(_kernels.kernels("float64"), cuda.to_device(a), cuda.to_device(b), dc,
                            trans_a, trans_b, accumulate)
         assert_close(dc.copy_to_host(), want, np.float64)
+
+    def test_index_helpers():
+        """The kernels' device index helpers against brute force (called as Python here)."""
+        from fastconv.backends.cuda import _kernels
+
+        for i in range(3 * 4 * 5 * 2):
+            assert _kernels.unravel4(i, 3, 4, 5) == np.unravel_index(i, (2, 3, 4, 5))
+            assert _kernels.unravel3(i, 4, 5) == np.unravel_index(i, (6, 4, 5))
+        for q in range(-3, 26):
+            for dil in range(1, 5):
+                for stride in range(1, 5):
+                    for n_out in range(1, 6):
+                        for n_taps in range(1, 6):
+                            want = [t for t in range(n_taps)
+                                    if q - t * dil >= 0 and (q - t * dil) % stride == 0
+                                    and (q - t * dil) // stride < n_out]
+                            assert list(range(*_kernels.taps_reaching(q, dil, stride, n_out, n_taps))) == want, \
+                                (q, dil, stride, n_out, n_taps)

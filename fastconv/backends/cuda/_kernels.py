@@ -40,6 +40,70 @@ THREADS = 16 if SIMULATOR else 256
 DIRECT_BLOCK = (4, 4) if SIMULATOR else (16, 16)
 
 
+# ---------------------------------------------------------------- index helpers
+# Device functions shared by the kernels (dtype-independent, so defined once).
+# Integer min/max are written out: the builtins fail to type in numba 0.68's
+# built-in CUDA target ("Signature mismatch: 2 argument types given").
+
+
+@cuda.jit(device=True)
+def imin(a, b):
+    return a if a < b else b
+
+
+@cuda.jit(device=True)
+def imax(a, b):
+    return a if a > b else b
+
+
+@cuda.jit(device=True)
+def split(i, n):
+    """``(i // n, i % n)`` for a non-negative ``i``."""
+    q = i // n
+    return q, i - q * n
+
+
+@cuda.jit(device=True)
+def unravel3(i, n2, n3):
+    """Indices ``(a, b, c)`` of flat index ``i`` in a C-ordered (., n2, n3) array."""
+    ab, c = split(i, n3)
+    a, b = split(ab, n2)
+    return a, b, c
+
+
+@cuda.jit(device=True)
+def unravel4(i, n1, n2, n3):
+    """Indices ``(a, b, c, d)`` of flat index ``i`` in a C-ordered (., n1, n2, n3) array."""
+    abc, d = split(i, n3)
+    a, b, c = unravel3(abc, n1, n2)
+    return a, b, c, d
+
+
+@cuda.jit(device=True)
+def taps_reaching(q, dil, stride, n_out, n_taps):
+    """The taps of one axis that read input offset ``q`` (input index + leading padding).
+
+    Tap ``t`` of output ``o`` reads offset ``o*stride + t*dil``, so ``t`` reaches ``q``
+    when ``q - t*dil`` is ``o*stride`` for some ``0 <= o < n_out``.  Those taps are
+    ``range(first, stop, step)`` (``first >= stop`` when there are none), increasing,
+    and each one's output is ``(q - t*dil) // stride``.
+    """
+    lo = -(((n_out - 1) * stride - q) // dil)  # ceil((q - (n_out-1)*stride) / dil): o < n_out
+    first = imax(lo, 0)
+    stop = imin(n_taps, q // dil + 1)  # o >= 0
+    a, b = stride, dil  # step = stride / gcd(stride, dil): the spacing of taps on the stride grid
+    while b > 0:
+        a, b = b, a % b
+    step = stride // a
+    k = 0
+    while k < step and first < stop and (q - first * dil) % stride != 0:
+        first += 1
+        k += 1
+    if k == step:  # no tap of this residue class lands on the grid
+        first = stop
+    return first, stop, step
+
+
 def geometry_tuple(g) -> tuple[int, ...]:
     """The ``geo`` tuple every conv kernel takes, from a ConvGeometry."""
     top, _, left, _ = g.padding
@@ -67,16 +131,6 @@ def kernels(dtype_name: str) -> SimpleNamespace:
     block_edge = TILE * REG  # GEMM block tile edge (a compile-time constant for shared arrays)
 
     # ------------------------------------------------------------ helpers
-    # (integer min/max as device functions: the builtins fail to type in numba 0.68's
-    # built-in CUDA target, "Signature mismatch: 2 argument types given")
-    @cuda.jit(device=True)
-    def imin(a, b):
-        return a if a < b else b
-
-    @cuda.jit(device=True)
-    def imax(a, b):
-        return a if a > b else b
-
     @cuda.jit(device=True)
     def block_sum(sm, value):
         """Sum ``value`` over the (1-D, power-of-two sized) block; every thread gets it."""
@@ -96,15 +150,9 @@ def kernels(dtype_name: str) -> SimpleNamespace:
     @cuda.jit
     def copy4d(src, dst):
         """dst[...] = src[...] for a strided 4-D src and a C-contiguous dst."""
-        n1, n2, n3 = dst.shape[1], dst.shape[2], dst.shape[3]
         i = cuda.grid(1)
         while i < dst.size:
-            d = i // n3
-            w = i - d * n3
-            d2 = d // n2
-            h = d - d2 * n2
-            n = d2 // n1
-            c = d2 - n * n1
+            n, c, h, w = unravel4(i, dst.shape[1], dst.shape[2], dst.shape[3])
             dst[n, c, h, w] = src[n, c, h, w]
             i += cuda.gridsize(1)
 
@@ -140,14 +188,8 @@ def kernels(dtype_name: str) -> SimpleNamespace:
         kblocks = (kg_n + kb - 1) // kb
         item = cuda.blockIdx.x
         while item < items:
-            rest = item // tiles_x
-            tile_x = item - rest * tiles_x
-            item2 = rest // tiles_y
-            tile_y = rest - item2 * tiles_y
-            rest = item2 // kblocks
-            kblk = item2 - rest * kblocks
-            n = rest // G
-            grp = rest - n * G
+            image_group, kblk, tile_y, tile_x = unravel4(item, kblocks, tiles_y, tiles_x)
+            n, grp = split(image_group, G)
             oh = tile_y * th + ty
             ow = tile_x * tw + tx
             k0 = grp * kg_n + kblk * kb
@@ -202,29 +244,16 @@ def kernels(dtype_name: str) -> SimpleNamespace:
         cg_n, kg_n = C // G, K // G
         i = cuda.grid(1)
         while i < grad_x.size:
-            d = i // W
-            iw = i - d * W
-            d2 = d // H
-            ih = d - d2 * H
-            n = d2 // C
-            c = d2 - n * C
-            grp = c // cg_n
-            cg = c - grp * cg_n
+            n, c, ih, iw = unravel4(i, C, H, W)
+            grp, cg = split(c, cg_n)
+            qh, qw = ih + pt, iw + pl
+            r0, r1, rstep = taps_reaching(qh, dh, sh, Ho, R)
+            s0, s1, sstep = taps_reaching(qw, dw, sw, Wo, S)
             acc = ftype(0)
-            for r in range(R):
-                ty = ih + pt - r * dh
-                if ty < 0:
-                    break
-                oh = ty // sh
-                if oh * sh != ty or oh >= Ho:
-                    continue
-                for s in range(S):
-                    tx = iw + pl - s * dw
-                    if tx < 0:
-                        break
-                    ow = tx // sw
-                    if ow * sw != tx or ow >= Wo:
-                        continue
+            for r in range(r0, r1, rstep):
+                oh = (qh - r * dh) // sh
+                for s in range(s0, s1, sstep):
+                    ow = (qw - s * dw) // sw
                     for kk in range(kg_n):
                         k = grp * kg_n + kk
                         acc += grad_out[n, k, oh, ow] * w[k, cg, r, s]
@@ -240,20 +269,12 @@ def kernels(dtype_name: str) -> SimpleNamespace:
         total = n_images * Ho * Wo
         e = cuda.blockIdx.x
         while e < grad_w.size:
-            d = e // S
-            s = e - d * S
-            d2 = d // R
-            r = d - d2 * R
-            k = d2 // cg_n
-            cg = d2 - k * cg_n
+            k, cg, r, s = unravel4(e, cg_n, R, S)
             c = (k // kg_n) * cg_n + cg
             acc = ftype(0)
             i = cuda.threadIdx.x
             while i < total:
-                d = i // Wo
-                ow = i - d * Wo
-                n = d // Ho
-                oh = d - n * Ho
+                n, oh, ow = unravel3(i, Ho, Wo)
                 ih = oh * sh - pt + r * dh
                 iw = ow * sw - pl + s * dw
                 if ih >= 0 and ih < H and iw >= 0 and iw < W:
@@ -275,10 +296,8 @@ def kernels(dtype_name: str) -> SimpleNamespace:
             acc = ftype(0)
             i = cuda.threadIdx.x
             while i < n_img * plane:
-                n = i // plane
-                p = i - n * plane
-                oh = p // ww
-                acc += grad_out[n, k, oh, p - oh * ww]
+                n, oh, ow = unravel3(i, hh, ww)
+                acc += grad_out[n, k, oh, ow]
                 i += cuda.blockDim.x
             acc = block_sum(sm, acc)
             if cuda.threadIdx.x == 0:
@@ -290,21 +309,14 @@ def kernels(dtype_name: str) -> SimpleNamespace:
     def im2col(x, cols, geo):
         """cols[(c*R + r)*S + s, img*P + p] = padded x[img, c, oh*sh + r*dh, ow*sw + s*dw]."""
         C, H, W, K, R, S, sh, sw, pt, pl, dh, dw, G, Ho, Wo = geo
-        P = Ho * Wo
         q_n = cols.shape[1]
         i = cuda.grid(1)
         while i < cols.size:
-            row = i // q_n
-            q = i - row * q_n
-            c = row // (R * S)
-            tap = row - c * (R * S)
-            r = tap // S
-            s = tap - r * S
-            img = q // P
-            p = q - img * P
-            oh = p // Wo
+            row, q = split(i, q_n)
+            c, r, s = unravel3(row, R, S)
+            img, oh, ow = unravel3(q, Ho, Wo)
             ih = oh * sh - pt + r * dh
-            iw = (p - oh * Wo) * sw - pl + s * dw
+            iw = ow * sw - pl + s * dw
             v = ftype(0)
             if ih >= 0 and ih < H and iw >= 0 and iw < W:
                 v = x[img, c, ih, iw]
@@ -318,27 +330,15 @@ def kernels(dtype_name: str) -> SimpleNamespace:
         P = Ho * Wo
         i = cuda.grid(1)
         while i < grad_x.size:
-            d = i // W
-            iw = i - d * W
-            d2 = d // H
-            ih = d - d2 * H
-            img = d2 // C
-            c = d2 - img * C
+            img, c, ih, iw = unravel4(i, C, H, W)
+            qh, qw = ih + pt, iw + pl
+            r0, r1, rstep = taps_reaching(qh, dh, sh, Ho, R)
+            s0, s1, sstep = taps_reaching(qw, dw, sw, Wo, S)
             acc = ftype(0)
-            for r in range(R):
-                ty = ih + pt - r * dh
-                if ty < 0:
-                    break
-                oh = ty // sh
-                if oh * sh != ty or oh >= Ho:
-                    continue
-                for s in range(S):
-                    tx = iw + pl - s * dw
-                    if tx < 0:
-                        break
-                    ow = tx // sw
-                    if ow * sw != tx or ow >= Wo:
-                        continue
+            for r in range(r0, r1, rstep):
+                oh = (qh - r * dh) // sh
+                for s in range(s0, s1, sstep):
+                    ow = (qw - s * dw) // sw
                     acc += cols[(c * R + r) * S + s, img * P + oh * Wo + ow]
             grad_x[img, c, ih, iw] = acc
             i += cuda.gridsize(1)
@@ -430,13 +430,10 @@ def kernels(dtype_name: str) -> SimpleNamespace:
     @cuda.jit
     def swap01(src, dst, bias, has_bias):
         """dst[i, j, p] = src[j, i, p] (+ bias[j]): (n, k, P) <-> (k, n, P) reorders."""
-        i_n, j_n, p_n = dst.shape
+        j_n, p_n = dst.shape[1], dst.shape[2]
         i = cuda.grid(1)
         while i < dst.size:
-            d = i // p_n
-            p = i - d * p_n
-            a = d // j_n
-            b = d - a * j_n
+            a, b, p = unravel3(i, j_n, p_n)
             v = src[b, a, p]
             if has_bias:
                 v += bias[b]
@@ -455,12 +452,7 @@ def kernels(dtype_name: str) -> SimpleNamespace:
         dh, dw = dilation
         i = cuda.grid(1)
         while i < out.size:
-            d = i // wo_n
-            ow = i - d * wo_n
-            d2 = d // ho_n
-            oh = d - d2 * ho_n
-            n = d2 // c_n
-            c = d2 - n * c_n
+            n, c, oh, ow = unravel4(i, c_n, ho_n, wo_n)
             h0 = oh * sh - ph
             w0 = ow * sw - pw
             hf = h0 if h0 >= 0 else h0 + ((-h0 + dh - 1) // dh) * dh  # first row >= 0 on the grid
@@ -490,12 +482,7 @@ def kernels(dtype_name: str) -> SimpleNamespace:
         c_n, ho_n, wo_n = grad_out.shape[1], grad_out.shape[2], grad_out.shape[3]
         i = cuda.grid(1)
         while i < grad_out.size:
-            d = i // wo_n
-            ow = i - d * wo_n
-            d2 = d // ho_n
-            oh = d - d2 * ho_n
-            n = d2 // c_n
-            c = d2 - n * c_n
+            n, c, oh, ow = unravel4(i, c_n, ho_n, wo_n)
             where = indices[n, c, oh, ow]
             if where >= 0 and where < plane:
                 cuda.atomic.add(grad_x_flat, (n * c_n + c) * plane + where, grad_out[n, c, oh, ow])
@@ -521,12 +508,7 @@ def kernels(dtype_name: str) -> SimpleNamespace:
         ph, pw = padding
         i = cuda.grid(1)
         while i < out.size:
-            d = i // wo_n
-            ow = i - d * wo_n
-            d2 = d // ho_n
-            oh = d - d2 * ho_n
-            n = d2 // c_n
-            c = d2 - n * c_n
+            n, c, oh, ow = unravel4(i, c_n, ho_n, wo_n)
             h0 = oh * sh - ph
             w0 = ow * sw - pw
             div = avg_divisor(h0, w0, kh, kw, H, W, ph, pw, count_include_pad)
@@ -547,12 +529,7 @@ def kernels(dtype_name: str) -> SimpleNamespace:
         ph, pw = padding
         i = cuda.grid(1)
         while i < grad_x.size:
-            d = i // W
-            iw = i - d * W
-            d2 = d // H
-            ih = d - d2 * H
-            n = d2 // c_n
-            c = d2 - n * c_n
+            n, c, ih, iw = unravel4(i, c_n, H, W)
             # windows oh with oh*sh - ph <= ih < oh*sh - ph + kh
             oh_lo = imax(0, (ih + ph - kh + sh) // sh)
             oh_hi = imin(ho_n - 1, (ih + ph) // sh)
