@@ -122,22 +122,11 @@ class CudaBackend(Backend):
                 x, weight, bias, out, has_bias, K.geometry_tuple(g), patch_h, patch_w, items)
             return io.result(out)
         # im2col (also the fallback when a huge kernel's patch does not fit in shared memory)
-        geo, p = K.geometry_tuple(g), g.out_h * g.out_w
-        crs = g.c * g.r * g.s
-        per_image = (crs + g.k) * p * g.dtype.itemsize
-        nb = _config.batch_chunk(per_image, g.n)
-        cols_buf = cuda.device_array(crs * nb * p, dtype=g.dtype)
-        tmp_buf = cuda.device_array(g.k * nb * p, dtype=g.dtype)
-        w3 = weight.reshape(g.groups, g.k_per_group, g.c_per_group * g.r * g.s)
-        for i0 in range(0, g.n, nb):
-            m = min(nb, g.n - i0)
-            cols = cols_buf[:crs * m * p]
-            tmp = tmp_buf[:g.k * m * p]
-            _launch_1d(kern.im2col, cols.size, x[i0:i0 + m], cols.reshape(crs, m * p), geo)
-            _gemm(kern, w3, cols.reshape(g.groups, crs // g.groups, m * p),
-                  tmp.reshape(g.groups, g.k_per_group, m * p), False, False, False)
-            _launch_1d(kern.swap01, tmp.size, tmp.reshape(g.k, m, p), out[i0:i0 + m].reshape(m, g.k, p),
-                       bias, has_bias)
+        geo = K.geometry_tuple(g)
+        for i0, m, cols, tmp in _im2col_chunks(g):
+            _launch_1d(kern.im2col, cols.size, x[i0:i0 + m], cols, geo)
+            _gemm(kern, _per_group(weight, g), _per_group(cols, g), _per_group(tmp, g), False, False, False)
+            _launch_1d(kern.swap01, tmp.size, tmp, out[i0:i0 + m].reshape(m, g.k, -1), bias, has_bias)
         return io.result(out)
 
     # ------------------------------------------------------------ gradients
@@ -150,19 +139,10 @@ class CudaBackend(Backend):
         if algorithm == "direct":
             _launch_1d(kern.conv_backward_input_direct, gx.size, gy, weight, gx, geo)
             return io.result(gx)
-        p, crs = g.out_h * g.out_w, g.c * g.r * g.s
-        nb = _config.batch_chunk((crs + g.k) * p * g.dtype.itemsize, g.n)
-        cols_buf = cuda.device_array(crs * nb * p, dtype=g.dtype)
-        gyt_buf = cuda.device_array(g.k * nb * p, dtype=g.dtype)
-        w3 = weight.reshape(g.groups, g.k_per_group, crs // g.groups)
-        for i0 in range(0, g.n, nb):
-            m = min(nb, g.n - i0)
-            cols, gyt = cols_buf[:crs * m * p], gyt_buf[:g.k * m * p]
-            _launch_1d(kern.swap01, gyt.size, gy[i0:i0 + m].reshape(m, g.k, p), gyt.reshape(g.k, m, p),
-                       gyt, False)
-            _gemm(kern, w3, gyt.reshape(g.groups, g.k_per_group, m * p),
-                  cols.reshape(g.groups, crs // g.groups, m * p), True, False, False)
-            _launch_1d(kern.col2im, gx[i0:i0 + m].size, cols.reshape(crs, m * p), gx[i0:i0 + m], geo)
+        for i0, m, cols, gyt in _im2col_chunks(g):
+            _channel_major(kern, gy[i0:i0 + m], gyt)
+            _gemm(kern, _per_group(weight, g), _per_group(gyt, g), _per_group(cols, g), True, False, False)
+            _launch_1d(kern.col2im, gx[i0:i0 + m].size, cols, gx[i0:i0 + m], geo)
         return io.result(gx)
 
     def conv2d_backward_weight(self, grad_out, x, g: ConvGeometry, algorithm: str):
@@ -175,19 +155,10 @@ class CudaBackend(Backend):
             grid = min(gw.size, MAX_BLOCKS)
             kern.conv_backward_weight_direct[grid, K.THREADS](gy, x, gw, geo, g.n)
             return io.result(gw)
-        p, crs = g.out_h * g.out_w, g.c * g.r * g.s
-        nb = _config.batch_chunk((crs + g.k) * p * g.dtype.itemsize, g.n)
-        cols_buf = cuda.device_array(crs * nb * p, dtype=g.dtype)
-        gyt_buf = cuda.device_array(g.k * nb * p, dtype=g.dtype)
-        gw3 = gw.reshape(g.groups, g.k_per_group, crs // g.groups)
-        for i0 in range(0, g.n, nb):
-            m = min(nb, g.n - i0)
-            cols, gyt = cols_buf[:crs * m * p], gyt_buf[:g.k * m * p]
-            _launch_1d(kern.im2col, cols.size, x[i0:i0 + m], cols.reshape(crs, m * p), geo)
-            _launch_1d(kern.swap01, gyt.size, gy[i0:i0 + m].reshape(m, g.k, p), gyt.reshape(g.k, m, p),
-                       gyt, False)
-            _gemm(kern, gyt.reshape(g.groups, g.k_per_group, m * p),
-                  cols.reshape(g.groups, crs // g.groups, m * p), gw3, False, True, i0 > 0)
+        for i0, m, cols, gyt in _im2col_chunks(g):
+            _launch_1d(kern.im2col, cols.size, x[i0:i0 + m], cols, geo)
+            _channel_major(kern, gy[i0:i0 + m], gyt)
+            _gemm(kern, _per_group(gyt, g), _per_group(cols, g), _per_group(gw, g), False, True, i0 > 0)
         return io.result(gw)
 
     def conv2d_backward_bias(self, grad_out, g: ConvGeometry):
@@ -273,6 +244,33 @@ def _direct_tile(g: ConvGeometry):
         if tw == th == 1:
             return None
         tw, th = max(1, tw // 2), max(1, th // 2)
+
+
+def _im2col_chunks(g: ConvGeometry):
+    """The batch chunks of the im2col algorithm, sized by :func:`fastconv._config.batch_chunk`.
+
+    Yields ``(i0, m, cols, tmp)`` for each chunk of ``m`` images starting at ``i0``:
+    ``cols`` a (C*R*S, m*P) column buffer and ``tmp`` a (K, m, P) buffer (P = out_h*out_w),
+    both views of two workspaces allocated once for the whole batch.
+    """
+    p, crs = g.out_h * g.out_w, g.c * g.r * g.s
+    nb = _config.batch_chunk((crs + g.k) * p * g.dtype.itemsize, g.n)
+    cols_buf = cuda.device_array(crs * nb * p, dtype=g.dtype)
+    tmp_buf = cuda.device_array(g.k * nb * p, dtype=g.dtype)
+    for i0 in range(0, g.n, nb):
+        m = min(nb, g.n - i0)
+        yield i0, m, cols_buf[:crs * m * p].reshape(crs, m * p), tmp_buf[:g.k * m * p].reshape(g.k, m, p)
+
+
+def _per_group(a, g: ConvGeometry):
+    """``a`` viewed as (groups, rows per group, rest) along its first axis: one GEMM operand per group."""
+    return a.reshape(g.groups, a.shape[0] // g.groups, -1)
+
+
+def _channel_major(kern, gy, gyt) -> None:
+    """gyt (K, m, P) = grad_out chunk gy (m, K, Ho, Wo) with its first two axes swapped."""
+    m, k = gy.shape[0], gy.shape[1]
+    _launch_1d(kern.swap01, gyt.size, gy.reshape(m, k, -1), gyt, gyt.reshape(-1), False)
 
 
 def _gemm(kern, a, b, c, trans_a: bool, trans_b: bool, accumulate: bool) -> None:
