@@ -343,6 +343,22 @@ def kernels(dtype_name: str) -> SimpleNamespace:
             grad_x[img, c, ih, iw] = acc
             i += cuda.gridsize(1)
 
+    @cuda.jit(device=True)
+    def stage(slab, src, z, k_major, e, i0, i_n, k0, kd):
+        """Element ``e`` of one GEMM shared slab: ``slab[kk, ii]`` = operand entry
+        (i0 + ii, k0 + kk), zero outside the operand.  The operand is ``src[z]``,
+        stored (Kd, I) when ``k_major`` else (I, Kd); consecutive ``e`` walk its
+        contiguous axis (coalesced loads)."""
+        if k_major:  # src[z, k, i]: i contiguous
+            kk, ii = split(e, block_edge)
+        else:  # src[z, i, k]: k contiguous
+            ii, kk = split(e, tile)
+        i, k = i0 + ii, k0 + kk
+        v = ftype(0)
+        if i < i_n and k < kd:
+            v = src[z, k, i] if k_major else src[z, i, k]
+        slab[kk, ii] = v
+
     @cuda.jit
     def gemm(a, b, c, trans_a, trans_b, accumulate):
         """Batched tiled GEMM: c[z] (+)= op(a[z]) @ op(b[z]) with op = transpose when asked.
@@ -379,30 +395,8 @@ def kernels(dtype_name: str) -> SimpleNamespace:
                     for k0 in range(0, kd, tile):
                         e = t
                         while e < slab:
-                            if trans_a:  # a[z, k, m]: m contiguous
-                                kk = e // bm
-                                mm = e - kk * bm
-                            else:  # a[z, m, k]: k contiguous
-                                mm = e // tile
-                                kk = e - mm * tile
-                            r = row0 + mm
-                            k = k0 + kk
-                            v = ftype(0)
-                            if r < m_n and k < kd:
-                                v = a[z, k, r] if trans_a else a[z, r, k]
-                            sa[kk, mm] = v
-                            if trans_b:  # b[z, n, k]: k contiguous
-                                nn = e // tile
-                                kk = e - nn * tile
-                            else:  # b[z, k, n]: n contiguous
-                                kk = e // bm
-                                nn = e - kk * bm
-                            col = col0 + nn
-                            k = k0 + kk
-                            v = ftype(0)
-                            if col < n_n and k < kd:
-                                v = b[z, col, k] if trans_b else b[z, k, col]
-                            sb[kk, nn] = v
+                            stage(sa, a, z, trans_a, e, row0, m_n, k0, kd)  # op(a) rows
+                            stage(sb, b, z, not trans_b, e, col0, n_n, k0, kd)  # op(b) columns
                             e += tile * tile
                         cuda.syncthreads()
                         for kk in range(tile):
