@@ -57,7 +57,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fastconv", description="fast 2-D convolution and pooling kernels")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (_, helptext) in SUBCOMMANDS.items():
-        sub.add_parser(name, help=helptext, description=helptext)
+        sub.add_parser(name, help=helptext, description=helptext, add_help=False)  # -h reaches the module
     # parse the command name first, then let its module define its own options
     args, rest = parser.parse_known_args(argv)
     module = importlib.import_module(SUBCOMMANDS[args.command][0])
