@@ -174,8 +174,7 @@ class CudaBackend(Backend):
         (x,) = io.arrays
         out = cuda.device_array(p.output_shape, dtype=p.dtype)
         idx = cuda.device_array(p.output_shape, dtype=np.int64)
-        _launch_1d(K.kernels(p.dtype.name).max_pool, out.size, x, out, idx,
-                   p.kernel, p.stride, p.padding, p.dilation)
+        _launch_1d(K.kernels(p.dtype.name).max_pool, out.size, x, out, idx, K.pool_tuple(p))
         return io.result(out), io.result(idx)
 
     def max_pool2d_backward(self, grad_out, indices, p: PoolGeometry):
@@ -194,16 +193,15 @@ class CudaBackend(Backend):
         io = _Io(x)
         (x,) = io.arrays
         out = cuda.device_array(p.output_shape, dtype=p.dtype)
-        _launch_1d(K.kernels(p.dtype.name).avg_pool, out.size, x, out, p.kernel, p.stride, p.padding,
-                   p.count_include_pad)
+        _launch_1d(K.kernels(p.dtype.name).avg_pool, out.size, x, out, K.pool_tuple(p), p.count_include_pad)
         return io.result(out)
 
     def avg_pool2d_backward(self, grad_out, p: PoolGeometry):
         io = _Io(grad_out)
         (gy,) = io.arrays
         gx = cuda.device_array(p.input_shape, dtype=p.dtype)
-        _launch_1d(K.kernels(p.dtype.name).avg_pool_backward, gx.size, gy, gx, p.kernel, p.stride,
-                   p.padding, p.count_include_pad)
+        _launch_1d(K.kernels(p.dtype.name).avg_pool_backward, gx.size, gy, gx, K.pool_tuple(p),
+                   p.count_include_pad)
         return io.result(gx)
 
     # ------------------------------------------------------------ selection

@@ -111,6 +111,12 @@ def geometry_tuple(g) -> tuple[int, ...]:
             g.dilation[0], g.dilation[1], g.groups, g.out_h, g.out_w)
 
 
+def pool_tuple(p) -> tuple[int, ...]:
+    """The ``pool`` tuple every pool kernel takes, from a PoolGeometry:
+    (kh, kw, sh, sw, ph, pw, dh, dw)."""
+    return (*p.kernel, *p.stride, *p.padding, *p.dilation)
+
+
 @functools.lru_cache(maxsize=None)
 def kernels(dtype_name: str) -> SimpleNamespace:
     """Compile (lazily, on first launch) the kernel set for one compute dtype.
@@ -436,14 +442,11 @@ def kernels(dtype_name: str) -> SimpleNamespace:
 
     # ------------------------------------------------------------ pools
     @cuda.jit
-    def max_pool(x, out, indices, kernel, stride, padding, dilation):
+    def max_pool(x, out, indices, pool):
         """PyTorch's max pool: taps row-major, ``v > best or isnan(v)``, padding is -inf."""
-        n_img, c_n, H, W = x.shape
+        kh, kw, sh, sw, ph, pw, dh, dw = pool
+        c_n, H, W = x.shape[1], x.shape[2], x.shape[3]
         ho_n, wo_n = out.shape[2], out.shape[3]
-        kh, kw = kernel
-        sh, sw = stride
-        ph, pw = padding
-        dh, dw = dilation
         i = cuda.grid(1)
         while i < out.size:
             n, c, oh, ow = unravel4(i, c_n, ho_n, wo_n)
@@ -494,12 +497,10 @@ def kernels(dtype_name: str) -> SimpleNamespace:
         return (imin(h1, H) - imax(h0, 0)) * (imin(w1, W) - imax(w0, 0))
 
     @cuda.jit
-    def avg_pool(x, out, kernel, stride, padding, count_include_pad):
-        n_img, c_n, H, W = x.shape
+    def avg_pool(x, out, pool, count_include_pad):
+        kh, kw, sh, sw, ph, pw, _, _ = pool
+        c_n, H, W = x.shape[1], x.shape[2], x.shape[3]
         ho_n, wo_n = out.shape[2], out.shape[3]
-        kh, kw = kernel
-        sh, sw = stride
-        ph, pw = padding
         i = cuda.grid(1)
         while i < out.size:
             n, c, oh, ow = unravel4(i, c_n, ho_n, wo_n)
@@ -514,13 +515,11 @@ def kernels(dtype_name: str) -> SimpleNamespace:
             i += cuda.gridsize(1)
 
     @cuda.jit
-    def avg_pool_backward(grad_out, grad_x, kernel, stride, padding, count_include_pad):
+    def avg_pool_backward(grad_out, grad_x, pool, count_include_pad):
         """grad_x[n, c, h, w]: gather grad_out / divisor over the windows holding (h, w)."""
-        n_img, c_n, H, W = grad_x.shape
+        kh, kw, sh, sw, ph, pw, _, _ = pool
+        c_n, H, W = grad_x.shape[1], grad_x.shape[2], grad_x.shape[3]
         ho_n, wo_n = grad_out.shape[2], grad_out.shape[3]
-        kh, kw = kernel
-        sh, sw = stride
-        ph, pw = padding
         i = cuda.grid(1)
         while i < grad_x.size:
             n, c, ih, iw = unravel4(i, c_n, H, W)
