@@ -274,39 +274,63 @@ def col2im(cols, gx, n0, nr, ns, sh, sw, top, left, dh, dw, ho, wo):
 
 
 # --------------------------------------------------------------------------- pooling
+@njit(**_SERIAL)
+def _tap_bounds(nout, stride, pad, k, dil, size):
+    """For each output position o along one axis: the first and one-past-last tap index
+    (0 <= a < k) whose input position o*stride - pad + a*dil lies in [0, size)."""
+    first = np.empty(nout, np.int64)
+    last = np.empty(nout, np.int64)
+    for o in range(nout):
+        first[o], last[o] = _span(o * stride - pad, dil, size, k)
+    return first, last
+
+
 @njit(**_POOL)
 def max_pool2d(x, out, idx, kh, kw, sh, sw, ph, pw, dh, dw):
     """Max pooling with PyTorch's rules: taps visited row-major, ``v > best or isnan(v)``
     takes the tap (first maximum wins ties, NaN propagates, the last NaN wins), padding
-    is -inf, and the default index is the first in-range tap on the dilation grid."""
+    is -inf, and the default index is the first in-range tap on the dilation grid.
+
+    One work item per output row (n, c, oh).  The scan of a window uses only
+    ``v > best`` (a predictable branch) and notes whether it saw a NaN; only then a
+    second scan picks the window's last NaN, which is what the combined rule yields.
+    ``v != v`` is the NaN test (pooling never uses fastmath, so it is kept).
+    """
     n, c, h, wd = x.shape
     ho, wo = out.shape[2], out.shape[3]
+    xf, of, jf = x.reshape(x.size), out.reshape(out.size), idx.reshape(idx.size)
+    ra, rb = _tap_bounds(ho, sh, ph, kh, dh, h)
+    ca, cb = _tap_bounds(wo, sw, pw, kw, dw, wd)
     for t in prange(n * c * ho):
-        i = t // (c * ho)
-        ca = (t // ho) % c
         oh = t % ho
-        plane = x[i, ca]
+        p0 = np.uint64((t // ho) * h * wd)
         h0 = oh * sh - ph
-        hf = h0 if h0 >= 0 else h0 + ((dh - 1 - h0) // dh) * dh
+        o0 = t * wo
         for ow in range(wo):
             w0 = ow * sw - pw
-            wf = w0 if w0 >= 0 else w0 + ((dw - 1 - w0) // dw) * dw
-            best = -np.inf
-            where = hf * wd + wf
-            for a in range(kh):
+            best = xf.dtype.type(-np.inf)
+            where = (h0 + ra[oh] * dh) * wd + w0 + ca[ow] * dw
+            nan = False
+            for a in range(ra[oh], rb[oh]):
                 ih = h0 + a * dh
-                if ih < 0 or ih >= h:
-                    continue
-                for b in range(kw):
-                    iw = w0 + b * dw
-                    if iw < 0 or iw >= wd:
-                        continue
-                    v = plane[ih, iw]
-                    if v > best or np.isnan(v):
+                for b in range(ca[ow], cb[ow]):
+                    q = ih * wd + w0 + b * dw
+                    v = xf[p0 + np.uint64(q)]
+                    nan |= v != v
+                    if v > best:
                         best = v
-                        where = ih * wd + iw
-            out[i, ca, oh, ow] = best
-            idx[i, ca, oh, ow] = where
+                        where = q
+            if nan:
+                for a in range(ra[oh], rb[oh]):
+                    ih = h0 + a * dh
+                    for b in range(ca[ow], cb[ow]):
+                        q = ih * wd + w0 + b * dw
+                        v = xf[p0 + np.uint64(q)]
+                        if v != v:
+                            best = v
+                            where = q
+            of[np.uint64(o0 + ow)] = best
+            jf[np.uint64(o0 + ow)] = where
 
 
 @njit(**_POOL)
@@ -317,77 +341,94 @@ def max_pool2d_backward(gy, idx, gx):
     guarantees memory safety)."""
     n, c, h, wd = gx.shape
     plane = h * wd
-    g2 = gx.reshape(n * c, plane)
-    y2 = gy.reshape(n * c, gy.shape[2] * gy.shape[3])
-    i2 = idx.reshape(n * c, gy.shape[2] * gy.shape[3])
+    m = gy.shape[2] * gy.shape[3]
+    xf, yf, jf = gx.reshape(gx.size), gy.reshape(gy.size), idx.reshape(idx.size)
     for t in prange(n * c):
-        dst = g2[t]
-        dst[:] = 0
-        src = y2[t]
-        ind = i2[t]
-        for o in range(src.shape[0]):
-            q = ind[o]
+        p0 = np.uint64(t * plane)
+        _fill(xf, p0, plane, xf.dtype.type(0))
+        for o in range(np.uint64(t * m), np.uint64((t + 1) * m)):
+            q = jf[o]
             if 0 <= q < plane:
-                dst[q] += src[o]
+                xf[p0 + np.uint64(q)] += yf[o]
 
 
-@njit(inline="always", **_SERIAL)
-def _avg_window(o, stride, pad, k, size, include_pad):
-    """PyTorch's avg-pool window along one axis: (start, stop, extent counted in the divisor)."""
-    a = o * stride - pad
-    b = min(a + k, size + pad)
-    extent = b - a
-    a, b = max(a, 0), min(b, size)
-    return a, b, extent if include_pad else b - a
+@njit(**_SERIAL)
+def _avg_bounds(nout, stride, pad, k, size, include_pad):
+    """PyTorch's avg-pool windows along one axis: clipped start, stop, and the extent that
+    counts in the divisor (the padded extent, cells added by ceil_mode excluded, when
+    ``include_pad``; else the clipped one)."""
+    start = np.empty(nout, np.int64)
+    stop = np.empty(nout, np.int64)
+    extent = np.empty(nout, np.int64)
+    for o in range(nout):
+        a = o * stride - pad
+        b = min(a + k, size + pad)
+        start[o], stop[o] = max(a, 0), min(b, size)
+        extent[o] = b - a if include_pad else stop[o] - start[o]
+    return start, stop, extent
 
 
 @njit(**_POOL)
 def avg_pool2d(x, out, kh, kw, sh, sw, ph, pw, include_pad):
-    """Average pooling with PyTorch's divisor (cells added by ceil_mode never count);
-    the window sum is accumulated in float64."""
+    """Average pooling with PyTorch's divisor; the window sum is accumulated in float64.
+    One work item per output row (n, c, oh)."""
     n, c, h, wd = x.shape
     ho, wo = out.shape[2], out.shape[3]
+    xf, of = x.reshape(x.size), out.reshape(out.size)
+    ha, hb, hext = _avg_bounds(ho, sh, ph, kh, h, include_pad)
+    wa, wb, wext = _avg_bounds(wo, sw, pw, kw, wd, include_pad)
     for t in prange(n * c * ho):
-        i = t // (c * ho)
-        ca = (t // ho) % c
         oh = t % ho
-        plane = x[i, ca]
-        ha, hb, hext = _avg_window(oh, sh, ph, kh, h, include_pad)
+        p0 = (t // ho) * h * wd
         for ow in range(wo):
-            wa, wb, wext = _avg_window(ow, sw, pw, kw, wd, include_pad)
-            divisor = hext * wext
+            divisor = hext[oh] * wext[ow]
             total = 0.0
             if divisor > 0:
-                for ih in range(ha, hb):
-                    for iw in range(wa, wb):
-                        total += plane[ih, iw]
+                for ih in range(ha[oh], hb[oh]):
+                    r0 = np.uint64(p0 + ih * wd)
+                    for iw in range(np.uint64(wa[ow]), np.uint64(wb[ow])):
+                        total += xf[r0 + iw]
                 total /= divisor
-            out[i, ca, oh, ow] = total
+            of[np.uint64(t * wo + ow)] = total
 
 
 @njit(**_POOL)
 def avg_pool2d_backward(gy, gx, kh, kw, sh, sw, ph, pw, include_pad):
-    """The adjoint of :func:`avg_pool2d`, gathered per input row (n, c, ih): every
-    window covering a pixel contributes gy / divisor (summed in float64)."""
+    """The adjoint of :func:`avg_pool2d`, gathered per input row (n, c, ih): every window
+    covering a pixel contributes gy / divisor (summed in float64)."""
     n, c, h, wd = gx.shape
     ho, wo = gy.shape[2], gy.shape[3]
+    yf, xf = gy.reshape(gy.size), gx.reshape(gx.size)
+    ha, hb, hext = _avg_bounds(ho, sh, ph, kh, h, include_pad)
+    wa, wb, wext = _avg_bounds(wo, sw, pw, kw, wd, include_pad)
+    # output rows/cols whose window covers input row/col i: [lo[i], hi[i])
+    rlo, rhi = _covering(ho, ha, hb, h)
+    clo, chi = _covering(wo, wa, wb, wd)
     for t in prange(n * c * h):
-        i = t // (c * h)
-        ca = (t // h) % c
         ih = t % h
-        row = gx[i, ca, ih]
-        # windows start at o*s - p and cover k cells: o in [ceil((ih + p - k + 1) / s), (ih + p) // s]
-        oh_lo = max(0, (ih + ph - kh + sh) // sh)
-        oh_hi = min(ho, (ih + ph) // sh + 1)
+        y0 = (t // h) * ho * wo
         for iw in range(wd):
-            ow_lo = max(0, (iw + pw - kw + sw) // sw)
-            ow_hi = min(wo, (iw + pw) // sw + 1)
             total = 0.0
-            for oh in range(oh_lo, oh_hi):
-                _, _, hext = _avg_window(oh, sh, ph, kh, h, include_pad)
-                for ow in range(ow_lo, ow_hi):
-                    _, _, wext = _avg_window(ow, sw, pw, kw, wd, include_pad)
-                    divisor = hext * wext
+            for oh in range(rlo[ih], rhi[ih]):
+                for ow in range(clo[iw], chi[iw]):
+                    divisor = hext[oh] * wext[ow]
                     if divisor > 0:
-                        total += gy[i, ca, oh, ow] / divisor
-            row[iw] = total
+                        total += yf[np.uint64(y0 + oh * wo + ow)] / divisor
+            xf[np.uint64(t * wd + iw)] = total
+
+
+@njit(**_SERIAL)
+def _covering(nout, start, stop, size):
+    """For each input index i: the range [lo, hi) of windows o with start[o] <= i < stop[o]
+    (window starts and stops are non-decreasing in o)."""
+    lo = np.zeros(size, np.int64)
+    hi = np.zeros(size, np.int64)
+    o_lo = 0
+    o_hi = 0
+    for i in range(size):
+        while o_lo < nout and stop[o_lo] <= i:
+            o_lo += 1
+        while o_hi < nout and start[o_hi] <= i:
+            o_hi += 1
+        lo[i], hi[i] = o_lo, max(o_lo, o_hi)
+    return lo, hi
