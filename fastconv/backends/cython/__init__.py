@@ -141,7 +141,7 @@ class _Workspace:
     def __init__(self, g: ConvGeometry) -> None:
         p = g.out_h * g.out_w
         rows = g.c * g.r * g.s
-        self.chunk = _config.batch_chunk((rows + g.k) * p * g.dtype.itemsize, g.n)
+        self.chunk = min(_config.batch_chunk((rows + g.k) * p * g.dtype.itemsize, g.n), _INT32_MAX // p)
         self.col = np.empty(rows * self.chunk * p, g.dtype)
         self.tmp = np.empty(g.k * self.chunk * p, g.dtype)
 
