@@ -19,17 +19,25 @@ im2col
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from typing import Any, Callable
 
-import numba
-import numpy as np
+# numba's "omp" threading layer runs on libgomp, whose idle threads busy-wait by default and
+# then steal the cores from the threads still working (and from BLAS) on a shared or
+# oversubscribed machine.  libgomp reads this once, when numba first loads it (the first
+# parallel kernel call), and only if the user has not chosen a policy.  The Cython backend
+# sets the same default for the same reason.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from ... import _config
-from ..._args import ConvGeometry, PoolGeometry
-from ..base import Backend
-from . import _kernels
+import numba  # noqa: E402
+import numpy as np  # noqa: E402
+
+from ... import _config  # noqa: E402
+from ..._args import ConvGeometry, PoolGeometry  # noqa: E402
+from ..base import Backend  # noqa: E402
+from . import _kernels  # noqa: E402
 
 _lock = threading.Lock()
 _compile_seconds: dict[str, float] = {}
@@ -194,11 +202,14 @@ class NumbaBackend(Backend):
 
     # ------------------------------------------------------------------ selection
     def default_algorithm(self, op: str, g: ConvGeometry) -> str:
-        """im2col when the GEMM is big enough to pay for the unfolding, direct otherwise
-        (few input channels per group, depthwise, single 2-D images)."""
-        if g.c_per_group * g.r * g.s >= 32 and g.k_per_group >= 8:
-            return "im2col"
-        return "direct"
+        """im2col + GEMM unless the GEMM would be degenerate: depthwise-like convs (one input
+        channel per group, few outputs per group; each GEMM is then a 1-row product) and the
+        single-channel ``correlate2d`` path, whose column matrix would be R*S times the image,
+        stay direct.  (The same rule as the Cython backend; on the 2-core machine im2col won
+        on every other layer of the benchmark suite, C = 1 or 3 first layers included.)"""
+        if g.c_per_group == 1 and g.k_per_group <= 4:
+            return "direct"
+        return "im2col"
 
     # ------------------------------------------------------------------ conv
     def conv2d(self, x, weight, bias, g, algorithm):
@@ -299,5 +310,6 @@ class NumbaBackend(Backend):
             "numba_version": numba.__version__,
             "threading_layer": layer,
             "max_threads": numba.config.NUMBA_NUM_THREADS,
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
             "compile_seconds": compile_times(),
         }
