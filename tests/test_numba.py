@@ -86,6 +86,26 @@ def test_conv_matches_reference(dtype, algorithm):
             assert rel_err(got, want) <= TOL[dtype], (name, cfg)
 
 
+@pytest.mark.parametrize("algorithm", ["direct", "im2col"])
+def test_taps_that_never_touch_the_image(algorithm):
+    """Images narrower than the dilated kernel with padding: some taps land only in the
+    padding (their column range is empty); nothing may be written past a row."""
+    rng = np.random.default_rng(9)
+    for shape, kernel, pad, dil in [((3, 2, 9, 1), (3, 3), "same", (3, 3)),
+                                    ((2, 3, 1, 7), (3, 2), (3, 4), (2, 3)),
+                                    ((2, 2, 2, 2), (4, 4), 5, 2)]:
+        x = rng.standard_normal(shape)
+        w = rng.standard_normal((4, shape[1]) + kernel)
+        ref = fc.conv2d(x, w, padding=pad, dilation=dil, backend="reference")
+        got = fc.conv2d(x, w, padding=pad, dilation=dil, backend="numba", algorithm=algorithm)
+        assert rel_err(got, ref) <= 1e-12
+        gy = rng.standard_normal(ref.shape)
+        rg = fc.conv2d_backward(gy, x, w, padding=pad, dilation=dil, backend="reference")
+        ng = fc.conv2d_backward(gy, x, w, padding=pad, dilation=dil, backend="numba", algorithm=algorithm)
+        assert rel_err(ng.input, rg.input) <= 1e-12
+        assert rel_err(ng.weight, rg.weight) <= 1e-12
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", ["pointwise", "pointwise-groups", "large-plane", "large-plane-groups"])
 def test_im2col_special_paths(dtype, case):

@@ -11,10 +11,12 @@ direct
     Loops over output rows (forward), input rows (backward-input) or filter planes
     (backward-weight) with the padding handled by index ranges, never materialised.
 im2col
-    Unfold a chunk of the batch into a (C*R*S, nb*Ho*Wo) column matrix, multiply by the
-    weights with numpy's matmul (BLAS), and scatter back (col2im) for backward-input.
-    The chunk size comes from :func:`fastconv._config.batch_chunk`, so the workspace
-    stays within :func:`fastconv.set_workspace_limit`.
+    Unfold a chunk of the batch into a (C*R*S, nb*Ho*Wo) column matrix (an njit kernel),
+    multiply by the weights with numpy's stacked matmul (one BLAS GEMM per image, written
+    straight into the output), and scatter back (col2im) for backward-input; 1x1 stride-1
+    convs use the input as it is.  The chunk size comes from
+    :func:`fastconv._config.batch_chunk`, so the workspace stays within
+    :func:`fastconv.set_workspace_limit`; the workspace buffer is reused between calls.
 """
 
 from __future__ import annotations
@@ -154,9 +156,10 @@ def _scratch(slot: str, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     """An uninitialised C-contiguous array from a per-thread buffer that is kept between calls.
 
     Fresh large allocations cost a page fault per 4 KiB page on first touch, which is as
-    slow as the im2col copy itself; reusing the buffers avoids that.  Each buffer is at
-    most one workspace (a chunk's column matrix or GEMM result), so the memory kept is
-    bounded by the workspace limit (or one image's columns when that is larger).
+    slow as the im2col copy itself; reusing the buffers avoids that.  Each request is at
+    most one workspace (a chunk's column matrix, or backward-weight's transposed grad_out),
+    so each thread keeps at most the largest workspace it has used (the workspace limit,
+    or one image's columns when that is larger) per slot.
     """
     nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
     buf = getattr(_scratch_buffers, slot, None)

@@ -42,13 +42,15 @@ def _spans(ns, dw, left, sw, wd, wo):
 
 @njit(inline="always", **_SERIAL)
 def _span(offset: int, stride: int, size: int, out: int) -> tuple[int, int]:
-    """Output positions ``lo <= o < hi`` (within ``[0, out)``) with
-    ``0 <= o * stride + offset < size``."""
+    """Output positions ``lo <= o < hi`` with ``0 <= o * stride + offset < size``, clamped
+    so that ``0 <= lo <= hi <= out`` always holds (a tap that never lands inside the
+    image, e.g. a dilated tap of a padded 1-pixel-wide image, gives an empty range at
+    ``out``, never a range past the row)."""
     lo = 0 if offset >= 0 else (stride - 1 - offset) // stride
     last = size - 1 - offset
     hi = last // stride + 1 if last >= 0 else 0
-    hi = min(hi, out)
-    return lo, max(lo, hi)
+    lo = min(lo, out)
+    return lo, max(lo, min(hi, out))
 
 
 # The conv kernels address flat (1-D) views of their C-contiguous arrays with explicit,
@@ -306,10 +308,11 @@ def max_pool2d(x, out, idx, kh, kw, sh, sw, ph, pw, dh, dw):
         p0 = np.uint64((t // ho) * h * wd)
         h0 = oh * sh - ph
         o0 = t * wo
+        first_row = h0 if h0 >= 0 else h0 + ((dh - 1 - h0) // dh) * dh  # on the grid, >= 0
         for ow in range(wo):
             w0 = ow * sw - pw
             best = xf.dtype.type(-np.inf)
-            where = (h0 + ra[oh] * dh) * wd + w0 + ca[ow] * dw
+            where = first_row * wd + (w0 if w0 >= 0 else w0 + ((dw - 1 - w0) // dw) * dw)
             nan = False
             for a in range(ra[oh], rb[oh]):
                 ih = h0 + a * dh
