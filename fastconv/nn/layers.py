@@ -125,7 +125,9 @@ class ReLU(Module):
         return self._y
 
     def backward(self, grad_out: np.ndarray, *, need_input: bool = True) -> np.ndarray | None:
-        return np.where(self._y > 0, grad_out, 0).astype(grad_out.dtype, copy=False)
+        if not need_input:
+            return None
+        return grad_out * (self._y > 0)  # a 0/1 mask product: several times faster than np.where
 
 
 class MaxPool2d(Module):
