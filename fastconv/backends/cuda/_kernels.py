@@ -12,7 +12,11 @@ Layouts (all C-contiguous unless said otherwise):
 * x (n, c, h, w), weight (k, c/groups, r, s), out (n, k, out_h, out_w);
 * im2col columns ``cols[(c*R + r)*S + s, img*P + oh*Wo + ow]`` with P = Ho*Wo,
   which viewed as (groups, c/groups*R*S, nb*P) is one GEMM operand per group;
-* ``geo`` is the tuple (C, H, W, K, R, S, sh, sw, pt, pl, dh, dw, G, Ho, Wo).
+* ``geo`` is the tuple (C, H, W, K, R, S, sh, sw, pt, pl, dh, dw, G, Ho, Wo) and
+  ``pool`` the tuple (kh, kw, sh, sw, ph, pw, dh, dw).
+
+Index arithmetic shared by several kernels lives in the module-level device
+functions below (flat-index unravelling, the taps that reach an input pixel).
 """
 
 from __future__ import annotations
