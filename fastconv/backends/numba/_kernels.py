@@ -397,27 +397,27 @@ def avg_pool2d(x, out, kh, kw, sh, sw, ph, pw, include_pad):
 
 @njit(**_POOL)
 def avg_pool2d_backward(gy, gx, kh, kw, sh, sw, ph, pw, include_pad):
-    """The adjoint of :func:`avg_pool2d`, gathered per input row (n, c, ih): every window
-    covering a pixel contributes gy / divisor (summed in float64)."""
+    """The adjoint of :func:`avg_pool2d`.  One work item per input row (n, c, ih): it
+    visits the output rows whose windows cover ih and spreads each gy / divisor over
+    the window's columns, so the work is proportional to the window area."""
     n, c, h, wd = gx.shape
     ho, wo = gy.shape[2], gy.shape[3]
     yf, xf = gy.reshape(gy.size), gx.reshape(gx.size)
     ha, hb, hext = _avg_bounds(ho, sh, ph, kh, h, include_pad)
     wa, wb, wext = _avg_bounds(wo, sw, pw, kw, wd, include_pad)
-    # output rows/cols whose window covers input row/col i: [lo[i], hi[i])
-    rlo, rhi = _covering(ho, ha, hb, h)
-    clo, chi = _covering(wo, wa, wb, wd)
+    rlo, rhi = _covering(ho, ha, hb, h)  # output rows whose window covers input row i
     for t in prange(n * c * h):
         ih = t % h
         y0 = (t // h) * ho * wo
-        for iw in range(wd):
-            total = 0.0
-            for oh in range(rlo[ih], rhi[ih]):
-                for ow in range(clo[iw], chi[iw]):
-                    divisor = hext[oh] * wext[ow]
-                    if divisor > 0:
-                        total += yf[np.uint64(y0 + oh * wo + ow)] / divisor
-            xf[np.uint64(t * wd + iw)] = total
+        x0 = np.uint64(t * wd)
+        _fill(xf, x0, wd, xf.dtype.type(0))
+        for oh in range(rlo[ih], rhi[ih]):
+            for ow in range(wo):
+                divisor = hext[oh] * wext[ow]
+                if divisor > 0:
+                    v = yf[np.uint64(y0 + oh * wo + ow)] / divisor
+                    for iw in range(np.uint64(wa[ow]), np.uint64(wb[ow])):
+                        xf[x0 + iw] += v
 
 
 @njit(**_SERIAL)
