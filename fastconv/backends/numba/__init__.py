@@ -120,19 +120,19 @@ def _conv_params(g: ConvGeometry) -> tuple[int, ...]:
 
 
 #: output planes at least this large are processed one image at a time: each GEMM is
-#: big enough on its own, and backward-weight then reads grad_out in place (no transpose)
+#: big enough on its own, and the workspace stays one image's columns
 _LARGE_PLANE = 2048
 
 
-def _chunks(g: ConvGeometry):
+def _chunks(g: ConvGeometry, extra_per_image: int = 0):
     """Batch chunks (n0, nb): one image at a time for large output planes, otherwise as
-    many images as the workspace limit allows for the column matrix plus the
-    (K, nb*Ho*Wo) transposed grad_out of backward-weight."""
+    many images as the workspace limit allows for the column matrix (plus
+    ``extra_per_image`` more elements of scratch per image)."""
     ll = g.out_h * g.out_w
     if ll >= _LARGE_PLANE:
         step = 1
     else:
-        step = _config.batch_chunk((g.c * g.r * g.s + g.k) * ll * np.dtype(g.dtype).itemsize, g.n)
+        step = _config.batch_chunk((g.c * g.r * g.s * ll + extra_per_image) * np.dtype(g.dtype).itemsize, g.n)
     for n0 in range(0, g.n, step):
         yield n0, min(step, g.n - n0)
 
@@ -157,9 +157,9 @@ def _scratch(slot: str, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
 
     Fresh large allocations cost a page fault per 4 KiB page on first touch, which is as
     slow as the im2col copy itself; reusing the buffers avoids that.  Each request is at
-    most one workspace (a chunk's column matrix, or backward-weight's transposed grad_out),
-    so each thread keeps at most the largest workspace it has used (the workspace limit,
-    or one image's columns when that is larger) per slot.
+    most one workspace (a chunk's column matrix, or backward-weight's per-image partial
+    sums), so each thread keeps at most the largest workspace it has used (the workspace
+    limit, or one image's share when that is larger) per slot.
     """
     nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
     buf = getattr(_scratch_buffers, slot, None)
@@ -185,16 +185,6 @@ def _columns(x: np.ndarray, g: ConvGeometry, n0: int, nb: int) -> np.ndarray:
     cols, cols3 = _workspace_columns(g, nb)
     _im2col(x, n0, cols, g.r, g.s, *_conv_params(g), g.out_h, g.out_w)
     return cols3
-
-
-def _to_rows(a: np.ndarray, n0: int, nb: int) -> np.ndarray:
-    """(nb, K, Ho, Wo) batch slice -> (K, nb*Ho*Wo) C-contiguous matrix (a view when nb == 1)."""
-    n, k = a.shape[:2]
-    if nb == 1:
-        return a[n0].reshape(k, -1)
-    rows = _scratch("rows", (k, nb, a.shape[2] * a.shape[3]), a.dtype)
-    rows[...] = a[n0:n0 + nb].reshape(nb, k, -1).transpose(1, 0, 2)
-    return rows.reshape(k, -1)
 
 
 class NumbaBackend(Backend):
@@ -256,23 +246,18 @@ class NumbaBackend(Backend):
         if algorithm == "direct":
             _conv2d_backward_weight_direct(grad_out, x, gw, *_conv_params(g), g.groups)
             return gw
-        ll = g.out_h * g.out_w
         crs = g.c_per_group * g.r * g.s
-        # float64 sum of the per-chunk GEMMs, kept transposed per group: (groups, C/G*R*S, K/G);
-        # cols @ gy.T (long rows of both operands) is the faster orientation for BLAS here
-        acc = np.zeros((g.groups, crs, g.k_per_group))
-        part = np.empty(acc.shape, dtype=g.dtype)
-        pointwise = _is_pointwise(g)
-        for n0, nb in _chunks(g):
-            gy = _to_rows(grad_out, n0, nb)
-            if pointwise and nb == 1:
-                cols = x[n0].reshape(g.c, ll)
-            else:
-                cols = _scratch("cols", (g.c * g.r * g.s, nb * ll), g.dtype)
-                _im2col(x, n0, cols, g.r, g.s, *_conv_params(g), g.out_h, g.out_w)
+        gy3 = grad_out.reshape(g.n, g.k, -1)
+        acc = np.zeros((g.groups, crs, g.k_per_group))  # float64 sum over the batch, transposed
+        for n0, nb in _chunks(g, extra_per_image=crs * g.k):
+            cols3 = _columns(x, g, n0, nb)
+            # one small GEMM per image (cols_n @ gy_n.T), summed over the chunk in float64: a
+            # single GEMM over the whole chunk would be a thin product with a very long
+            # inner dimension, which BLAS runs several times slower
+            part = _scratch("part", (nb, crs, g.k_per_group), g.dtype)
             for grp, (cs, ks) in enumerate(_groups(g)):
-                np.matmul(cols[cs], gy[ks].T, out=part[grp])
-            acc += part
+                np.matmul(cols3[:, cs], gy3[n0:n0 + nb, ks].transpose(0, 2, 1), out=part)
+                acc[grp] += part.sum(axis=0, dtype=np.float64)
         gw[...] = acc.transpose(0, 2, 1).reshape(g.weight_shape)
         return gw
 
