@@ -166,6 +166,8 @@ def test_max_pool_matches_reference_exactly(dtype):
         x[rng.random(x.shape) < 0.05] = np.nan
         x[rng.random(x.shape) < 0.05] = -np.inf
         x[rng.random(x.shape) < 0.15] = 1.0  # ties
+        zeros = rng.random(x.shape) < 0.1  # signed zeros tie too
+        x[zeros] = np.where(rng.random(int(zeros.sum())) < 0.5, 0.0, -0.0)
         if rng.random() < 0.2:
             x[0, 0] = -np.inf  # whole plane -inf: default index rules
         try:
@@ -175,6 +177,7 @@ def test_max_pool_matches_reference_exactly(dtype):
         no, ni = fc.max_pool2d(x, return_indices=True, backend="numba", **cfg)
         assert no.dtype == dtype and ni.dtype == np.int64
         np.testing.assert_array_equal(no, ro)  # NaN positions must agree too
+        np.testing.assert_array_equal(np.signbit(no), np.signbit(ro))  # -0.0 vs 0.0: the first tap's
         np.testing.assert_array_equal(ni, ri)
         gy = rng.standard_normal(ro.shape).astype(dtype)
         want = fc.max_pool2d_backward(gy, x, indices=ri, backend="reference", **cfg)
