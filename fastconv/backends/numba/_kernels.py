@@ -293,11 +293,10 @@ def max_pool2d(x, out, idx, kh, kw, sh, sw, ph, pw, dh, dw):
     takes the tap (first maximum wins ties, NaN propagates, the last NaN wins), padding
     is -inf, and the default index is the first in-range tap on the dilation grid.
 
-    One work item per output row (n, c, oh).  A window is scanned for its maximum with
-    ``max`` (no data-dependent branch) while noting whether it holds a NaN; a second scan
-    then finds the first tap equal to the maximum (the tie rule), or, for a window with a
-    NaN, its last NaN, which is what the combined rule yields.  ``v != v`` is the NaN
-    test (pooling never uses fastmath, so it is kept).
+    One work item per output row (n, c, oh).  The scan of a window uses only
+    ``v > best`` (a predictable branch) and notes whether it saw a NaN; only then a
+    second scan picks the window's last NaN, which is what the combined rule yields.
+    ``v != v`` is the NaN test (pooling never uses fastmath, so it is kept).
     """
     n, c, h, wd = x.shape
     ho, wo = out.shape[2], out.shape[3]
@@ -318,22 +317,12 @@ def max_pool2d(x, out, idx, kh, kw, sh, sw, ph, pw, dh, dw):
             for a in range(ra[oh], rb[oh]):
                 ih = h0 + a * dh
                 for b in range(ca[ow], cb[ow]):
-                    v = xf[p0 + np.uint64(ih * wd + w0 + b * dw)]
-                    nan |= v != v
-                    best = max(best, v)
-            found = not (best > -np.inf) or nan  # else: find the first tap equal to the maximum
-            for a in range(ra[oh], rb[oh]):
-                if found:
-                    break
-                ih = h0 + a * dh
-                for b in range(ca[ow], cb[ow]):
                     q = ih * wd + w0 + b * dw
                     v = xf[p0 + np.uint64(q)]
-                    if v == best:
-                        best = v  # that tap's own value (0.0 vs -0.0)
+                    nan |= v != v
+                    if v > best:
+                        best = v
                         where = q
-                        found = True
-                        break
             if nan:
                 for a in range(ra[oh], rb[oh]):
                     ih = h0 + a * dh
