@@ -19,6 +19,7 @@ def _default_threads() -> int:
 
 _state = {
     "threads": _default_threads(),
+    "threads_set": False,
     "workspace_bytes": 32 * 2**20,
     "autotune": False,
 }
@@ -35,13 +36,27 @@ def set_num_threads(n: int) -> None:
         may run on.
     """
     n = _args.positive_int(n, "set_num_threads", "n")
-    global _blas_limiter
     with _lock:
         _state["threads"] = n
+        _state["threads_set"] = True
+    apply_blas_limit()
+
+
+def apply_blas_limit() -> None:
+    """Limit every BLAS loaded so far to :func:`get_num_threads` threads.
+
+    Called by :func:`set_num_threads`, and again by a backend that loads another BLAS
+    later (the Cython backend loads SciPy's), so that library obeys the setting too.
+    Does nothing until :func:`set_num_threads` has been called.
+    """
+    global _blas_limiter
+    if not _state["threads_set"]:
+        return
+    with _lock:
         try:
             from threadpoolctl import ThreadpoolController
 
-            _blas_limiter = ThreadpoolController().limit(limits=n, user_api="blas")
+            _blas_limiter = ThreadpoolController().limit(limits=int(_state["threads"]), user_api="blas")
         except Exception:  # pragma: no cover - threadpoolctl missing or no BLAS found
             _blas_limiter = None
 

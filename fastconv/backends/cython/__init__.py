@@ -33,6 +33,10 @@ from ..._args import ConvGeometry, PoolGeometry  # noqa: E402
 from ..base import Backend  # noqa: E402
 from . import _direct, _im2col, _pool  # noqa: E402
 
+import scipy.linalg  # noqa: E402,F401  (loads the BLAS behind cython_blas, so the thread limit reaches it)
+
+_config.apply_blas_limit()
+
 #: BLAS takes 32-bit ints: larger GEMM dimensions fall back to the direct kernels
 _INT32_MAX = 2**31 - 1
 
