@@ -214,3 +214,14 @@ def test_required_backends_are_available():
     info = fastconv.available_backends()
     for name in required:
         assert info[name]["available"], f"backend {name!r} unavailable: {info[name]['reason']}"
+
+
+def test_set_num_threads_reaches_blas_loaded_later():
+    pytest.importorskip("threadpoolctl")
+    code = ("import fastconv, numpy as np\n"
+            "fastconv.set_num_threads(1)\n"
+            "fastconv.available_backends()  # loads every backend, and the BLAS each brings\n"
+            "from threadpoolctl import threadpool_info\n"
+            "print(sorted({i['num_threads'] for i in threadpool_info() if i['user_api'] == 'blas'}))")
+    out = python_child(["-c", code], check=True)
+    assert out.stdout.strip().splitlines()[-1] == "[1]"
