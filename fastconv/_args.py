@@ -54,6 +54,13 @@ def positive_int(value: Any, func: str, name: str) -> int:
     return v
 
 
+def flag(value: Any, func: str, name: str) -> bool:
+    """A Python bool from a bool or NumPy bool (ints and strings rejected)."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{func}(): {name} must be a bool, got {value!r}")
+    return bool(value)
+
+
 def choice(value: Any, options: Sequence[str], func: str, name: str) -> str:
     if not isinstance(value, str):
         raise TypeError(f"{func}(): {name} must be one of {list(options)}, got {value!r}")
@@ -345,15 +352,13 @@ def _pool_geometry(func: str, shape, kernel_size, stride, padding, dilation, cei
         else pair(stride, func, "stride", minimum=1)
     padding = pair(padding, func, "padding", minimum=0)
     dilation = pair(dilation, func, "dilation", minimum=1)
-    if not isinstance(ceil_mode, (bool, np.bool_)):
-        raise TypeError(f"{func}(): ceil_mode must be a bool, got {ceil_mode!r}")
-    if not isinstance(count_include_pad, (bool, np.bool_)):
-        raise TypeError(f"{func}(): count_include_pad must be a bool, got {count_include_pad!r}")
+    ceil_mode = flag(ceil_mode, func, "ceil_mode")
+    count_include_pad = flag(count_include_pad, func, "count_include_pad")
     if padding[0] > kernel[0] // 2 or padding[1] > kernel[1] // 2:
         raise ValueError(f"{func}(): padding {padding} must be at most half of kernel_size {kernel}")
     if h == 0 or w == 0:
         raise ValueError(f"{func}(): {x_name} has zero spatial size, shape {tuple(shape)}")
-    g = PoolGeometry(n, c, h, w, kernel, stride, padding, dilation, bool(ceil_mode), bool(count_include_pad), dtype)
+    g = PoolGeometry(n, c, h, w, kernel, stride, padding, dilation, ceil_mode, count_include_pad, dtype)
     if g.out_h < 1 or g.out_w < 1:
         raise ValueError(f"{func}(): output size would be {g.out_h} x {g.out_w} for {x_name} shape {tuple(shape)} "
                          f"with kernel_size={kernel}, stride={stride}, padding={padding}, dilation={dilation}")

@@ -88,9 +88,7 @@ def batch_chunk(bytes_per_image: int, n: int) -> int:
 
 def set_autotune(enabled: bool) -> None:
     """Turn the algorithm autotuner on or off (like ``torch.backends.cudnn.benchmark``)."""
-    if not isinstance(enabled, bool):
-        raise TypeError(f"set_autotune(): enabled must be a bool, got {enabled!r}")
-    _state["autotune"] = enabled
+    _state["autotune"] = _args.flag(enabled, "set_autotune", "enabled")
 
 
 def get_autotune() -> bool:

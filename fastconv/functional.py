@@ -3,7 +3,7 @@ pick a backend (``_dispatch``), call its kernel, restore the caller's layout."""
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Sequence
+from typing import Any, NamedTuple, Sequence, Union
 
 import numpy as np
 
@@ -11,7 +11,7 @@ from . import _args, _dispatch
 from ._args import is_device_array
 
 ArrayLike = Any
-IntOrPair = "int | tuple[int, int]"
+IntOrPair = Union[int, tuple[int, int]]
 
 
 class Conv2dGrads(NamedTuple):
@@ -147,8 +147,7 @@ def max_pool2d(x: ArrayLike, kernel_size: IntOrPair, stride: IntOrPair | None = 
     out : numpy.ndarray, shape (N, C, Ho, Wo) or (C, Ho, Wo)
     indices : numpy.ndarray of int64, only when ``return_indices``
     """
-    if not isinstance(return_indices, (bool, np.bool_)):
-        raise TypeError(f"max_pool2d(): return_indices must be a bool, got {return_indices!r}")
+    return_indices = _args.flag(return_indices, "max_pool2d", "return_indices")
     a = _args.pool_args("max_pool2d", x, kernel_size, stride, padding, dilation, ceil_mode)
     p = a.geometry
     if p.n == 0:

@@ -39,7 +39,7 @@ def conv_output_size(size: int, kernel_size: int, stride: int = 1, padding: int 
         else:
             return size
     padding = _args.pair(padding, func, "padding", minimum=0)[0]
-    out = _args._out_size(size, kernel, stride, padding, padding, dilation, bool(ceil_mode))
+    out = _args._out_size(size, kernel, stride, padding, padding, dilation, _args.flag(ceil_mode, func, "ceil_mode"))
     if out < 1:
         raise ValueError(f"{func}(): kernel_size={kernel} with dilation={dilation} does not fit in size={size} "
                          f"with padding={padding}")
