@@ -195,9 +195,12 @@ def _runner(backend: Backend, op: str, g: ConvGeometry) -> Callable[[str], Any]:
 def time_candidates(backend: Backend, op: str, g: ConvGeometry, repeats: int = REPEATS) -> dict[str, float]:
     """Seconds per call (best of ``repeats`` after a warm-up) of every algorithm of
     ``backend`` that runs on this geometry; algorithms that raise are left out."""
-    run = _runner(backend, op, g.with_batch(_tuning_batch(g)))
+    tuning = g.with_batch(_tuning_batch(g))
+    run = _runner(backend, op, tuning)
     times: dict[str, float] = {}
     for algo in backend.algorithms:
+        if backend.unsupported(algo, op, g) is not None or backend.unsupported(algo, op, tuning) is not None:
+            continue
         best = float("inf")
         try:
             for i in range(repeats + 1):  # run 0 is the warm-up (JIT compilation, first touch)

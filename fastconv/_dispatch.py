@@ -146,6 +146,11 @@ def select_conv(op: str, g: _args.ConvGeometry, func: str, backend: str | None, 
     if algorithm not in impl.algorithms:
         raise ValueError(f"{func}(): backend {impl.name!r} has no algorithm {algorithm!r}; "
                          f"choose from {list(impl.algorithms) + ['auto']}")
+    reason = impl.unsupported(algorithm, op, g)
+    if reason is not None:
+        raise ValueError(f"{func}(): algorithm {algorithm!r} needs {reason}; input {g.input_shape}, "
+                         f"weight {g.weight_shape}, stride {g.stride}, dilation {g.dilation} "
+                         "(algorithm='auto' picks one that runs)")
     return impl, algorithm
 
 

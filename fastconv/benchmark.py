@@ -396,9 +396,11 @@ def plan(cases: Iterable[suite.Case], passes: Iterable[str], backends: dict[str,
                     jobs.append(Job(case, pass_, name, None, None, case.n, QUICK if quick else FULL))
                     continue
                 g = case.geometry(dtype)
-                auto = backend.default_algorithm(suite.conv_op(pass_), g)
+                op = suite.conv_op(pass_)
+                auto = backend.default_algorithm(op, g)
                 for algo in backend.algorithms:
-                    jobs.append(Job(case, pass_, name, algo, algo == auto, case.n, QUICK if quick else FULL))
+                    if backend.unsupported(algo, op, g) is None:  # e.g. Winograd runs only 3x3 stride 1
+                        jobs.append(Job(case, pass_, name, algo, algo == auto, case.n, QUICK if quick else FULL))
             for base in baselines:
                 if base in suite.BASELINES[case.kind]:
                     jobs.append(Job(case, pass_, base, None, None, case.n, QUICK if quick else FULL))

@@ -34,6 +34,17 @@ def backend_algorithms() -> list[tuple[str, str]]:
     return [(name, algo) for name in host_backends() for algo in info[name]["algorithms"]]
 
 
+def unsupported(backend: str, algorithm: str, op: str, x_shape, w_shape, stride=1, padding=0, dilation=1,
+                groups=1, dtype=np.float64) -> str | None:
+    """Why ``algorithm`` of ``backend`` cannot run ``op`` on this layer (None when it can):
+    the backend's own answer, as the dispatcher asks it (Winograd runs only 3x3 stride-1)."""
+    from fastconv import _args, _dispatch
+
+    x_shape = tuple(x_shape) if len(x_shape) == 4 else (1, *x_shape)
+    g = _args._conv_geometry("test", x_shape, tuple(w_shape), stride, padding, dilation, groups, np.dtype(dtype))
+    return _dispatch._load(backend).unsupported(algorithm, op, g)
+
+
 def layout(a: np.ndarray, kind: str) -> np.ndarray:
     """The same values in another memory layout."""
     if kind == "c":

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import fastconv
-from conftest import LAYOUTS, assert_close, backend_algorithms, host_backends, layout
+from conftest import LAYOUTS, assert_close, backend_algorithms, host_backends, layout, unsupported
 
 # (n, c, h, w, k, r, s, stride, padding, dilation, groups)
 GRID = [
@@ -86,6 +86,13 @@ BACKEND_ALGOS = backend_algorithms()
 def test_conv2d_forward_backward(backend, algorithm, index, dtype):
     x, weight, bias, params, out, grad_out, grads = _conv_case(index, dtype.name)
     kw = dict(params, backend=backend, algorithm=algorithm)
+    if unsupported(backend, algorithm, "conv2d", x.shape, weight.shape, **params):
+        # an algorithm that cannot run this layer says so (Winograd: 3x3 stride 1 only)
+        with pytest.raises(ValueError, match=f"conv2d\\(\\): algorithm '{algorithm}' needs"):
+            fastconv.conv2d(x, weight, bias, **kw)
+        with pytest.raises(ValueError, match=f"conv2d_backward\\(\\): algorithm '{algorithm}' needs"):
+            fastconv.conv2d_backward(grad_out, x, weight, **kw)
+        return
     got = fastconv.conv2d(layout(x, ("c", "fortran", "strided")[index % 3]), weight, bias, **kw)
     assert got.dtype == dtype and got.flags.c_contiguous
     assert_close(got, out, dtype)

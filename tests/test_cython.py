@@ -301,7 +301,11 @@ def test_info_and_algorithm_choice():
     depthwise = ConvGeometry(8, 32, 16, 16, 32, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 32, f32)
     wide = ConvGeometry(8, 64, 16, 16, 64, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1, f32)
     signal = ConvGeometry(1, 1, 1024, 1024, 1, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1, f32)
+    few_channels = ConvGeometry(8, 3, 32, 32, 64, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1, f32)
+    strided = ConvGeometry(8, 64, 16, 16, 64, 3, 3, (2, 2), (1, 1, 1, 1), (1, 1), 1, f32)
     for op in ("conv2d", "conv2d_backward_input", "conv2d_backward_weight"):
         assert be.default_algorithm(op, depthwise) == "direct"
         assert be.default_algorithm(op, signal) == "direct"
-        assert be.default_algorithm(op, wide) == "im2col"
+        assert be.default_algorithm(op, wide) == "winograd"
+        assert be.default_algorithm(op, few_channels) == "im2col"
+        assert be.default_algorithm(op, strided) == "im2col"

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import fastconv
-from conftest import assert_close, backend_algorithms, host_backends, python_child
+from conftest import assert_close, backend_algorithms, host_backends, python_child, unsupported
 
 HERE = Path(__file__).parent
 
@@ -45,10 +45,11 @@ def test_bad_input_matrix_never_crashes_the_interpreter(backend):
 def test_many_threads_give_the_serial_results(backend, algorithm):
     rng = np.random.default_rng(0)
     jobs = []
+    winograd = algorithm == "winograd"  # runs 3x3 stride-1 layers only
     for i in range(8):
         x = rng.standard_normal((2, 2 + i % 3, 9 + i, 8 + i)).astype(np.float32)
-        w = rng.standard_normal((3, x.shape[1], 1 + i % 3, 3)).astype(np.float32)
-        jobs.append((x, w, dict(stride=1 + i % 2, padding=i % 2)))
+        w = rng.standard_normal((3, x.shape[1], 3 if winograd else 1 + i % 3, 3)).astype(np.float32)
+        jobs.append((x, w, dict(stride=1 if winograd else 1 + i % 2, padding=i % 2)))
     serial = [(fastconv.conv2d(x, w, **p, backend=backend, algorithm=algorithm),
                fastconv.max_pool2d(x, 2, return_indices=True, backend=backend),
                fastconv.avg_pool2d(x, 3, 2, 1, backend=backend)) for x, w, p in jobs]
@@ -152,12 +153,22 @@ def test_no_memory_growth_over_1000_calls(backend):
     assert grown < 4 * 1024, f"RSS grew by {grown} KiB over 1000 calls"
 
 
-@pytest.mark.parametrize("backend,algorithm", backend_algorithms())
-def test_float32_accuracy_on_long_sums(backend, algorithm):
-    """A 1x1 conv over 4096 channels: float32 results stay within the float32 error bar
-    of the float64 reference (documents the accumulation quality of each kernel)."""
+#: (backend, algorithm, kernel size) for the long-sum test: every pair, 1x1 and 3x3 where it runs
+LONG_SUMS = [(b, a, size) for b, a in backend_algorithms() for size in (1, 3)
+             if not unsupported(b, a, "conv2d", (1, 4096, 6, 6), (2, 4096, size, size), padding=size // 2)]
+
+
+@pytest.mark.parametrize("backend,algorithm,size", LONG_SUMS)
+def test_float32_accuracy_on_long_sums(backend, algorithm, size):
+    """A 1x1 and a 3x3 conv over 4096 channels: float32 results stay within the float32 error
+    bar of the float64 reference (documents the accumulation quality of each kernel)."""
     rng = np.random.default_rng(2)
-    x = (rng.standard_normal((1, 4096, 4, 4)) + 3.0).astype(np.float32)  # a large mean: ill-conditioned
-    w = (rng.standard_normal((2, 4096, 1, 1)) + 1.0).astype(np.float32)
-    out = fastconv.conv2d(x, w, backend=backend, algorithm=algorithm)
-    assert_close(out, fastconv.conv2d(x, w, backend="reference"), np.float32)
+    x = (rng.standard_normal((1, 4096, 6, 6)) + 3.0).astype(np.float32)  # a large mean: ill-conditioned
+    w = (rng.standard_normal((2, 4096, size, size)) + 1.0).astype(np.float32)
+    out = fastconv.conv2d(x, w, padding=size // 2, backend=backend, algorithm=algorithm)
+    assert_close(out, fastconv.conv2d(x, w, padding=size // 2, backend="reference"), np.float32)
+    gy = (rng.standard_normal(out.shape) + 2.0).astype(np.float32)
+    got = fastconv.conv2d_backward(gy, x, w, padding=size // 2, backend=backend, algorithm=algorithm)
+    want = fastconv.conv2d_backward(gy, x, w, padding=size // 2, backend="reference")
+    assert_close(got.input, want.input, np.float32)
+    assert_close(got.weight, want.weight, np.float32)

@@ -63,6 +63,13 @@ class Backend:
         raise NotImplementedError
 
     # ----------------------------------------------------------------- selection
+    def unsupported(self, algorithm: str, op: str, g: ConvGeometry) -> str | None:
+        """Why ``algorithm`` cannot compute ``op`` on this geometry ("needs ..."), None when it can.
+
+        Every algorithm but Winograd runs every valid geometry.
+        """
+        return None
+
     def default_algorithm(self, op: str, g: ConvGeometry) -> str:
         """The algorithm ``algorithm="auto"`` uses for this op and shape (a heuristic)."""
         return self.algorithms[0]
