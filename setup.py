@@ -5,7 +5,9 @@ used when the compiler accepts ``-fopenmp`` and silently left out when it does
 not (the kernels then run single-threaded).  The kernels are compiled for the
 building machine's CPU (``-march=native``) unless ``FASTCONV_PORTABLE=1``.  ``FASTCONV_DEBUG_BUILD=1`` compiles
 with Cython's bounds and wrap-around checks switched on and without optimisation,
-for the debug CI job.
+for the debug CI job.  ``FASTCONV_SANITIZE=address`` (gcc/clang) instruments the kernels
+with AddressSanitizer, which also catches out-of-bounds access through raw pointers
+(run the tests with ``LD_PRELOAD=$(gcc -print-file-name=libasan.so)``).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from setuptools import Extension, setup
 HERE = Path(__file__).parent
 DEBUG = os.environ.get("FASTCONV_DEBUG_BUILD", "") not in ("", "0")
 PORTABLE = os.environ.get("FASTCONV_PORTABLE", "") not in ("", "0")
+SANITIZE = os.environ.get("FASTCONV_SANITIZE", "").strip()
 
 
 OPENMP_PROBE = "#include <omp.h>\nint main(void){return omp_get_max_threads() < 1;}\n"
@@ -66,9 +69,13 @@ def _extensions() -> list[Extension]:
         compile_args += ["-fopenmp"] if openmp else []
         compile_args += ["-march=native"] if native else []
         link_args = ["-fopenmp"] if openmp else []
+        if SANITIZE:
+            compile_args += [f"-fsanitize={SANITIZE}", "-fno-omit-frame-pointer", "-g"]
+            link_args += [f"-fsanitize={SANITIZE}"]
     print(
         f"fastconv build: OpenMP {'on' if openmp else 'off'}, "
-        f"-march=native {'on' if native else 'off'}, debug {'on' if DEBUG else 'off'}"
+        f"-march=native {'on' if native else 'off'}, debug {'on' if DEBUG else 'off'}, "
+        f"sanitizer {SANITIZE or 'off'}"
     )
     extensions = [
         Extension(

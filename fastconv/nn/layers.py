@@ -121,13 +121,15 @@ class ReLU(Module):
     """``max(x, 0)``; the gradient passes where the output is positive."""
 
     def forward(self, x: np.ndarray) -> np.ndarray:
-        self._y = np.maximum(x, 0)
-        return self._y
+        # the 0/1 mask, kept for backward: a product with it is several times faster than
+        # np.where, and computing it here (one cheap pass) halves the backward pass
+        self._mask = np.greater(x, 0)
+        return np.maximum(x, 0)
 
     def backward(self, grad_out: np.ndarray, *, need_input: bool = True) -> np.ndarray | None:
         if not need_input:
             return None
-        return grad_out * (self._y > 0)  # a 0/1 mask product: several times faster than np.where
+        return grad_out * self._mask
 
 
 class MaxPool2d(Module):

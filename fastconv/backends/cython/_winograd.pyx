@@ -1,17 +1,17 @@
 # cython: language_level=3
-"""Winograd F(m x m, 3 x 3) convolution kernels (see ``fastconv/_winograd.py`` for the maths).
+"""Winograd F(4x4, 3x3) convolution kernels (see ``fastconv/_winograd.py`` for the maths).
 
-The output is cut into tiles (``hs`` / ``ws``: the first output row / column of
-every tile row / column; a tile covers outputs ``start + d*i``, i < m).  Tiles
+The output is cut into 4x4 tiles (``hs`` / ``ws``: the first output row / column of
+every tile row / column; a tile covers outputs ``start + d*i``, i < 4).  Tiles
 are numbered image by image, row by row, and processed in blocks of ``tb``
 tiles (a multiple of ``LANES``), one block per OpenMP work unit, each thread
-with private buffers ``vbuf`` (a*a rows of ``vstride``: Cg x tb) and ``mbuf``
-(a*a rows of ``mstride``: Kg x tb) that stay in its L2 cache.  Per block and group:
+with private buffers ``vbuf`` (36 rows of ``vstride``: Cg x tb) and ``mbuf``
+(36 rows of ``mstride``: Kg x tb) that stay in its L2 cache.  Per block and group:
 
-1. input transform: for each input channel, ``LANES`` tiles at a time, gather
-   the a x a patches (zeros outside the image) and compute ``B^T d B``, the
-   tiles of a lane group sitting in the innermost, vectorised dimension;
-2. a*a GEMMs through single-threaded BLAS: ``M[xi] = U[xi] @ V[xi]``;
+1. input transform: for each input channel, gather the block's 6x6 input patches
+   (zeros outside the image) into a staging buffer, then compute ``B^T d B``
+   ``LANES`` tiles at a time, the tiles in the innermost, vectorised dimension;
+2. 36 GEMMs through single-threaded BLAS: ``M[xi] = U[xi] @ V[xi]``;
 3. output transform ``A^T M A`` per output channel, plus bias, stored into
    the NCHW output (clipped at the bottom/right edges).
 
@@ -20,10 +20,10 @@ output-gradient tiles and accumulates ``dU[xi] += dY~[xi] @ V[xi]^T`` into
 per-thread partial sums.  The input gradient is the forward kernel run on
 ``grad_out`` (done by the adapter).
 
-The transforms are sparse matrix products (CSR, values from ``_winograd.py``).
-The tile size is a compile-time constant of the inlined block functions: the
-entry points call them with a literal ``m``, so the C compiler specialises
-them, unrolls the tile loops and keeps the accumulators in vector registers.
+The 1-D transforms are B^T and A^T of ``_winograd.matrices(4)`` written out as
+formulas over local copies of their inputs, so that the C compiler keeps them
+in vector registers (generic sparse loops, and strided in-place operands, both
+defeated its vectoriser).  The tile sizes are compile-time constants.
 
 Winograd spreads an Inf or NaN over its whole tile, unlike a direct
 convolution; the forward kernel therefore reports whether any stored output
@@ -186,7 +186,7 @@ cdef inline floating _scatter(floating* plane, const Py_ssize_t* lanes, Py_ssize
     j < cols of each tile q < nb (``lanes`` rows 1 to 5, see ``_lane_info``).
 
     Returns the sum of ``v - v`` over the stored values (0 when all are finite, NaN
-    otherwise), accumulated in LANES independent partial sums.
+    otherwise), accumulated in 16 independent partial sums.
     """
     cdef Py_ssize_t q, i, j, ni, nj
     cdef floating* o
