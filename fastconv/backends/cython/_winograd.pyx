@@ -240,10 +240,11 @@ cdef inline void _input_transform(const floating* xg, Py_ssize_t Cg, Py_ssize_t 
                                   Py_ssize_t vstride) noexcept nogil:
     """vb[xi * vstride + c * tb + q] = (B^T d B)[xi] of tile q's 6 x 6 input patch in channel c.
     The block's patches are gathered into ``stage`` (36 rows of tb) before they are transformed."""
-    cdef Py_ssize_t c, q0, j, r
+    cdef Py_ssize_t c, lg, q0, j, r
     for c in range(Cg):
         _gather(xg + c * H * W, lanes, lanes, tb, -pt, -pl, nb, d, H, W, stage, A)
-        for q0 in range(0, nb, 16):  # LANES
+        for lg in range((nb + LANES - 1) // LANES):  # lane groups
+            q0 = lg * LANES
             for j in range(A):  # columns: tmp[r, j] = sum_i BT[r, i] d[i, j]
                 _input_1d(stage + j * tb + q0, A * tb, tmp + j * LANES, A * LANES)
             for r in range(A):  # rows: V[r, s] = sum_j BT[s, j] tmp[r, j]
@@ -259,7 +260,7 @@ cdef inline floating _forward_block(const floating[:, :, :, ::1] x, const floati
     check of ``_scatter`` (0 when every output is finite)."""
     cdef Py_ssize_t H = x.shape[2], W = x.shape[3], Wo = out.shape[3]
     cdef Py_ssize_t groups = u.shape[0], Kg = u.shape[2], Cg = u.shape[3]
-    cdef Py_ssize_t g, xi, k, kk, q0, s, i
+    cdef Py_ssize_t g, xi, k, kk, lg, q0, s, i
     cdef floating* tmp = sc + A * A * tb
     cdef floating check = 0
     for g in range(groups):
@@ -269,7 +270,8 @@ cdef inline floating _forward_block(const floating[:, :, :, ::1] x, const floati
                  <floating> 0, mb + xi * mstride, tb)
         for k in range(Kg):
             kk = g * Kg + k
-            for q0 in range(0, nb, 16):  # LANES
+            for lg in range((nb + LANES - 1) // LANES):  # lane groups
+                q0 = lg * LANES
                 for s in range(A):  # columns: tmp[i, s] = sum_r AT[i, r] M[r, s]
                     _output_1d(mb + s * mstride + k * tb + q0, A * mstride, tmp + s * LANES, A * LANES)
                 for i in range(M):  # rows: Y[i, j] = sum_s AT[j, s] tmp[i, s]
@@ -285,13 +287,14 @@ cdef inline void _weight_block(const floating[:, :, :, ::1] gy, const floating[:
     """du (groups, 36, Kg, Cg) += the weight-gradient products of the ``nb`` tiles described by ``ln``."""
     cdef Py_ssize_t H = x.shape[2], W = x.shape[3], Ho = gy.shape[2], Wo = gy.shape[3]
     cdef Py_ssize_t Cg = x.shape[1] // groups, Kg = gy.shape[1] // groups
-    cdef Py_ssize_t g, xi, k, q0, j, r
+    cdef Py_ssize_t g, xi, k, lg, q0, j, r
     cdef floating* tmp = sc + A * A * tb
     for g in range(groups):
         _input_transform(&x[0, g * Cg, 0, 0], Cg, H, W, ln, nb, tb, pt, pl, d, sc, tmp, vb, vstride)
         for k in range(Kg):
             _gather(&gy[0, g * Kg + k, 0, 0], ln + tb, ln, tb, 0, 0, nb, d, Ho, Wo, sc, M)
-            for q0 in range(0, nb, 16):  # LANES
+            for lg in range((nb + LANES - 1) // LANES):  # lane groups
+                q0 = lg * LANES
                 for j in range(M):  # columns: tmp[r, j] = sum_i A[r, i] dY[i, j]
                     _grad_1d(sc + j * tb + q0, M * tb, tmp + j * LANES, M * LANES)
                 for r in range(A):  # rows: dY~[r, s] = sum_j A[s, j] tmp[r, j]
