@@ -178,8 +178,7 @@ def weight_gradient(du: np.ndarray, t: Transforms, dtype: np.dtype) -> np.ndarra
     """
     groups, a2, kg, cg = du.shape
     flat = du.astype(np.float64, copy=False).transpose(1, 0, 2, 3).reshape(a2, groups * kg * cg)
-    with np.errstate(invalid="ignore", over="ignore"):  # Inf/NaN input: the caller recomputes
-        dw = flat.T @ np.kron(t.g, t.g)   # (K*Cg, 9)
+    dw = flat.T @ np.kron(t.g, t.g)   # (K*Cg, 9)
     return np.ascontiguousarray(dw.reshape(groups * kg, cg, R, R), dtype=dtype)
 
 
@@ -226,23 +225,24 @@ class Plan:
         return self.cout * self.tb + STRIDE_PAD
 
     def buffers(self, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """Per-thread (vbuf, mbuf, scratch, lanes) for the kernels, rows 64-byte aligned."""
+        """Per-thread (vbuf, mbuf, scratch, lanes) for the kernels, rows 64-byte aligned and not
+        initialised (the kernels write every element before they read it)."""
         a2 = self.t.a * self.t.a
-        return (aligned_zeros(self.threads, a2 * self.vstride, dtype),
-                aligned_zeros(self.threads, a2 * self.mstride, dtype),
-                aligned_zeros(self.threads, 36 * (self.tb + LANES), dtype),
-                np.zeros((self.threads, 6 * self.tb), np.intp))
+        return (aligned_empty(self.threads, a2 * self.vstride, dtype),
+                aligned_empty(self.threads, a2 * self.mstride, dtype),
+                aligned_empty(self.threads, 36 * (self.tb + LANES), dtype),
+                np.empty((self.threads, 6 * self.tb), np.intp))
 
 
-def aligned_zeros(rows: int, cols: int, dtype: np.dtype, align: int = 64) -> np.ndarray:
-    """A zeroed C-contiguous array of ``rows`` rows of at least ``cols`` elements (rounded up)
-    whose rows all start on ``align``-byte boundaries.
+def aligned_empty(rows: int, cols: int, dtype: np.dtype, align: int = 64) -> np.ndarray:
+    """An uninitialised C-contiguous array of ``rows`` rows of at least ``cols`` elements
+    (rounded up) whose rows all start on ``align``-byte boundaries.
 
     NumPy's own buffers are only 16-byte aligned, so a vector of 16 float32 would straddle
     two cache lines on most accesses."""
     dtype = np.dtype(dtype)
     per_row = -(-cols * dtype.itemsize // align) * align // dtype.itemsize
-    raw = np.zeros(rows * per_row * dtype.itemsize + align, np.uint8)
+    raw = np.empty(rows * per_row * dtype.itemsize + align, np.uint8)
     start = -raw.ctypes.data % align
     return raw[start:start + rows * per_row * dtype.itemsize].view(dtype).reshape(rows, per_row)
 

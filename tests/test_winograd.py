@@ -85,8 +85,8 @@ def test_tile_starts_cover_every_output_once(n_out, d):
 
 def test_aligned_buffers():
     for cols in (1, 15, 17, 1000):
-        a = wino.aligned_zeros(3, cols, np.float32)
-        assert a.flags.c_contiguous and a.shape[1] >= cols and not a.any()
+        a = wino.aligned_empty(3, cols, np.float32)
+        assert a.flags.c_contiguous and a.shape[1] >= cols
         assert all(a[i].ctypes.data % 64 == 0 for i in range(3))
 
 

@@ -54,6 +54,13 @@ def _threads(work: int) -> int:
     return 1 if work < _SERIAL_WORK else _config.get_num_threads()
 
 
+def _sum_partials(partial: np.ndarray, out: np.ndarray | None = None, dtype: Any = None) -> np.ndarray:
+    """The sum over axis 0 of per-thread partial sums.  Partials of +Inf and -Inf give NaN, as
+    IEEE arithmetic says; NumPy's warning about it is silenced, as PyTorch gives none."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        return np.sum(partial, axis=0, out=out, dtype=dtype)
+
+
 def _conv_args(g: ConvGeometry) -> tuple[int, ...]:
     """(sh, sw, pad_top, pad_left, dh, dw, groups): what every conv kernel takes after its arrays."""
     return (*g.stride, g.padding[0], g.padding[2], *g.dilation, g.groups)
@@ -228,7 +235,8 @@ class CythonBackend(Backend):
         with _SingleThreadedBlas() if p.threads > 1 else contextlib.nullcontext():
             _winograd.backward_weight(grad_out, x, partial, vb, mb, sc, ln, p.hs, p.ws, g.padding[0], g.padding[2],
                                       p.d, p.tb, p.vstride, p.mstride)
-        gw = wino.weight_gradient(partial.sum(axis=0, dtype=np.float64), p.t, g.dtype)
+        with np.errstate(invalid="ignore", over="ignore"):  # Inf/NaN inputs: recomputed below
+            gw = wino.weight_gradient(_sum_partials(partial, dtype=np.float64), p.t, g.dtype)
         if np.isfinite(gw).all():
             return gw
         return self.conv2d_backward_weight(grad_out, x, g, "im2col")
@@ -291,14 +299,14 @@ class CythonBackend(Backend):
             with _blas_for(nt, g.n) as threads:
                 partial = np.zeros((threads,) + gw2.shape, g.dtype)
                 _im2col.pointwise_backward_weight(grad_out, x, partial, g.groups)
-            np.sum(partial, axis=0, out=gw2)
+            _sum_partials(partial, out=gw2)
         elif plan == "threads":
             buf = _ThreadBuffers(g, nt)
             partial = np.zeros((buf.threads,) + gw2.shape, g.dtype)
             with _SingleThreadedBlas():
                 _im2col.backward_weight_threads(grad_out, x, partial, buf.cols, buf.tmps, buf.chunk, g.r, g.s,
                                                 *_conv_args(g))
-            np.sum(partial, axis=0, out=gw2)
+            _sum_partials(partial, out=gw2)
         elif plan == "batched":
             ws = _Workspace(g)
             for n0, nb in ws.chunks(g.n):
