@@ -67,6 +67,11 @@ class Transforms:
         """Input tile size m + 2."""
         return self.m + R - 1
 
+    @property
+    def gg(self) -> np.ndarray:
+        """kron(G, G) (a*a, 9): maps a flattened 3x3 kernel to its flattened a x a transform."""
+        return _kron(self.m)
+
 
 def _solve_exact(rows: list[list[Fraction]], rhs: list[Fraction]) -> list[Fraction]:
     """The unique solution of an over-determined but consistent linear system (Gauss-Jordan)."""
@@ -114,6 +119,14 @@ def _exact(m: int) -> tuple[tuple[tuple[Fraction, ...], ...], ...]:
 
 
 @lru_cache(maxsize=None)
+def _kron(m: int) -> np.ndarray:
+    g = matrices(m).g
+    gg = np.kron(g, g)
+    gg.flags.writeable = False
+    return gg
+
+
+@lru_cache(maxsize=None)
 def matrices(m: int) -> Transforms:
     """The transform matrices of F(m x m, 3 x 3), ``m`` in :data:`TILE_SIZES`.
 
@@ -144,11 +157,15 @@ def unsupported_geometry(g: ConvGeometry) -> str | None:
     return None
 
 
+@lru_cache(maxsize=256)
 def tile_starts(n_out: int, m: int, d: int) -> np.ndarray:
     """First output index of every tile along one axis: residue class by residue class,
-    tile ``j`` of residue ``rho`` starts at ``rho + d*m*j`` and covers ``start + d*i``, i < m."""
+    tile ``j`` of residue ``rho`` starts at ``rho + d*m*j`` and covers ``start + d*i``, i < m.
+    (Cached: the array is read-only.)"""
     starts = [rho + d * m * j for rho in range(min(d, n_out)) for j in range(-(-((n_out - rho + d - 1) // d) // m))]
-    return np.array(starts, dtype=np.intp)
+    table = np.array(starts, dtype=np.intp)
+    table.flags.writeable = False
+    return table
 
 
 def transform_weight(w: np.ndarray, t: Transforms, groups: int, dtype: np.dtype) -> np.ndarray:
@@ -157,7 +174,7 @@ def transform_weight(w: np.ndarray, t: Transforms, groups: int, dtype: np.dtype)
     One GEMM with kron(G, G) (a*a x 9), computed in float64 and rounded once.
     """
     k, cg = w.shape[:2]
-    u = np.kron(t.g, t.g) @ w.reshape(k * cg, R * R).T.astype(np.float64)   # (a*a, K*Cg)
+    u = t.gg @ w.reshape(k * cg, R * R).T.astype(np.float64)   # (a*a, K*Cg)
     u = u.reshape(t.a * t.a, groups, k // groups, cg)
     return np.ascontiguousarray(u.transpose(1, 0, 2, 3) if groups > 1 else u[None, :, 0], dtype=dtype)
 
@@ -178,7 +195,7 @@ def weight_gradient(du: np.ndarray, t: Transforms, dtype: np.dtype) -> np.ndarra
     """
     groups, a2, kg, cg = du.shape
     flat = du.astype(np.float64, copy=False).transpose(1, 0, 2, 3).reshape(a2, groups * kg * cg)
-    dw = flat.T @ np.kron(t.g, t.g)   # (K*Cg, 9)
+    dw = flat.T @ t.gg   # (K*Cg, 9)
     return np.ascontiguousarray(dw.reshape(groups * kg, cg, R, R), dtype=dtype)
 
 
