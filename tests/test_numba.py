@@ -282,7 +282,7 @@ def test_small_workspace_chunks_the_batch(monkeypatch):
     finally:
         _config.set_workspace_limit(before)
     assert chunks and all(c == 1 for c in chunks)
-    assert nbmod.NumbaBackend.algorithms == ("direct", "im2col")
+    assert nbmod.NumbaBackend.algorithms == ("direct", "im2col", "winograd")
     ref = fc.conv2d_backward(gy, x, w, stride=2, padding=1, groups=2, backend="reference")
     assert rel_err(out, fc.conv2d(x, w, stride=2, padding=1, groups=2, backend="reference")) <= 1e-12
     assert rel_err(grads.input, ref.input) <= 1e-12
@@ -321,12 +321,15 @@ def test_import_compiles_nothing():
         import fastconv
         loaded_early = "numba" in sys.modules
         import fastconv.backends.numba as nb
-        kernels = [getattr(nb._kernels, k) for k in dir(nb._kernels) if hasattr(getattr(nb._kernels, k), "overloads")]
-        print(json.dumps({"early": loaded_early, "kernels": len(kernels),
+        kernels = [getattr(m, k) for m in (nb._kernels, nb._wk) for k in dir(m)
+                   if hasattr(getattr(m, k), "overloads")]
+        names = [k.py_func.__name__ for k in kernels]
+        print(json.dumps({"early": loaded_early, "kernels": len(kernels), "names": names,
                           "compiled": sum(len(k.overloads) for k in kernels), "times": nb.compile_times()}))
     """, _env())
     assert not result["early"], "import fastconv must not import numba"
-    assert result["kernels"] >= 10
+    assert result["kernels"] >= 12
+    assert {"winograd_forward", "winograd_backward_weight", "max_pool2d", "avg_pool2d"} <= set(result["names"])
     assert result["compiled"] == 0 and result["times"] == {}
 
 
@@ -341,14 +344,16 @@ def test_second_process_loads_from_cache(tmp_path):
         x = np.ones((1, 2, 8, 8), np.float32)
         fc.max_pool2d(x, 2, backend="numba")
         fc.conv2d(x, np.ones((3, 2, 3, 3), np.float32), backend="numba", algorithm="direct")
-        stats = [nb._kernels.max_pool2d.stats, nb._kernels.conv2d_direct.stats]
+        fc.conv2d(x, np.ones((3, 2, 3, 3), np.float32), backend="numba", algorithm="winograd")
+        stats = [nb._kernels.max_pool2d.stats, nb._kernels.conv2d_direct.stats, nb._wk.winograd_forward.stats]
         print(json.dumps({"times": nb.compile_times(),
                           "hits": sum(sum(s.cache_hits.values()) for s in stats),
                           "misses": sum(sum(s.cache_misses.values()) for s in stats)}))
     """
     env = _env(NUMBA_CACHE_DIR=str(tmp_path))
     first, second = _run(code, env), _run(code, env)
-    assert first["misses"] == 2 and first["hits"] == 0
-    assert second["hits"] == 2 and second["misses"] == 0
-    assert set(first["times"]) == set(second["times"]) == {"max_pool2d[float32]", "conv2d_direct[float32]"}
+    assert first["misses"] == 3 and first["hits"] == 0
+    assert second["hits"] == 3 and second["misses"] == 0
+    assert (set(first["times"]) == set(second["times"])
+            == {"max_pool2d[float32]", "conv2d_direct[float32]", "winograd_forward[float32]"})
     assert sum(second["times"].values()) < sum(first["times"].values())
