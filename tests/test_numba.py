@@ -209,6 +209,30 @@ def test_avg_pool_matches_reference(dtype):
     assert checked > 40
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_pools_on_long_rows(dtype):
+    """Rows of 32 and more outputs: avg_pool2d then deinterleaves strided input rows too (the
+    random grids above only draw short rows); strides 2 (the special-cased split) and 3, odd
+    widths, padding, ceil_mode, both divisor rules; max pooling with NaN and ties."""
+    rng = np.random.default_rng(17)
+    for kernel, stride, pad, width, ceil in [(3, 2, 1, 113, False), (2, 2, 0, 70, True), (4, 3, 2, 101, True),
+                                             (3, 3, 0, 99, False), (5, 2, 2, 68, False)]:
+        x = rng.standard_normal((2, 3, 9, width)).astype(dtype)
+        cfg = dict(kernel_size=kernel, stride=stride, padding=pad, ceil_mode=ceil)
+        for cip in (True, False):
+            want = fc.avg_pool2d(x, count_include_pad=cip, backend="reference", **cfg)
+            assert want.shape[-1] >= 32
+            got = fc.avg_pool2d(x, count_include_pad=cip, backend="numba", **cfg)
+            assert rel_err(got, want) <= TOL[dtype], (cfg, cip)
+        xm = x.copy()
+        xm[rng.random(x.shape) < 0.03] = np.nan
+        xm[rng.random(x.shape) < 0.1] = 0.5
+        ro, ri = fc.max_pool2d(xm, return_indices=True, backend="reference", **cfg)
+        no, ni = fc.max_pool2d(xm, return_indices=True, backend="numba", **cfg)
+        np.testing.assert_array_equal(no, ro)
+        np.testing.assert_array_equal(ni, ri)
+
+
 def test_read_only_inputs_share_one_specialisation():
     x = np.random.default_rng(0).standard_normal((1, 2, 9, 9))
     fc.max_pool2d(x, 2, backend="numba")

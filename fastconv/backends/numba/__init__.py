@@ -17,6 +17,14 @@ im2col
     convs use the input as it is.  The chunk size comes from
     :func:`fastconv._config.batch_chunk`, so the workspace stays within
     :func:`fastconv.set_workspace_limit`; the workspace buffer is reused between calls.
+winograd
+    F(4x4, 3x3) for 3x3 stride-1 convs with equal dilations (``_winograd.py`` beside this
+    file; the maths and the planning are in :mod:`fastconv._winograd`): tiles in blocks of
+    64, per-block input / output transforms vectorised over 16 tiles, 36 BLAS GEMMs per
+    block, one block per numba worker at a time with SciPy's BLAS pinned to one thread.
+    The input gradient is the forward pass on ``grad_out`` with the rotated kernel.  Calls
+    whose result is not finite are recomputed with im2col (Winograd smears an Inf/NaN over
+    its tile).
 """
 
 from __future__ import annotations
@@ -26,7 +34,7 @@ import os
 import threading
 import time
 from types import ModuleType
-from typing import Any, Callable
+from typing import Any, Callable, Hashable
 
 # numba's "omp" threading layer runs on libgomp, whose idle threads busy-wait by default and
 # then steal the cores from the threads still working (and from BLAS) on a shared or
@@ -69,6 +77,16 @@ def _readonly(a: np.ndarray) -> np.ndarray:
     return view
 
 
+def _type_key(a: Any) -> Hashable:
+    """A cheap stand-in for ``numba.typeof(a)`` (which costs microseconds per array): equal
+    keys mean equal numba types, i.e. dtype, ndim, layout, mutability and alignment for
+    arrays, the Python type for scalars."""
+    if isinstance(a, np.ndarray):
+        f = a.flags
+        return (a.dtype, a.ndim, f.c_contiguous, f.f_contiguous, f.writeable, f.aligned)
+    return type(a)
+
+
 def _kernel(name: str, n_inputs: int, module: ModuleType = _kernels) -> Callable[..., None]:
     """Return a caller of ``module.<name>`` that compiles it explicitly, and times
     the compilation, the first time each argument-type signature is seen.
@@ -80,16 +98,19 @@ def _kernel(name: str, n_inputs: int, module: ModuleType = _kernels) -> Callable
     ``NUMBA_NUM_THREADS``.
     """
     dispatcher = getattr(module, name)
+    seen: set[tuple[Hashable, ...]] = set()  # _type_key signatures known to be compiled
 
     def call(*args: Any, threads: int | None = None) -> None:
         args = tuple(_readonly(a) for a in args[:n_inputs]) + args[n_inputs:]
-        sig = tuple(numba.typeof(a) for a in args)
-        if sig not in dispatcher.overloads:
+        key = tuple(_type_key(a) for a in args)
+        if key not in seen:
+            sig = tuple(numba.typeof(a) for a in args)
             with _lock:
                 if sig not in dispatcher.overloads:
                     start = time.perf_counter()
                     dispatcher.compile(sig)
                     _compile_seconds[f"{name}[{args[0].dtype}]"] = time.perf_counter() - start
+                seen.add(key)
         wanted = _config.get_num_threads() if threads is None else threads
         numba.set_num_threads(max(1, min(wanted, numba.config.NUMBA_NUM_THREADS)))
         if _threadsafe():
@@ -199,6 +220,9 @@ def _columns(x: np.ndarray, g: ConvGeometry, n0: int, nb: int) -> np.ndarray:
 
 #: "auto" picks Winograd from this many channels per group, in and out (see default_algorithm)
 WINOGRAD_MIN_CHANNELS = 8
+#: ... or from this many input channels per group with at least WINOGRAD_MIN_OUTPUTS outputs
+WINOGRAD_MIN_WIDE_INPUTS = 16
+WINOGRAD_MIN_OUTPUTS = 4
 
 #: below this many multiply-adds a Winograd call runs on one thread: starting the
 #: workers and pinning BLAS costs more than it saves
@@ -239,17 +263,28 @@ class NumbaBackend(Backend):
         return None
 
     def default_algorithm(self, op: str, g: ConvGeometry) -> str:
-        """Winograd for 3x3 stride-1 layers with at least :data:`WINOGRAD_MIN_CHANNELS`
-        channels in and out per group, else im2col + GEMM unless the GEMM would be
-        degenerate: depthwise-like convs (one input channel per group, few outputs per
-        group; each GEMM is then a 1-row product) and the single-channel ``correlate2d``
-        path, whose column matrix would be R*S times the image, stay direct.  (The same
-        rule as the Cython backend; on the 2-core machine im2col won on every other layer
-        of the benchmark suite, C = 1 or 3 first layers included.)"""
-        if (min(g.c_per_group, g.k_per_group) >= WINOGRAD_MIN_CHANNELS
-                and self.unsupported("winograd", op, g) is None):
+        """Winograd for the 3x3 stride-1 layers it can run with at least
+        :data:`WINOGRAD_MIN_CHANNELS` channels per group in and out, or at least
+        :data:`WINOGRAD_MIN_WIDE_INPUTS` in and :data:`WINOGRAD_MIN_OUTPUTS` out; else
+        im2col + GEMM unless the GEMM would be degenerate: depthwise-like convs (one input
+        channel per group, few outputs per group; each GEMM is then a 1-row product) and the
+        single-channel ``correlate2d`` path, whose column matrix would be R*S times the image,
+        stay direct.
+
+        Measured on the 2-core box (float32, 2 threads, all three passes, numba im2col time /
+        numba Winograd time): 8 in and out 0.84-1.57 (wins on small planes, e.g. 1.2-1.6 on
+        400x8x8x8 and 2.3 on the stripe-c2 layer, 0.85-1.0 on 14x14 and 32x32 planes), 12 in
+        and out 1.0-3.0, 16 in and out 1.2-3.3; with 4 outputs 16 inputs give 1.04-1.37, 32
+        inputs 2-3, 8 or 12 inputs 0.74-1.17; 4 or 6 inputs lose (0.5-0.99) whatever the
+        outputs.  (The Cython backend uses the first rule alone.)  im2col beat direct on every
+        other layer of the benchmark suite, C = 1 or 3 first layers included.
+        """
+        cin, cout = g.c_per_group, g.k_per_group
+        wide = min(cin, cout) >= WINOGRAD_MIN_CHANNELS or (cin >= WINOGRAD_MIN_WIDE_INPUTS
+                                                          and cout >= WINOGRAD_MIN_OUTPUTS)
+        if wide and self.unsupported("winograd", op, g) is None:
             return "winograd"
-        if g.c_per_group == 1 and g.k_per_group <= 4:
+        if cin == 1 and cout <= 4:
             return "direct"
         return "im2col"
 
@@ -258,7 +293,28 @@ class NumbaBackend(Backend):
     def _winograd_forward(x: np.ndarray, u: np.ndarray, bias: np.ndarray, out: np.ndarray, p: wino.Plan,
                           pt: int, pl: int) -> bool:
         """The tiled forward pass into ``out`` (also the input gradient, with the rotated
-        kernel and padding ``2*d - pad``).  Returns whether every output is finite."""
+        kernel and padding ``2*d - pad``).
+
+        Parameters
+        ----------
+        x : ndarray
+            The pass's input (the layer input, or ``grad_out`` for the input gradient).
+        u : ndarray, (groups, 36, cout, cin)
+            Transformed weights.
+        bias : ndarray
+            One value per output channel.
+        out : ndarray
+            Written in full.
+        p : fastconv._winograd.Plan
+            Tiles, block size, worker count and buffer strides.
+        pt, pl : int
+            Top / left padding of the pass (negative allowed).
+
+        Returns
+        -------
+        bool
+            Whether every output is finite (otherwise the caller recomputes with im2col).
+        """
         vb, mb, sc, ln = p.buffers(out.dtype)
         checks = np.zeros(p.threads, out.dtype)
         counter = np.zeros(1, np.int64)

@@ -277,7 +277,7 @@ def col2im(cols, gx, n0, nr, ns, sh, sw, top, left, dh, dw, ho, wo):
 
 # --------------------------------------------------------------------------- pooling
 @njit(**_SERIAL)
-def _first_on_grid(start, dil):
+def _first_on_grid(start: int, dil: int) -> int:
     """The first position >= 0 of ``start + i*dil`` (``start`` itself when it is >= 0)."""
     return start if start >= 0 else start + ((dil - 1 - start) // dil) * dil
 
@@ -288,21 +288,21 @@ _POOL_ITEMS = 256
 
 
 @njit(**_SERIAL)
-def _pool_items(rows):
+def _pool_items(rows: int) -> tuple[int, int]:
     """(items, rows per item) for a pooling loop over ``rows`` output rows."""
     items = max(1, min(rows, _POOL_ITEMS))
     return items, -(-rows // items)
 
 
 @njit(inline="always", **_SERIAL)
-def _phase_copy(src, s, step, buf, b, n):
+def _phase_copy(src: np.ndarray, s: int, step: int, buf: np.ndarray, b: int, n: int) -> None:
     """buf[b + i] = src[s + i*step] for i < n (unsigned offsets)."""
     for i in range(n):
         buf[b + i] = src[s + i * step]
 
 
 @njit(inline="always", **_SERIAL)
-def _deinterleave(xf, x0, wd, step, buf, length):
+def _deinterleave(xf: np.ndarray, x0: int, wd: int, step: int, buf: np.ndarray, length: int) -> None:
     """Split the input row xf[x0 : x0 + wd] into its ``step`` phases: buf[p*length + i] =
     xf[x0 + i*step + p].  Then every pooling tap reads one phase with unit stride.
 
@@ -323,7 +323,7 @@ def _deinterleave(xf, x0, wd, step, buf, length):
 
 
 @njit(inline="always", **_SERIAL)
-def _phase_start(length, step, off, lo):
+def _phase_start(length: int, step: int, off: int, lo: int) -> int:
     """Where output column ``lo`` of a tap with input offset ``off`` (input column
     lo*step + off) reads in a row deinterleaved by :func:`_deinterleave`; consecutive
     outputs read consecutive elements from there (unsigned)."""
@@ -332,7 +332,8 @@ def _phase_start(length, step, off, lo):
 
 
 @njit(inline="always", **_SERIAL)
-def _max_tap(src, s0, sstep, of, jf, o0, q0, qstep, n):
+def _max_tap(src: np.ndarray, s0: int, sstep: int, of: np.ndarray, jf: np.ndarray, o0: int, q0: int, qstep: int,
+             n: int) -> None:
     """One window tap for n consecutive outputs: v = src[s0 + r*sstep] is taken into
     (of, jf)[o0 + r] (value, flat index q0 + r*qstep) when ``v > best or v != v``.
 
@@ -349,7 +350,8 @@ def _max_tap(src, s0, sstep, of, jf, o0, q0, qstep, n):
 
 
 @njit(**_POOL)
-def max_pool2d(x, out, idx, kh, kw, sh, sw, ph, pw, dh, dw):
+def max_pool2d(x: np.ndarray, out: np.ndarray, idx: np.ndarray, kh: int, kw: int, sh: int, sw: int, ph: int, pw: int,
+               dh: int, dw: int) -> None:
     """Max pooling with PyTorch's rules: for each output the taps are visited row-major and
     ``v > best or isnan(v)`` takes the tap (first maximum wins ties, NaN propagates, the last
     NaN wins), padding is -inf, and the default index is the first in-range tap on the
@@ -444,7 +446,7 @@ _SPLIT_MIN_COLUMNS = 32
 
 
 @njit(inline="always", **_SERIAL)
-def _add(dst, d0, src, s0, sstep, n):
+def _add(dst: np.ndarray, d0: int, src: np.ndarray, s0: int, sstep: int, n: int) -> None:
     """dst[d0 + q] += src[s0 + q*sstep] for q < n (unsigned ``s0`` / ``sstep``; exact IEEE
     adds: no fastmath)."""
     d = np.uint64(d0)
@@ -453,7 +455,8 @@ def _add(dst, d0, src, s0, sstep, n):
 
 
 @njit(**_POOL)
-def avg_pool2d(x, out, kh, kw, sh, sw, ph, pw, include_pad):
+def avg_pool2d(x: np.ndarray, out: np.ndarray, kh: int, kw: int, sh: int, sw: int, ph: int, pw: int,
+               include_pad: bool) -> None:
     """Average pooling with PyTorch's divisor (0 where the divisor is 0).
 
     Work items are runs of output rows (n, c, oh), organised as in :func:`max_pool2d`

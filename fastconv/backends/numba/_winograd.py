@@ -56,6 +56,14 @@ LANES = 16
 M = 4
 A = 6
 
+#: stack-array sizes (numba needs them as module constants, not expressions): 6 or 4
+#: LANES-vectors, the 6 x 6 and 4 x 6 intermediate tiles, the 16 output-tile sums
+_V6 = A * LANES
+_V4 = M * LANES
+_T66 = A * A * LANES
+_T46 = M * A * LANES
+_SUMS = M * M
+
 _PAR = dict(parallel=True, cache=True, nogil=True, fastmath={"contract"})
 _SER = dict(cache=True, nogil=True, fastmath={"contract"})
 _INL = dict(inline="always", cache=True, nogil=True, fastmath={"contract"})
@@ -107,7 +115,7 @@ def _next_block(typingctx, counter):
 
 # --------------------------------------------------------------------------- 16-lane transforms
 @njit(**_INL)
-def _load(src, s0, ss, buf, n):
+def _load(src: np.ndarray, s0: int, ss: int, buf: np.ndarray, n: int) -> None:
     """buf[r*LANES + l] = src[s0 + r*ss + l] for r < n, l < LANES (unsigned offsets)."""
     for r in range(n):
         b = s0 + U(r) * ss
@@ -116,7 +124,7 @@ def _load(src, s0, ss, buf, n):
 
 
 @njit(**_INL)
-def _store(buf, dst, d0, ds, n):
+def _store(buf: np.ndarray, dst: np.ndarray, d0: int, ds: int, n: int) -> None:
     """dst[d0 + r*ds + l] = buf[r*LANES + l] for r < n, l < LANES (unsigned offsets)."""
     for r in range(n):
         b = d0 + U(r) * ds
@@ -125,68 +133,68 @@ def _store(buf, dst, d0, ds, n):
 
 
 @njit(**_INL)
-def _input_1d(src, s0, ss, dst, d0, ds):
+def _input_1d(src: np.ndarray, s0: int, ss: int, dst: np.ndarray, d0: int, ds: int) -> None:
     """dst row r = sum_i BT[r][i] * src row i for six LANES-vectors (rows ``ss`` / ``ds`` apart):
     B^T of F(4x4, 3x3) on the points 0, +-1, +-2."""
-    x = _local(src, 96)  # 6 * LANES
-    y = _local(src, 96)
+    x = _local(src, _V6)
+    y = _local(src, _V6)
     _load(src, s0, ss, x, 6)
     two, four, five = src.dtype.type(2), src.dtype.type(4), src.dtype.type(5)
     for l in range(LANES):
-        x0, x1, x2, x3, x4, x5 = x[l], x[16 + l], x[32 + l], x[48 + l], x[64 + l], x[80 + l]
+        x0, x1, x2 = x[l], x[LANES + l], x[2 * LANES + l]
+        x3, x4, x5 = x[3 * LANES + l], x[4 * LANES + l], x[5 * LANES + l]
         y[l] = four * x0 - five * x2 + x4
-        y[16 + l] = x3 + x4 - four * (x1 + x2)
-        y[32 + l] = four * (x1 - x2) - x3 + x4
-        y[48 + l] = two * (x3 - x1) - x2 + x4
-        y[64 + l] = two * (x1 - x3) - x2 + x4
-        y[80 + l] = four * x1 - five * x3 + x5
+        y[LANES + l] = x3 + x4 - four * (x1 + x2)
+        y[2 * LANES + l] = four * (x1 - x2) - x3 + x4
+        y[3 * LANES + l] = two * (x3 - x1) - x2 + x4
+        y[4 * LANES + l] = two * (x1 - x3) - x2 + x4
+        y[5 * LANES + l] = four * x1 - five * x3 + x5
     _store(y, dst, d0, ds, 6)
 
 
 @njit(**_INL)
-def _output_1d(src, s0, ss, dst, d0, ds):
+def _output_1d(src: np.ndarray, s0: int, ss: int, dst: np.ndarray, d0: int, ds: int) -> None:
     """dst row i = sum_r AT[i][r] * src row r for six LANES-vectors in, four out (A^T)."""
-    x = _local(src, 96)
-    y = _local(src, 64)  # 4 * LANES
+    x = _local(src, _V6)
+    y = _local(src, _V4)
     _load(src, s0, ss, x, 6)
     two, four, eight = src.dtype.type(2), src.dtype.type(4), src.dtype.type(8)
     for l in range(LANES):
-        sp = x[16 + l] + x[32 + l]
-        sm = x[16 + l] - x[32 + l]
-        dp = x[48 + l] + x[64 + l]
-        dm = x[48 + l] - x[64 + l]
-        y[l] = x[l] + sp + dp
-        y[16 + l] = sm + two * dm
-        y[32 + l] = sp + four * dp
-        y[48 + l] = sm + eight * dm + x[80 + l]
+        x0, x1, x2 = x[l], x[LANES + l], x[2 * LANES + l]
+        x3, x4, x5 = x[3 * LANES + l], x[4 * LANES + l], x[5 * LANES + l]
+        sp, sm, dp, dm = x1 + x2, x1 - x2, x3 + x4, x3 - x4
+        y[l] = x0 + sp + dp
+        y[LANES + l] = sm + two * dm
+        y[2 * LANES + l] = sp + four * dp
+        y[3 * LANES + l] = sm + eight * dm + x5
     _store(y, dst, d0, ds, 4)
 
 
 @njit(**_INL)
-def _grad_1d(src, s0, ss, dst, d0, ds):
+def _grad_1d(src: np.ndarray, s0: int, ss: int, dst: np.ndarray, d0: int, ds: int) -> None:
     """dst row r = sum_i AT[i][r] * src row i for four LANES-vectors in, six out (A = AT^T,
     the weight gradient's transform of the output-gradient tiles)."""
-    x = _local(src, 64)
-    y = _local(src, 96)
+    x = _local(src, _V4)
+    y = _local(src, _V6)
     _load(src, s0, ss, x, 4)
     two, four, eight = src.dtype.type(2), src.dtype.type(4), src.dtype.type(8)
     for l in range(LANES):
-        ep = x[l] + x[32 + l]
-        em = x[16 + l] + x[48 + l]
-        fp = x[l] + four * x[32 + l]
-        fm = two * x[16 + l] + eight * x[48 + l]
-        y[l] = x[l]
-        y[16 + l] = ep + em
-        y[32 + l] = ep - em
-        y[48 + l] = fp + fm
-        y[64 + l] = fp - fm
-        y[80 + l] = x[48 + l]
+        x0, x1, x2, x3 = x[l], x[LANES + l], x[2 * LANES + l], x[3 * LANES + l]
+        ep, em = x0 + x2, x1 + x3
+        fp, fm = x0 + four * x2, two * x1 + eight * x3
+        y[l] = x0
+        y[LANES + l] = ep + em
+        y[2 * LANES + l] = ep - em
+        y[3 * LANES + l] = fp + fm
+        y[4 * LANES + l] = fp - fm
+        y[5 * LANES + l] = x3
     _store(y, dst, d0, ds, 6)
 
 
 # --------------------------------------------------------------------------- block helpers
 @njit(**_SER)
-def _lane_info(t0, nb, tw, per_image, hs, ws, in_image, out_image, d, ho, wo, ln, tb):
+def _lane_info(t0: int, nb: int, tw: int, per_image: int, hs: np.ndarray, ws: np.ndarray, in_image: int, out_image: int,
+               d: int, ho: int, wo: int, ln: np.ndarray, tb: int) -> None:
     """For tiles t0 .. t0+nb-1, in ``ln`` rows of ``tb`` entries: 0 input image offset, 1 output
     image offset, 2 / 3 first output row / column, 4 / 5 output rows / columns inside ho x wo."""
     for q in range(nb):
@@ -203,7 +211,8 @@ def _lane_info(t0, nb, tw, per_image, hs, ws, in_image, out_image, d, ho, wo, ln
 
 
 @njit(**_SER)
-def _gather(src, plane, row, ln, tb, off_h, off_w, nb, bs, d, h, w, patch, e):
+def _gather(src: np.ndarray, plane: int, row: int, ln: np.ndarray, tb: int, off_h: int, off_w: int, nb: int, bs: int,
+            d: int, h: int, w: int, patch: np.ndarray, e: int) -> None:
     """patch[(i*e + j)*bs + q] = src[plane + ln[row, q] + (h0 + d*i)*w + w0 + d*j] with
     h0 / w0 = tile q's first output row / column (``ln`` rows 2 / 3) + ``off_h`` / ``off_w``,
     zero outside the h x w plane, for the tiles q < nb; zero for nb <= q < bs.
@@ -238,13 +247,14 @@ def _gather(src, plane, row, ln, tb, off_h, off_w, nb, bs, d, h, w, patch, e):
 
 
 @njit(**_SER)
-def _scatter(out, plane, ln, nb, tb, bs, d, wo, blk, add):
+def _scatter(out: np.ndarray, plane: int, ln: np.ndarray, nb: int, tb: int, bs: int, d: int, wo: int, blk: np.ndarray,
+             add: float) -> float:
     """out[plane + ln[1, q] + (h0 + d*i)*wo + w0 + d*j] = blk[(i*4 + j)*bs + q] + add for the
     i < ln[4, q], j < ln[5, q] of each tile q < nb.
 
     Returns the sum of ``v - v`` over the stored values (0 when all are finite, NaN
     otherwise), accumulated in 16 independent partial sums."""
-    acc = _local(blk, 16)
+    acc = _local(blk, _SUMS)
     for i in range(M * M):
         acc[i] = 0
     ubs, uwo, ud = U(bs), U(wo), U(d)
@@ -270,7 +280,8 @@ def _scatter(out, plane, ln, nb, tb, bs, d, wo, blk, add):
 
 
 @njit(**_SER)
-def _input_transform(xf, plane, cg, h, w, ln, nb, tb, bs, pt, pl, d, stage, vb, vstride):
+def _input_transform(xf: np.ndarray, plane: int, cg: int, h: int, w: int, ln: np.ndarray, nb: int, tb: int, bs: int,
+                     pt: int, pl: int, d: int, stage: np.ndarray, vb: np.ndarray, vstride: int) -> None:
     """vb[xi*vstride + c*bs + q] = (B^T d B)[xi] of tile q's 6 x 6 patch of channel c < cg, the
     channel planes starting at ``plane`` (+ the image offsets, ``ln`` row 0).  The patches of
     a channel are gathered into ``stage`` (36 rows of bs) before they are transformed."""
@@ -278,7 +289,7 @@ def _input_transform(xf, plane, cg, h, w, ln, nb, tb, bs, pt, pl, d, stage, vb, 
     for c in range(cg):
         _gather(xf, plane + c * h * w, 0, ln, tb, -pt, -pl, nb, bs, d, h, w, stage, A)
         for q0 in range(0, bs, LANES):
-            tmp = _local(stage, 576)  # 36 * LANES: tmp[r, j] at (r*6 + j) * LANES
+            tmp = _local(stage, _T66)  # tmp[r, j] at (r*6 + j) * LANES
             for j in range(A):  # columns: tmp[r, j] = sum_i BT[r, i] d[i, j]
                 _input_1d(stage, U(j * bs + q0), U(A) * ubs, tmp, U(j * LANES), U(A * LANES))
             for r in range(A):  # rows: V[r, s] = sum_j BT[s, j] tmp[r, j]
@@ -286,7 +297,9 @@ def _input_transform(xf, plane, cg, h, w, ln, nb, tb, bs, pt, pl, d, stage, vb, 
 
 
 @njit(**_SER)
-def _forward_block(xf, u, bias, of, vb, mb, sc, ln, nb, tb, pt, pl, d, vstride, mstride, h, w, ho, wo):
+def _forward_block(xf: np.ndarray, u: np.ndarray, bias: np.ndarray, of: np.ndarray, vb: np.ndarray, mb: np.ndarray,
+                   sc: np.ndarray, ln: np.ndarray, nb: int, tb: int, pt: int, pl: int, d: int, vstride: int, mstride: int,
+                   h: int, w: int, ho: int, wo: int) -> float:
     """Forward pass of the ``nb`` tiles described by ``ln`` (all groups); returns the finiteness
     check of :func:`_scatter` (0 when every output is finite)."""
     groups, kg, cg = u.shape[0], u.shape[2], u.shape[3]
@@ -300,7 +313,7 @@ def _forward_block(xf, u, bias, of, vb, mb, sc, ln, nb, tb, pt, pl, d, vstride, 
             np.dot(u[g, xi], vb[v0:v0 + cg * bs].reshape((cg, bs)), mb[m0:m0 + kg * bs].reshape((kg, bs)))
         for k in range(kg):
             for q0 in range(0, bs, LANES):
-                tmp = _local(mb, 384)  # 24 * LANES: tmp[i, s] at (i*6 + s) * LANES
+                tmp = _local(mb, _T46)  # tmp[i, s] at (i*6 + s) * LANES
                 for s in range(A):  # columns: tmp[i, s] = sum_r AT[i, r] M[r, s]
                     _output_1d(mb, U(s) * ums + U(k * bs + q0), U(A) * ums, tmp, U(s * LANES), U(A * LANES))
                 for i in range(M):  # rows: Y[i, j] = sum_s AT[j, s] tmp[i, s]
@@ -311,7 +324,9 @@ def _forward_block(xf, u, bias, of, vb, mb, sc, ln, nb, tb, pt, pl, d, vstride, 
 
 
 @njit(**_SER)
-def _weight_block(gyf, xf, du, dtmp, vb, mb, sc, ln, nb, tb, pt, pl, d, vstride, mstride, h, w, ho, wo):
+def _weight_block(gyf: np.ndarray, xf: np.ndarray, du: np.ndarray, dtmp: np.ndarray, vb: np.ndarray, mb: np.ndarray,
+                  sc: np.ndarray, ln: np.ndarray, nb: int, tb: int, pt: int, pl: int, d: int, vstride: int, mstride: int,
+                  h: int, w: int, ho: int, wo: int) -> None:
     """du (groups, 36, kg, cg) += the weight-gradient products of the ``nb`` tiles described
     by ``ln``; ``dtmp`` is kg*cg of scratch."""
     groups, kg, cg = du.shape[0], du.shape[2], du.shape[3]
@@ -323,7 +338,7 @@ def _weight_block(gyf, xf, du, dtmp, vb, mb, sc, ln, nb, tb, pt, pl, d, vstride,
         for k in range(kg):
             _gather(gyf, (g * kg + k) * ho * wo, 1, ln, tb, 0, 0, nb, bs, d, ho, wo, sc, M)
             for q0 in range(0, bs, LANES):
-                tmp = _local(sc, 384)  # 24 * LANES: tmp[r, j] at (r*4 + j) * LANES
+                tmp = _local(sc, _T46)  # tmp[r, j] at (r*4 + j) * LANES
                 for j in range(M):  # columns: tmp[r, j] = sum_i A[r, i] dY[i, j]
                     _grad_1d(sc, U(j * bs + q0), U(M) * ubs, tmp, U(j * LANES), U(M * LANES))
                 for r in range(A):  # rows: dY~[r, s] = sum_j A[s, j] tmp[r, j]
@@ -339,16 +354,47 @@ def _weight_block(gyf, xf, du, dtmp, vb, mb, sc, ln, nb, tb, pt, pl, d, vstride,
 
 # --------------------------------------------------------------------------- entry points
 @njit(**_PAR)
-def winograd_forward(x, u, bias, out, vbuf, mbuf, scratch, lanes, checks, counter, hs, ws, pt, pl, d, tb,
-                     vstride, mstride):
-    """out = conv(x, w) + bias with ``u`` = G w G^T as (groups, 36, Kg, Cg).
+def winograd_forward(x: np.ndarray, u: np.ndarray, bias: np.ndarray, out: np.ndarray, vbuf: np.ndarray,
+                     mbuf: np.ndarray, scratch: np.ndarray, lanes: np.ndarray, checks: np.ndarray, counter: np.ndarray,
+                     hs: np.ndarray, ws: np.ndarray, pt: int, pl: int, d: int, tb: int, vstride: int,
+                     mstride: int) -> None:
+    """``out = conv(x, w) + bias`` for a 3x3 stride-1 layer, from ``u`` = G w G^T.
 
-    ``vbuf.shape[0]`` workers, each with its row of ``vbuf`` (36 rows of ``vstride`` >= Cg*tb),
-    ``mbuf`` (36 rows of ``mstride`` >= Kg*tb), ``scratch`` (>= 36*tb) and ``lanes`` (6*tb
-    intp); ``checks[worker]`` receives the worker's finiteness check (0 when every output is
-    finite); ``counter`` is one int64, zero on entry.  ``pt`` / ``pl`` may be negative (the
-    input-gradient use).  Single-threaded BLAS is the caller's job when more than one
-    thread runs.
+    Runs ``vbuf.shape[0]`` workers (one ``prange`` iteration each) that take blocks of
+    ``tb`` tiles from ``counter``.  Single-threaded BLAS is the caller's job when more than
+    one numba thread runs.
+
+    Parameters
+    ----------
+    x : ndarray, (N, C, H, W)
+        Input, C-contiguous.
+    u : ndarray, (groups, 36, Kg, Cg)
+        Transformed weights (``fastconv._winograd.transform_weight``).
+    bias : ndarray, (K,)
+        Added to every output of channel k.
+    out : ndarray, (N, K, Ho, Wo)
+        Output, overwritten.
+    vbuf, mbuf : ndarray, (workers, >= 36 * vstride), (workers, >= 36 * mstride)
+        Per-worker transformed-input and product blocks (``Plan.buffers``).
+    scratch : ndarray, (workers, >= 36 * tb)
+        Per-worker staging for the gathered patches and the output tiles.
+    lanes : ndarray of intp, (workers, 6 * tb)
+        Per-worker tile descriptions (:func:`_lane_info`).
+    checks : ndarray, (workers,)
+        Receives each worker's finiteness check: 0 when every output it stored is finite.
+    counter : ndarray of int64, (1,)
+        The shared block counter, zero on entry.
+    hs, ws : ndarray of intp
+        First output row / column of every tile row / column (``tile_starts``).
+    pt, pl : int
+        Top / left padding; negative in the input-gradient use (``2*d - pad``).
+    d : int
+        Dilation (both axes).
+    tb : int
+        Tiles per block, a multiple of :data:`LANES`.
+    vstride, mstride : int
+        Elements between the 36 rows of the blocks in ``vbuf`` / ``mbuf``
+        (>= Cg*tb / Kg*tb).
     """
     n, c, h, w = x.shape
     k, ho, wo = out.shape[1], out.shape[2], out.shape[3]
@@ -371,13 +417,31 @@ def winograd_forward(x, u, bias, out, vbuf, mbuf, scratch, lanes, checks, counte
 
 
 @njit(**_PAR)
-def winograd_backward_weight(gy, x, partial, dtmp, vbuf, mbuf, scratch, lanes, counter, hs, ws, pt, pl, d, tb,
-                             vstride, mstride):
-    """partial[worker] (groups, 36, Kg, Cg) += sum over the worker's tiles of (A dY A^T) @ (B^T d B)^T.
+def winograd_backward_weight(gy: np.ndarray, x: np.ndarray, partial: np.ndarray, dtmp: np.ndarray, vbuf: np.ndarray,
+                             mbuf: np.ndarray, scratch: np.ndarray, lanes: np.ndarray, counter: np.ndarray,
+                             hs: np.ndarray, ws: np.ndarray, pt: int, pl: int, d: int, tb: int, vstride: int,
+                             mstride: int) -> None:
+    """Per-worker partial sums of dU = sum over tiles of (A^T dY A)~ @ (B^T d B)^T.
 
-    ``partial`` must be zero on entry; its sum over workers is dU (see
-    ``fastconv._winograd.weight_gradient``).  ``dtmp`` holds Kg*Cg of scratch per worker;
-    the other buffers are as for :func:`winograd_forward`.
+    Their sum over workers is the gradient in the Winograd domain; the adapter turns it
+    into dw with ``fastconv._winograd.weight_gradient``.
+
+    Parameters
+    ----------
+    gy : ndarray, (N, K, Ho, Wo)
+        Output gradient.
+    x : ndarray, (N, C, H, W)
+        Layer input.
+    partial : ndarray, (workers, groups, 36, Kg, Cg)
+        Zero on entry; receives each worker's sum.
+    dtmp : ndarray, (workers, >= Kg * Cg)
+        Per-worker scratch for one GEMM's product before it is added to ``partial``.
+    vbuf, mbuf, scratch, lanes, counter, hs, ws, tb, vstride, mstride
+        As for :func:`winograd_forward` (``mbuf`` holds the transformed output-gradient tiles).
+    pt, pl : int
+        The layer's top / left padding.
+    d : int
+        Dilation (both axes).
     """
     n, c, h, w = x.shape
     k, ho, wo = gy.shape[1], gy.shape[2], gy.shape[3]
