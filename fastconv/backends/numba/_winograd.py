@@ -210,7 +210,7 @@ def _lane_info(t0: int, nb: int, tw: int, per_image: int, hs: np.ndarray, ws: np
         ln[5 * tb + q] = min(M, (wo - 1 - w0) // d + 1)
 
 
-@njit(**_SER)
+@njit(**_INL)
 def _gather(src: np.ndarray, plane: int, row: int, ln: np.ndarray, tb: int, off_h: int, off_w: int, nb: int, bs: int,
             d: int, h: int, w: int, patch: np.ndarray, e: int) -> None:
     """patch[(i*e + j)*bs + q] = src[plane + ln[row, q] + (h0 + d*i)*w + w0 + d*j] with
