@@ -209,6 +209,30 @@ def test_avg_pool_matches_reference(dtype):
     assert checked > 40
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_pools_on_long_rows(dtype):
+    """Rows of 32 and more outputs: avg_pool2d then deinterleaves strided input rows too (the
+    random grids above only draw short rows); strides 2 (the special-cased split) and 3, odd
+    widths, padding, ceil_mode, both divisor rules; max pooling with NaN and ties."""
+    rng = np.random.default_rng(17)
+    for kernel, stride, pad, width, ceil in [(3, 2, 1, 113, False), (2, 2, 0, 70, True), (4, 3, 2, 101, True),
+                                             (3, 3, 0, 99, False), (5, 2, 2, 68, False)]:
+        x = rng.standard_normal((2, 3, 9, width)).astype(dtype)
+        cfg = dict(kernel_size=kernel, stride=stride, padding=pad, ceil_mode=ceil)
+        for cip in (True, False):
+            want = fc.avg_pool2d(x, count_include_pad=cip, backend="reference", **cfg)
+            assert want.shape[-1] >= 32
+            got = fc.avg_pool2d(x, count_include_pad=cip, backend="numba", **cfg)
+            assert rel_err(got, want) <= TOL[dtype], (cfg, cip)
+        xm = x.copy()
+        xm[rng.random(x.shape) < 0.03] = np.nan
+        xm[rng.random(x.shape) < 0.1] = 0.5
+        ro, ri = fc.max_pool2d(xm, return_indices=True, backend="reference", **cfg)
+        no, ni = fc.max_pool2d(xm, return_indices=True, backend="numba", **cfg)
+        np.testing.assert_array_equal(no, ro)
+        np.testing.assert_array_equal(ni, ri)
+
+
 def test_read_only_inputs_share_one_specialisation():
     x = np.random.default_rng(0).standard_normal((1, 2, 9, 9))
     fc.max_pool2d(x, 2, backend="numba")
@@ -282,7 +306,7 @@ def test_small_workspace_chunks_the_batch(monkeypatch):
     finally:
         _config.set_workspace_limit(before)
     assert chunks and all(c == 1 for c in chunks)
-    assert nbmod.NumbaBackend.algorithms == ("direct", "im2col")
+    assert nbmod.NumbaBackend.algorithms == ("direct", "im2col", "winograd")
     ref = fc.conv2d_backward(gy, x, w, stride=2, padding=1, groups=2, backend="reference")
     assert rel_err(out, fc.conv2d(x, w, stride=2, padding=1, groups=2, backend="reference")) <= 1e-12
     assert rel_err(grads.input, ref.input) <= 1e-12
@@ -321,12 +345,15 @@ def test_import_compiles_nothing():
         import fastconv
         loaded_early = "numba" in sys.modules
         import fastconv.backends.numba as nb
-        kernels = [getattr(nb._kernels, k) for k in dir(nb._kernels) if hasattr(getattr(nb._kernels, k), "overloads")]
-        print(json.dumps({"early": loaded_early, "kernels": len(kernels),
+        kernels = [getattr(m, k) for m in (nb._kernels, nb._wk) for k in dir(m)
+                   if hasattr(getattr(m, k), "overloads")]
+        names = [k.py_func.__name__ for k in kernels]
+        print(json.dumps({"early": loaded_early, "kernels": len(kernels), "names": names,
                           "compiled": sum(len(k.overloads) for k in kernels), "times": nb.compile_times()}))
     """, _env())
     assert not result["early"], "import fastconv must not import numba"
-    assert result["kernels"] >= 10
+    assert result["kernels"] >= 12
+    assert {"winograd_forward", "winograd_backward_weight", "max_pool2d", "avg_pool2d"} <= set(result["names"])
     assert result["compiled"] == 0 and result["times"] == {}
 
 
@@ -341,14 +368,16 @@ def test_second_process_loads_from_cache(tmp_path):
         x = np.ones((1, 2, 8, 8), np.float32)
         fc.max_pool2d(x, 2, backend="numba")
         fc.conv2d(x, np.ones((3, 2, 3, 3), np.float32), backend="numba", algorithm="direct")
-        stats = [nb._kernels.max_pool2d.stats, nb._kernels.conv2d_direct.stats]
+        fc.conv2d(x, np.ones((3, 2, 3, 3), np.float32), backend="numba", algorithm="winograd")
+        stats = [nb._kernels.max_pool2d.stats, nb._kernels.conv2d_direct.stats, nb._wk.winograd_forward.stats]
         print(json.dumps({"times": nb.compile_times(),
                           "hits": sum(sum(s.cache_hits.values()) for s in stats),
                           "misses": sum(sum(s.cache_misses.values()) for s in stats)}))
     """
     env = _env(NUMBA_CACHE_DIR=str(tmp_path))
     first, second = _run(code, env), _run(code, env)
-    assert first["misses"] == 2 and first["hits"] == 0
-    assert second["hits"] == 2 and second["misses"] == 0
-    assert set(first["times"]) == set(second["times"]) == {"max_pool2d[float32]", "conv2d_direct[float32]"}
+    assert first["misses"] == 3 and first["hits"] == 0
+    assert second["hits"] == 3 and second["misses"] == 0
+    assert (set(first["times"]) == set(second["times"])
+            == {"max_pool2d[float32]", "conv2d_direct[float32]", "winograd_forward[float32]"})
     assert sum(second["times"].values()) < sum(first["times"].values())

@@ -26,8 +26,11 @@ pytestmark = pytest.mark.skipif(not WINOGRAD_BACKENDS, reason="no backend with W
 
 @pytest.fixture(autouse=True)
 def always_parallel(monkeypatch):
-    """Tiny test shapes would run on one thread; force the OpenMP paths of the Cython backend."""
+    """Tiny test shapes would run on one thread; force the multi-threaded paths of the Cython
+    (OpenMP) and numba (prange workers) backends."""
     monkeypatch.setattr("fastconv.backends.cython._SERIAL_WORK", 0, raising=False)
+    if "numba" in WINOGRAD_BACKENDS:
+        monkeypatch.setattr("fastconv.backends.numba._SERIAL_WORK", 0)
 
 
 # --------------------------------------------------------------------------- the transforms

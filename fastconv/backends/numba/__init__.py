@@ -17,14 +17,24 @@ im2col
     convs use the input as it is.  The chunk size comes from
     :func:`fastconv._config.batch_chunk`, so the workspace stays within
     :func:`fastconv.set_workspace_limit`; the workspace buffer is reused between calls.
+winograd
+    F(4x4, 3x3) for 3x3 stride-1 convs with equal dilations (``_winograd.py`` beside this
+    file; the maths and the planning are in :mod:`fastconv._winograd`): tiles in blocks of
+    64, per-block input / output transforms vectorised over 16 tiles, 36 BLAS GEMMs per
+    block, one block per numba worker at a time with SciPy's BLAS pinned to one thread.
+    The input gradient is the forward pass on ``grad_out`` with the rotated kernel.  Calls
+    whose result is not finite are recomputed with im2col (Winograd smears an Inf/NaN over
+    its tile).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
-from typing import Any, Callable
+from types import ModuleType
+from typing import Any, Callable, Hashable
 
 # numba's "omp" threading layer runs on libgomp, whose idle threads busy-wait by default and
 # then steal the cores from the threads still working (and from BLAS) on a shared or
@@ -39,7 +49,10 @@ import numpy as np  # noqa: E402
 from ... import _config  # noqa: E402
 from ..._args import ConvGeometry, PoolGeometry  # noqa: E402
 from ..base import Backend  # noqa: E402
+from ... import _winograd as wino  # noqa: E402
 from . import _kernels  # noqa: E402
+from . import _winograd as _wk  # noqa: E402
+from ._blas import SingleThreadedBlas  # noqa: E402
 
 _lock = threading.Lock()
 _compile_seconds: dict[str, float] = {}
@@ -64,26 +77,42 @@ def _readonly(a: np.ndarray) -> np.ndarray:
     return view
 
 
-def _kernel(name: str, n_inputs: int) -> Callable[..., None]:
-    """Return a caller of ``_kernels.<name>`` that compiles it explicitly, and times
+def _type_key(a: Any) -> Hashable:
+    """A cheap stand-in for ``numba.typeof(a)`` (which costs microseconds per array): equal
+    keys mean equal numba types, i.e. dtype, ndim, layout, mutability and alignment for
+    arrays, the Python type for scalars."""
+    if isinstance(a, np.ndarray):
+        f = a.flags
+        return (a.dtype, a.ndim, f.c_contiguous, f.f_contiguous, f.writeable, f.aligned)
+    return type(a)
+
+
+def _kernel(name: str, n_inputs: int, module: ModuleType = _kernels) -> Callable[..., None]:
+    """Return a caller of ``module.<name>`` that compiles it explicitly, and times
     the compilation, the first time each argument-type signature is seen.
 
     The first ``n_inputs`` arguments are the kernel's input arrays; they are passed as
     read-only views so that writable and read-only caller arrays share one
-    specialisation per dtype.
+    specialisation per dtype.  The caller takes an optional keyword ``threads``: the
+    numba thread count of the call (default: :func:`fastconv.get_num_threads`), capped at
+    ``NUMBA_NUM_THREADS``.
     """
-    dispatcher = getattr(_kernels, name)
+    dispatcher = getattr(module, name)
+    seen: set[tuple[Hashable, ...]] = set()  # _type_key signatures known to be compiled
 
-    def call(*args: Any) -> None:
+    def call(*args: Any, threads: int | None = None) -> None:
         args = tuple(_readonly(a) for a in args[:n_inputs]) + args[n_inputs:]
-        sig = tuple(numba.typeof(a) for a in args)
-        if sig not in dispatcher.overloads:
+        key = tuple(_type_key(a) for a in args)
+        if key not in seen:
+            sig = tuple(numba.typeof(a) for a in args)
             with _lock:
                 if sig not in dispatcher.overloads:
                     start = time.perf_counter()
                     dispatcher.compile(sig)
                     _compile_seconds[f"{name}[{args[0].dtype}]"] = time.perf_counter() - start
-        numba.set_num_threads(max(1, min(_config.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+                seen.add(key)
+        wanted = _config.get_num_threads() if threads is None else threads
+        numba.set_num_threads(max(1, min(wanted, numba.config.NUMBA_NUM_THREADS)))
         if _threadsafe():
             dispatcher(*args)
         else:
@@ -112,6 +141,8 @@ _max_pool2d = _kernel("max_pool2d", 1)
 _max_pool2d_backward = _kernel("max_pool2d_backward", 2)
 _avg_pool2d = _kernel("avg_pool2d", 1)
 _avg_pool2d_backward = _kernel("avg_pool2d_backward", 1)
+_winograd_forward = _kernel("winograd_forward", 3, _wk)
+_winograd_backward_weight = _kernel("winograd_backward_weight", 2, _wk)
 
 
 def _conv_params(g: ConvGeometry) -> tuple[int, ...]:
@@ -187,25 +218,152 @@ def _columns(x: np.ndarray, g: ConvGeometry, n0: int, nb: int) -> np.ndarray:
     return cols3
 
 
+#: "auto" picks Winograd from this many channels per group, in and out (see default_algorithm)
+WINOGRAD_MIN_CHANNELS = 8
+#: ... or from this many input channels per group with at least WINOGRAD_MIN_OUTPUTS outputs
+WINOGRAD_MIN_WIDE_INPUTS = 16
+WINOGRAD_MIN_OUTPUTS = 4
+
+#: below this many multiply-adds a Winograd call runs on one thread: starting the
+#: workers and pinning BLAS costs more than it saves
+_SERIAL_WORK = 1 << 17
+
+
+def _winograd_threads(g: ConvGeometry) -> int:
+    """Worker count for a Winograd pass of layer ``g`` (before the plan caps it by tiles)."""
+    if g.flops // 2 < _SERIAL_WORK:
+        return 1
+    return max(1, min(_config.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+
+
+def _winograd_plan(op: str, g: ConvGeometry) -> wino.Plan:
+    """The :class:`fastconv._winograd.Plan` of one pass (the dispatcher has checked it fits)."""
+    p = wino.plan_for(op, g, _winograd_threads(g), _config.get_workspace_limit())
+    if isinstance(p, str):  # only a direct caller of the backend gets here
+        raise ValueError(f"{op}(): algorithm 'winograd' needs {p}")
+    return p
+
+
+def _blas_pinned(threads: int) -> contextlib.AbstractContextManager[None]:
+    """Single-threaded BLAS while ``threads`` > 1 numba workers call it, else no change."""
+    return SingleThreadedBlas() if threads > 1 else contextlib.nullcontext()
+
+
 class NumbaBackend(Backend):
     """Numba kernels (see the module docstring)."""
 
     name = "numba"
-    algorithms = ("direct", "im2col")
+    algorithms = ("direct", "im2col", "winograd")
 
     # ------------------------------------------------------------------ selection
+    def unsupported(self, algorithm: str, op: str, g: ConvGeometry) -> str | None:
+        """Winograd's limits (3x3, stride 1, equal dilations, workspace); None otherwise."""
+        if algorithm == "winograd":
+            return wino.unsupported(op, g, _config.get_workspace_limit())
+        return None
+
     def default_algorithm(self, op: str, g: ConvGeometry) -> str:
-        """im2col + GEMM unless the GEMM would be degenerate: depthwise-like convs (one input
+        """Winograd for the 3x3 stride-1 layers it can run with at least
+        :data:`WINOGRAD_MIN_CHANNELS` channels per group in and out, or at least
+        :data:`WINOGRAD_MIN_WIDE_INPUTS` in and :data:`WINOGRAD_MIN_OUTPUTS` out; else
+        im2col + GEMM unless the GEMM would be degenerate: depthwise-like convs (one input
         channel per group, few outputs per group; each GEMM is then a 1-row product) and the
         single-channel ``correlate2d`` path, whose column matrix would be R*S times the image,
-        stay direct.  (The same rule as the Cython backend; on the 2-core machine im2col won
-        on every other layer of the benchmark suite, C = 1 or 3 first layers included.)"""
-        if g.c_per_group == 1 and g.k_per_group <= 4:
+        stay direct.
+
+        Measured on the 2-core box (float32, 2 threads, all three passes, numba im2col time /
+        numba Winograd time): 8 in and out 0.84-1.57 (wins on small planes, e.g. 1.2-1.6 on
+        400x8x8x8 and 2.3 on the stripe-c2 layer, 0.85-1.0 on 14x14 and 32x32 planes), 12 in
+        and out 1.0-3.0, 16 in and out 1.2-3.3; with 4 outputs 16 inputs give 1.04-1.37, 32
+        inputs 2-3, 8 or 12 inputs 0.74-1.17; 4 or 6 inputs lose (0.5-0.99) whatever the
+        outputs.  (The Cython backend uses the first rule alone.)  im2col beat direct on every
+        other layer of the benchmark suite, C = 1 or 3 first layers included.
+        """
+        cin, cout = g.c_per_group, g.k_per_group
+        wide = min(cin, cout) >= WINOGRAD_MIN_CHANNELS or (cin >= WINOGRAD_MIN_WIDE_INPUTS
+                                                          and cout >= WINOGRAD_MIN_OUTPUTS)
+        if wide and self.unsupported("winograd", op, g) is None:
+            return "winograd"
+        if cin == 1 and cout <= 4:
             return "direct"
         return "im2col"
 
+    # ------------------------------------------------------------------ winograd
+    @staticmethod
+    def _winograd_forward(x: np.ndarray, u: np.ndarray, bias: np.ndarray, out: np.ndarray, p: wino.Plan,
+                          pt: int, pl: int) -> bool:
+        """The tiled forward pass into ``out`` (also the input gradient, with the rotated
+        kernel and padding ``2*d - pad``).
+
+        Parameters
+        ----------
+        x : ndarray
+            The pass's input (the layer input, or ``grad_out`` for the input gradient).
+        u : ndarray, (groups, 36, cout, cin)
+            Transformed weights.
+        bias : ndarray
+            One value per output channel.
+        out : ndarray
+            Written in full.
+        p : fastconv._winograd.Plan
+            Tiles, block size, worker count and buffer strides.
+        pt, pl : int
+            Top / left padding of the pass (negative allowed).
+
+        Returns
+        -------
+        bool
+            Whether every output is finite (otherwise the caller recomputes with im2col).
+        """
+        vb, mb, sc, ln = p.buffers(out.dtype)
+        checks = np.zeros(p.threads, out.dtype)
+        counter = np.zeros(1, np.int64)
+        with _blas_pinned(p.threads):
+            _winograd_forward(x, u, bias, out, vb, mb, sc, ln, checks, counter, p.hs, p.ws, pt, pl, p.d, p.tb,
+                              p.vstride, p.mstride, threads=p.threads)
+        return not checks.any()
+
+    def _winograd_conv2d(self, x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None,
+                         g: ConvGeometry) -> np.ndarray:
+        p = _winograd_plan("conv2d", g)
+        out = np.empty(g.output_shape, g.dtype)
+        u = wino.transform_weight(weight, p.t, g.groups, g.dtype)
+        b = np.zeros(g.k, g.dtype) if bias is None else bias
+        if self._winograd_forward(x, u, b, out, p, g.padding[0], g.padding[2]):
+            return out
+        return self.conv2d(x, weight, bias, g, "im2col")  # Inf/NaN: keep the direct semantics
+
+    def _winograd_backward_input(self, grad_out: np.ndarray, weight: np.ndarray, g: ConvGeometry) -> np.ndarray:
+        p = _winograd_plan("conv2d_backward_input", g)
+        gx = np.empty(g.input_shape, g.dtype)
+        u = wino.transform_weight(wino.rotate_for_input_grad(weight, g.groups), p.t, g.groups, g.dtype)
+        reach = 2 * g.dilation[0]
+        if self._winograd_forward(grad_out, u, np.zeros(g.c, g.dtype), gx, p, reach - g.padding[0],
+                                  reach - g.padding[2]):
+            return gx
+        return self.conv2d_backward_input(grad_out, weight, g, "im2col")
+
+    def _winograd_backward_weight(self, grad_out: np.ndarray, x: np.ndarray, g: ConvGeometry) -> np.ndarray:
+        p = _winograd_plan("conv2d_backward_weight", g)
+        vb, mb, sc, ln = p.buffers(g.dtype)
+        kg, cg = g.k_per_group, g.c_per_group
+        partial = np.zeros((p.threads, g.groups, p.t.a**2, kg, cg), g.dtype)
+        prod = np.empty((p.threads, kg * cg), g.dtype)
+        counter = np.zeros(1, np.int64)
+        with _blas_pinned(p.threads):
+            _winograd_backward_weight(grad_out, x, partial, prod, vb, mb, sc, ln, counter, p.hs, p.ws, g.padding[0],
+                                      g.padding[2], p.d, p.tb, p.vstride, p.mstride, threads=p.threads)
+        with np.errstate(invalid="ignore", over="ignore"):  # Inf/NaN input: recomputed below
+            du = partial.sum(axis=0, dtype=np.float64)
+        gw = wino.weight_gradient(du, p.t, g.dtype)
+        if np.isfinite(gw).all():
+            return gw
+        return self.conv2d_backward_weight(grad_out, x, g, "im2col")
+
     # ------------------------------------------------------------------ conv
     def conv2d(self, x, weight, bias, g, algorithm):
+        if algorithm == "winograd":
+            return self._winograd_conv2d(x, weight, bias, g)
         out = np.empty(g.output_shape, dtype=g.dtype)
         b = np.zeros(g.k, dtype=g.dtype) if bias is None else bias
         if algorithm == "direct":
@@ -222,6 +380,8 @@ class NumbaBackend(Backend):
         return out
 
     def conv2d_backward_input(self, grad_out, weight, g, algorithm):
+        if algorithm == "winograd":
+            return self._winograd_backward_input(grad_out, weight, g)
         gx = np.empty(g.input_shape, dtype=g.dtype)
         if algorithm == "direct":
             _conv2d_backward_input_direct(grad_out, weight, gx, *_conv_params(g), g.groups)
@@ -242,6 +402,8 @@ class NumbaBackend(Backend):
         return gx
 
     def conv2d_backward_weight(self, grad_out, x, g, algorithm):
+        if algorithm == "winograd":
+            return self._winograd_backward_weight(grad_out, x, g)
         gw = np.empty(g.weight_shape, dtype=g.dtype)
         if algorithm == "direct":
             _conv2d_backward_weight_direct(grad_out, x, gw, *_conv_params(g), g.groups)
