@@ -419,7 +419,8 @@ class NumbaBackend(Backend):
             part = _scratch("part", (nb, crs, g.k_per_group), g.dtype)
             for grp, (cs, ks) in enumerate(_groups(g)):
                 np.matmul(cols3[:, cs], gy3[n0:n0 + nb, ks].transpose(0, 2, 1), out=part)
-                acc[grp] += part.sum(axis=0, dtype=np.float64)
+                with np.errstate(invalid="ignore", over="ignore"):  # +Inf and -Inf images: NaN, no warning
+                    acc[grp] += part.sum(axis=0, dtype=np.float64)
         gw[...] = acc.transpose(0, 2, 1).reshape(g.weight_shape)
         return gw
 
