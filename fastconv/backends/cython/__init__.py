@@ -235,8 +235,7 @@ class CythonBackend(Backend):
         with _SingleThreadedBlas() if p.threads > 1 else contextlib.nullcontext():
             _winograd.backward_weight(grad_out, x, partial, vb, mb, sc, ln, p.hs, p.ws, g.padding[0], g.padding[2],
                                       p.d, p.tb, p.vstride, p.mstride)
-        with np.errstate(invalid="ignore", over="ignore"):  # Inf/NaN inputs: recomputed below
-            gw = wino.weight_gradient(_sum_partials(partial, dtype=np.float64), p.t, g.dtype)
+        gw = wino.weight_gradient(_sum_partials(partial, dtype=np.float64), p.t, g.dtype)
         if np.isfinite(gw).all():
             return gw
         return self.conv2d_backward_weight(grad_out, x, g, "im2col")
