@@ -101,10 +101,13 @@ def test_conv_random_configs(seed, algorithm):
         assert rel_err(a, e) <= TOL[x.dtype.type], name
 
 
+@pytest.mark.parametrize("algorithm", ["direct", "im2col"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_direct_kernels_on_large_planes(dtype):
-    """The direct kernels on planes larger than the small grids draw: long rows, dilation,
-    asymmetric and large padding, groups, more work units than threads."""
+def test_kernels_on_large_planes(dtype, algorithm, monkeypatch):
+    """Planes larger than the small grids draw: long rows, dilation, asymmetric and large
+    padding, groups, more work units than threads; for im2col, column blocks of a few output
+    rows (the block size is shrunk so that every plane takes several, the last one partial)."""
+    monkeypatch.setattr("fastconv.backends.cython._COLUMN_BLOCK_BYTES", 16000)  # 2-3 rows
     rng = np.random.default_rng(7)
     for (n, c, h, w, k, r, s, pad, dil, groups) in [(3, 2, 60, 70, 4, 3, 3, (1, 2), (2, 1), 1),
                                                     (2, 4, 45, 50, 4, 5, 2, (4, 0), (1, 3), 2),
@@ -113,11 +116,11 @@ def test_direct_kernels_on_large_planes(dtype):
         wt = rng.standard_normal((k, c // groups, r, s)).astype(dtype)
         b = rng.standard_normal(k).astype(dtype)
         kw = dict(padding=pad, dilation=dil, groups=groups)
-        out = fastconv.conv2d(x, wt, b, **kw, backend="cython", algorithm="direct")
+        out = fastconv.conv2d(x, wt, b, **kw, backend="cython", algorithm=algorithm)
         ref = fastconv.conv2d(x, wt, b, **kw, backend="reference")
         assert rel_err(out, ref) <= TOL[dtype]
         gy = rng.standard_normal(ref.shape).astype(dtype)
-        got = fastconv.conv2d_backward(gy, x, wt, **kw, backend="cython", algorithm="direct")
+        got = fastconv.conv2d_backward(gy, x, wt, **kw, backend="cython", algorithm=algorithm)
         want = fastconv.conv2d_backward(gy, x, wt, **kw, backend="reference")
         for name in ("input", "weight", "bias"):
             assert rel_err(getattr(got, name), getattr(want, name)) <= TOL[dtype], name

@@ -131,24 +131,33 @@ WINOGRAD_MIN_CHANNELS = 8
 
 #: a thread's GEMM should have at least this many columns (images are grouped until it does)
 _MIN_GEMM_COLUMNS = 1024
+#: a thread's column block (C*R*S x rows*Wo) of one large image stays under this (half of L2)
+_COLUMN_BLOCK_BYTES = 1 << 19
 
 
 class _ThreadBuffers:
     """Private buffers for ``threads`` OpenMP threads that each take chunks of ``chunk`` images:
     ``cols`` (threads, C*R*S * chunk*P) and ``tmps`` (threads, K * chunk*P), the latter only
-    needed when chunk > 1.  Everything together stays within the workspace limit, except
-    that one image per thread (and at least one thread) is always allowed."""
+    needed when chunk > 1.  With one image per chunk, its output rows are lowered ``rows``
+    at a time, so that a column block stays within :data:`_COLUMN_BLOCK_BYTES` (L2).
+    Everything together stays within the workspace limit, except that one block of rows
+    per thread (and at least one thread) is always allowed."""
 
     def __init__(self, g: ConvGeometry, nt: int) -> None:
         p, rows = g.out_h * g.out_w, g.c * g.r * g.s
         limit = _config.get_workspace_limit()
         itemsize = g.dtype.itemsize
-        self.threads = _config.batch_chunk(rows * p * itemsize, min(nt, g.n))
-        chunk = max(1, min(-(-_MIN_GEMM_COLUMNS // p), -(-g.n // self.threads)))
+        chunk = max(1, -(-_MIN_GEMM_COLUMNS // p))
+        self.rows = g.out_h
+        if chunk == 1:  # large images: blocks of output rows
+            self.rows = max(1, min(g.out_h, _COLUMN_BLOCK_BYTES // (rows * g.out_w * itemsize)))
+        block = rows * self.rows * g.out_w * itemsize
+        self.threads = _config.batch_chunk(block, min(nt, g.n))
+        chunk = max(1, min(chunk, -(-g.n // self.threads)))
         while chunk > 1 and self.threads * (rows + g.k) * chunk * p * itemsize > limit:
             chunk -= 1
         self.chunk = chunk
-        self.cols = np.empty((self.threads, rows * chunk * p), g.dtype)
+        self.cols = np.empty((self.threads, rows * (chunk * p if chunk > 1 else self.rows * g.out_w)), g.dtype)
         self.tmps = np.empty((self.threads, g.k * chunk * p if chunk > 1 else 1), g.dtype)
 
 
@@ -255,7 +264,8 @@ class CythonBackend(Backend):
         elif plan == "threads":
             buf = _ThreadBuffers(g, nt)
             with _SingleThreadedBlas():
-                _im2col.forward_threads(x, w2, b, out, buf.cols, buf.tmps, buf.chunk, g.r, g.s, *_conv_args(g))
+                _im2col.forward_threads(x, w2, b, out, buf.cols, buf.tmps, buf.chunk, buf.rows, g.r, g.s,
+                                        *_conv_args(g))
         elif plan == "batched":
             ws = _Workspace(g)
             for n0, nb in ws.chunks(g.n):
@@ -277,7 +287,7 @@ class CythonBackend(Backend):
         elif plan == "threads":
             buf = _ThreadBuffers(g, nt)
             with _SingleThreadedBlas():
-                _im2col.backward_input_threads(grad_out, w2, gx, buf.cols, buf.tmps, buf.chunk, g.r, g.s,
+                _im2col.backward_input_threads(grad_out, w2, gx, buf.cols, buf.tmps, buf.chunk, buf.rows, g.r, g.s,
                                                *_conv_args(g))
         elif plan == "batched":
             ws = _Workspace(g)
@@ -303,8 +313,8 @@ class CythonBackend(Backend):
             buf = _ThreadBuffers(g, nt)
             partial = np.zeros((buf.threads,) + gw2.shape, g.dtype)
             with _SingleThreadedBlas():
-                _im2col.backward_weight_threads(grad_out, x, partial, buf.cols, buf.tmps, buf.chunk, g.r, g.s,
-                                                *_conv_args(g))
+                _im2col.backward_weight_threads(grad_out, x, partial, buf.cols, buf.tmps, buf.chunk, buf.rows, g.r,
+                                                g.s, *_conv_args(g))
             _sum_partials(partial, out=gw2)
         elif plan == "batched":
             ws = _Workspace(g)

@@ -31,19 +31,21 @@ from ._loops cimport fill, tap_ranges
 cdef inline void _im2col_plane(const floating* xp, Py_ssize_t H, Py_ssize_t W, floating* col,
                                Py_ssize_t ld, Py_ssize_t R, Py_ssize_t S, Py_ssize_t Ho, Py_ssize_t Wo,
                                Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t pt, Py_ssize_t pl, Py_ssize_t dh,
-                               Py_ssize_t dw, const Py_ssize_t* los, const Py_ssize_t* his) noexcept nogil:
-    """Unfold one (H, W) input plane into R*S column rows ``col + (r*S + s) * ld``, P values each
-    (``los`` / ``his``: the per-tap column ranges from ``tap_ranges``)."""
+                               Py_ssize_t dw, const Py_ssize_t* los, const Py_ssize_t* his,
+                               Py_ssize_t oh0, Py_ssize_t oh1) noexcept nogil:
+    """Unfold output rows oh0 .. oh1-1 of one (H, W) input plane into R*S
+    column rows ``col + (r*S + s) * ld``, (oh1 - oh0) * Wo values each (``los`` / ``his``: the
+    per-tap column ranges from ``tap_ranges``)."""
     cdef Py_ssize_t r, s, oh, ow, ih, off, lo, hi
     cdef floating* seg
     cdef const floating* xrow
     for r in range(R):
         for s in range(S):
-            seg = col + (r * S + s) * ld
+            seg = col + (r * S + s) * ld - oh0 * Wo
             off = s * dw - pl
             lo = los[s]  # lo == hi (and the row all zero) when the tap never lands inside
             hi = his[s]
-            for oh in range(Ho):
+            for oh in range(oh0, oh1):
                 ih = oh * sh - pt + r * dh
                 if ih < 0 or ih >= H:
                     fill(seg + oh * Wo, 0, Wo)
@@ -62,20 +64,22 @@ cdef inline void _im2col_plane(const floating* xp, Py_ssize_t H, Py_ssize_t W, f
 cdef inline void _col2im_plane(const floating* col, Py_ssize_t ld, floating* gxp, Py_ssize_t H, Py_ssize_t W,
                                Py_ssize_t R, Py_ssize_t S, Py_ssize_t Ho, Py_ssize_t Wo,
                                Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t pt, Py_ssize_t pl, Py_ssize_t dh,
-                               Py_ssize_t dw, const Py_ssize_t* los, const Py_ssize_t* his) noexcept nogil:
-    """Add R*S column rows ``col + (r*S + s) * ld`` back into one (H, W) plane."""
+                               Py_ssize_t dw, const Py_ssize_t* los, const Py_ssize_t* his,
+                               Py_ssize_t oh0, Py_ssize_t oh1) noexcept nogil:
+    """Add R*S column rows ``col + (r*S + s) * ld`` of output rows oh0 .. oh1-1
+    back into one (H, W) plane."""
     cdef Py_ssize_t r, s, oh, ow, ih, off, lo, hi
     cdef const floating* seg
     cdef floating* gxrow
     for r in range(R):
         for s in range(S):
-            seg = col + (r * S + s) * ld
+            seg = col + (r * S + s) * ld - oh0 * Wo
             off = s * dw - pl
             lo = los[s]
             hi = his[s]
             if hi <= lo:
                 continue
-            for oh in range(Ho):
+            for oh in range(oh0, oh1):
                 ih = oh * sh - pt + r * dh
                 if ih < 0 or ih >= H:
                     continue
@@ -97,7 +101,7 @@ cdef void _im2col(const floating[:, :, :, ::1] x, Py_ssize_t n0, Py_ssize_t nb, 
     for t in prange(nb * C, num_threads=nt, schedule="dynamic"):
         _im2col_plane(&x[n0 + t // C, t % C, 0, 0], x.shape[2], x.shape[3],
                       col + (t % C) * R * S * nb * P + (t // C) * P, nb * P,
-                      R, S, Ho, Wo, sh, sw, pt, pl, dh, dw, los, his)
+                      R, S, Ho, Wo, sh, sw, pt, pl, dh, dw, los, his, 0, Ho)
 
 
 cdef void _col2im(const floating* col, floating[:, :, :, ::1] gx, Py_ssize_t n0, Py_ssize_t nb,
@@ -109,7 +113,7 @@ cdef void _col2im(const floating* col, floating[:, :, :, ::1] gx, Py_ssize_t n0,
     for t in prange(nb * C, num_threads=nt, schedule="dynamic"):
         _col2im_plane(col + (t % C) * R * S * nb * P + (t // C) * P, nb * P,
                       &gx[n0 + t // C, t % C, 0, 0], gx.shape[2], gx.shape[3],
-                      R, S, Ho, Wo, sh, sw, pt, pl, dh, dw, los, his)
+                      R, S, Ho, Wo, sh, sw, pt, pl, dh, dw, los, his, 0, Ho)
 
 
 cdef void _to_kmajor(const floating[:, :, :, ::1] a, Py_ssize_t n0, Py_ssize_t nb, floating* t_,
@@ -256,13 +260,15 @@ def pointwise_backward_weight(const floating[:, :, :, ::1] gy, const floating[:,
 cdef inline void _unfold_chunk(const floating[:, :, :, ::1] x, Py_ssize_t n0, Py_ssize_t m, floating* col,
                                Py_ssize_t R, Py_ssize_t S, Py_ssize_t Ho, Py_ssize_t Wo, Py_ssize_t sh,
                                Py_ssize_t sw, Py_ssize_t pt, Py_ssize_t pl, Py_ssize_t dh, Py_ssize_t dw,
-                               const Py_ssize_t* los, const Py_ssize_t* his) noexcept nogil:
-    """Serial im2col of images n0 .. n0+m-1 into ``col`` (C*R*S, m*P)."""
-    cdef Py_ssize_t b, c, P = Ho * Wo
+                               const Py_ssize_t* los, const Py_ssize_t* his, Py_ssize_t oh0,
+                               Py_ssize_t oh1) noexcept nogil:
+    """Serial im2col of output rows oh0 .. oh1-1 of images n0 .. n0+m-1 into ``col``
+    (C*R*S, m*Q), Q = (oh1 - oh0) * Wo (all rows whenever m > 1)."""
+    cdef Py_ssize_t b, c, Q = (oh1 - oh0) * Wo
     for b in range(m):
         for c in range(x.shape[1]):
-            _im2col_plane(&x[n0 + b, c, 0, 0], x.shape[2], x.shape[3], col + c * R * S * m * P + b * P, m * P,
-                          R, S, Ho, Wo, sh, sw, pt, pl, dh, dw, los, his)
+            _im2col_plane(&x[n0 + b, c, 0, 0], x.shape[2], x.shape[3], col + c * R * S * m * Q + b * Q, m * Q,
+                          R, S, Ho, Wo, sh, sw, pt, pl, dh, dw, los, his, oh0, oh1)
 
 
 cdef inline void _gather_kmajor(const floating[:, :, :, ::1] a, Py_ssize_t n0, Py_ssize_t m,
@@ -279,11 +285,15 @@ cdef inline void _gather_kmajor(const floating[:, :, :, ::1] a, Py_ssize_t n0, P
 
 def forward_threads(const floating[:, :, :, ::1] x, const floating[:, ::1] w2, const floating[::1] bias,
                     floating[:, :, :, ::1] out, floating[:, ::1] cols, floating[:, ::1] tmps, Py_ssize_t nb,
-                    Py_ssize_t R, Py_ssize_t S, Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t pt, Py_ssize_t pl,
-                    Py_ssize_t dh, Py_ssize_t dw, Py_ssize_t groups):
-    """Forward convolution on ``cols.shape[0]`` threads, chunks of ``nb`` images per thread."""
+                    Py_ssize_t rb, Py_ssize_t R, Py_ssize_t S, Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t pt,
+                    Py_ssize_t pl, Py_ssize_t dh, Py_ssize_t dw, Py_ssize_t groups):
+    """Forward convolution on ``cols.shape[0]`` threads, chunks of ``nb`` images per thread.
+
+    With one image per chunk, its output rows are lowered ``rb`` at a time (column blocks
+    of (C*R*S, rb*Wo) that stay in L2) and multiplied straight into the NCHW output.
+    """
     cdef Py_ssize_t N = x.shape[0], K = out.shape[1], Ho = out.shape[2], Wo = out.shape[3], P = Ho * Wo
-    cdef Py_ssize_t Kg = K // groups, CRSg = w2.shape[1], ch, n0, m, b, k, g, p
+    cdef Py_ssize_t Kg = K // groups, CRSg = w2.shape[1], ch, n0, m, b, k, g, p, blk, oh0, oh1, Q
     cdef floating* col = NULL
     cdef floating* tmp = NULL
     cdef floating* dst
@@ -298,14 +308,19 @@ def forward_threads(const floating[:, :, :, ::1] x, const floating[:, ::1] w2, c
         for ch in prange((N + nb - 1) // nb, schedule="dynamic"):
             n0 = ch * nb
             m = min(nb, N - n0)
-            _unfold_chunk(x, n0, m, col, R, S, Ho, Wo, sh, sw, pt, pl, dh, dw, los, his)
-            if m == 1:  # straight into NCHW
+            if m == 1:  # straight into NCHW, a block of rows at a time
                 for k in range(K):
                     fill(&out[n0, k, 0, 0], bias[k], P)
-                for g in range(groups):
-                    _gemm(False, False, Kg, P, CRSg, <floating> 1, &w2[g * Kg, 0], CRSg, col + g * CRSg * P, P,
-                          <floating> 1, &out[n0, g * Kg, 0, 0], P)
+                for blk in range((Ho + rb - 1) // rb):
+                    oh0 = blk * rb
+                    oh1 = min(oh0 + rb, Ho)
+                    Q = (oh1 - oh0) * Wo
+                    _unfold_chunk(x, n0, 1, col, R, S, Ho, Wo, sh, sw, pt, pl, dh, dw, los, his, oh0, oh1)
+                    for g in range(groups):
+                        _gemm(False, False, Kg, Q, CRSg, <floating> 1, &w2[g * Kg, 0], CRSg, col + g * CRSg * Q, Q,
+                              <floating> 1, &out[n0, g * Kg, oh0, 0], P)
             else:
+                _unfold_chunk(x, n0, m, col, R, S, Ho, Wo, sh, sw, pt, pl, dh, dw, los, his, 0, Ho)
                 for g in range(groups):
                     _gemm(False, False, Kg, m * P, CRSg, <floating> 1, &w2[g * Kg, 0], CRSg,
                           col + g * CRSg * m * P, m * P, <floating> 0, tmp + g * Kg * m * P, m * P)
@@ -319,14 +334,14 @@ def forward_threads(const floating[:, :, :, ::1] x, const floating[:, ::1] w2, c
 
 def backward_input_threads(const floating[:, :, :, ::1] gy, const floating[:, ::1] w2,
                            floating[:, :, :, ::1] gx, floating[:, ::1] cols, floating[:, ::1] tmps,
-                           Py_ssize_t nb, Py_ssize_t R, Py_ssize_t S, Py_ssize_t sh, Py_ssize_t sw,
+                           Py_ssize_t nb, Py_ssize_t rb, Py_ssize_t R, Py_ssize_t S, Py_ssize_t sh, Py_ssize_t sw,
                            Py_ssize_t pt, Py_ssize_t pl, Py_ssize_t dh, Py_ssize_t dw, Py_ssize_t groups):
-    """Input gradient (``gx`` zero on entry), chunks of ``nb`` images per thread."""
+    """Input gradient (``gx`` zero on entry), chunks of ``nb`` images per thread; one image per
+    chunk goes ``rb`` output rows at a time (as in ``forward_threads``)."""
     cdef Py_ssize_t N = gy.shape[0], C = gx.shape[1], K = gy.shape[1], Ho = gy.shape[2], Wo = gy.shape[3]
-    cdef Py_ssize_t P = Ho * Wo, Kg = K // groups, CRSg = w2.shape[1], ch, n0, m, b, c, g
+    cdef Py_ssize_t P = Ho * Wo, Kg = K // groups, CRSg = w2.shape[1], ch, n0, m, b, c, g, blk, oh0, oh1, Q
     cdef floating* col = NULL
     cdef floating* tmp = NULL
-    cdef const floating* src
     cdef int nt = <int> cols.shape[0]
     cdef Py_ssize_t[::1] ranges = _tap_ranges(S, dw, pl, sw, gx.shape[3], Wo)
     cdef const Py_ssize_t* los = &ranges[0]
@@ -338,30 +353,38 @@ def backward_input_threads(const floating[:, :, :, ::1] gy, const floating[:, ::
             n0 = ch * nb
             m = min(nb, N - n0)
             if m == 1:
-                src = &gy[n0, 0, 0, 0]
+                for blk in range((Ho + rb - 1) // rb):
+                    oh0 = blk * rb
+                    oh1 = min(oh0 + rb, Ho)
+                    Q = (oh1 - oh0) * Wo
+                    for g in range(groups):
+                        _gemm(True, False, CRSg, Q, Kg, <floating> 1, &w2[g * Kg, 0], CRSg, &gy[n0, g * Kg, oh0, 0],
+                              P, <floating> 0, col + g * CRSg * Q, Q)
+                    for c in range(C):
+                        _col2im_plane(col + c * R * S * Q, Q, &gx[n0, c, 0, 0], gx.shape[2], gx.shape[3],
+                                      R, S, Ho, Wo, sh, sw, pt, pl, dh, dw, los, his, oh0, oh1)
             else:
                 _gather_kmajor(gy, n0, m, tmp)
-                src = tmp
-            for g in range(groups):
-                _gemm(True, False, CRSg, m * P, Kg, <floating> 1, &w2[g * Kg, 0], CRSg, src + g * Kg * m * P,
-                      m * P, <floating> 0, col + g * CRSg * m * P, m * P)
-            for b in range(m):
-                for c in range(C):
-                    _col2im_plane(col + c * R * S * m * P + b * P, m * P, &gx[n0 + b, c, 0, 0], gx.shape[2],
-                                  gx.shape[3], R, S, Ho, Wo, sh, sw, pt, pl, dh, dw, los, his)
+                for g in range(groups):
+                    _gemm(True, False, CRSg, m * P, Kg, <floating> 1, &w2[g * Kg, 0], CRSg, tmp + g * Kg * m * P,
+                          m * P, <floating> 0, col + g * CRSg * m * P, m * P)
+                for b in range(m):
+                    for c in range(C):
+                        _col2im_plane(col + c * R * S * m * P + b * P, m * P, &gx[n0 + b, c, 0, 0], gx.shape[2],
+                                      gx.shape[3], R, S, Ho, Wo, sh, sw, pt, pl, dh, dw, los, his, 0, Ho)
 
 
 def backward_weight_threads(const floating[:, :, :, ::1] gy, const floating[:, :, :, ::1] x,
                             floating[:, :, ::1] partial, floating[:, ::1] cols, floating[:, ::1] tmps,
-                            Py_ssize_t nb, Py_ssize_t R, Py_ssize_t S, Py_ssize_t sh, Py_ssize_t sw,
+                            Py_ssize_t nb, Py_ssize_t rb, Py_ssize_t R, Py_ssize_t S, Py_ssize_t sh, Py_ssize_t sw,
                             Py_ssize_t pt, Py_ssize_t pl, Py_ssize_t dh, Py_ssize_t dw, Py_ssize_t groups):
-    """Per-thread weight-gradient partial sums ``partial[tid]`` (K, Cg*R*S), zero on entry."""
+    """Per-thread weight-gradient partial sums ``partial[tid]`` (K, Cg*R*S), zero on entry; one
+    image per chunk goes ``rb`` output rows at a time (as in ``forward_threads``)."""
     cdef Py_ssize_t N = gy.shape[0], K = gy.shape[1], Ho = gy.shape[2], Wo = gy.shape[3], P = Ho * Wo
-    cdef Py_ssize_t Kg = K // groups, CRSg = partial.shape[2], ch, n0, m, g
+    cdef Py_ssize_t Kg = K // groups, CRSg = partial.shape[2], ch, n0, m, g, blk, oh0, oh1, Q
     cdef floating* col = NULL
     cdef floating* tmp = NULL
     cdef floating* gw = NULL
-    cdef const floating* src
     cdef int nt = <int> cols.shape[0]
     cdef Py_ssize_t[::1] ranges = _tap_ranges(S, dw, pl, sw, x.shape[3], Wo)
     cdef const Py_ssize_t* los = &ranges[0]
@@ -373,12 +396,18 @@ def backward_weight_threads(const floating[:, :, :, ::1] gy, const floating[:, :
         for ch in prange((N + nb - 1) // nb, schedule="dynamic"):
             n0 = ch * nb
             m = min(nb, N - n0)
-            _unfold_chunk(x, n0, m, col, R, S, Ho, Wo, sh, sw, pt, pl, dh, dw, los, his)
             if m == 1:
-                src = &gy[n0, 0, 0, 0]
+                for blk in range((Ho + rb - 1) // rb):
+                    oh0 = blk * rb
+                    oh1 = min(oh0 + rb, Ho)
+                    Q = (oh1 - oh0) * Wo
+                    _unfold_chunk(x, n0, 1, col, R, S, Ho, Wo, sh, sw, pt, pl, dh, dw, los, his, oh0, oh1)
+                    for g in range(groups):
+                        _gemm(False, True, Kg, CRSg, Q, <floating> 1, &gy[n0, g * Kg, oh0, 0], P,
+                              col + g * CRSg * Q, Q, <floating> 1, gw + g * Kg * CRSg, CRSg)
             else:
+                _unfold_chunk(x, n0, m, col, R, S, Ho, Wo, sh, sw, pt, pl, dh, dw, los, his, 0, Ho)
                 _gather_kmajor(gy, n0, m, tmp)
-                src = tmp
-            for g in range(groups):
-                _gemm(False, True, Kg, CRSg, m * P, <floating> 1, src + g * Kg * m * P, m * P,
-                      col + g * CRSg * m * P, m * P, <floating> 1, gw + g * Kg * CRSg, CRSg)
+                for g in range(groups):
+                    _gemm(False, True, Kg, CRSg, m * P, <floating> 1, tmp + g * Kg * m * P, m * P,
+                          col + g * CRSg * m * P, m * P, <floating> 1, gw + g * Kg * CRSg, CRSg)
