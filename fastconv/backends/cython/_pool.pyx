@@ -81,9 +81,11 @@ cdef inline Py_ssize_t _avg_divisor(Py_ssize_t oh, Py_ssize_t ow, Py_ssize_t H, 
 
 def _divisor_factors(Py_ssize_t H, Py_ssize_t W, Py_ssize_t Ho, Py_ssize_t Wo, Py_ssize_t kh, Py_ssize_t kw,
                      Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw, bint count_include_pad, dtype):
-    """(row factors (Ho,), column factors (Wo,)) of :func:`_avg_divisor`, as floats of ``dtype``."""
+    """(row factors (Ho,), column factors (Wo + _PAD,), the spare ones 1) of :func:`_avg_divisor`,
+    as floats of ``dtype``."""
     rows = np.array([_avg_divisor(oh, 0, H, 1, kh, 1, sh, 1, ph, 0, count_include_pad) for oh in range(Ho)], dtype)
-    cols = np.array([_avg_divisor(0, ow, 1, W, 1, kw, 1, sw, 0, pw, count_include_pad) for ow in range(Wo)], dtype)
+    cols = np.ones(Wo + _PAD, dtype)  # spare entries for the padded loops over columns
+    cols[:Wo] = [_avg_divisor(0, ow, 1, W, 1, kw, 1, sw, 0, pw, count_include_pad) for ow in range(Wo)]
     return rows, cols
 
 
@@ -98,6 +100,10 @@ cdef struct _Plan:
     Py_ssize_t Wp, si_max, sj_max, band, stride
     # phase columns qa <= q < qb have all their sw phases inside the input row
     Py_ssize_t qa, qb
+    # the flat path (W a multiple of sw): interior output rows ra <= oh < rb and columns
+    # oa <= ow < ob (windows inside the image), W // sw, output rows per band, scratch lengths
+    bint flat
+    Py_ssize_t ra, rb, oa, ob, Wq, fband, flen, alen
 
 
 cdef _Plan _plan(Py_ssize_t H, Py_ssize_t W, Py_ssize_t Ho, Py_ssize_t Wo, Py_ssize_t kh, Py_ssize_t kw,
@@ -114,6 +120,18 @@ cdef _Plan _plan(Py_ssize_t H, Py_ssize_t W, Py_ssize_t Ho, Py_ssize_t Wo, Py_ss
     g.stride = (g.band + g.si_max + 1) * g.Wp + 2 * _PAD
     g.qa = min((pw + sw - 1) // sw, g.Wp)
     g.qb = max(min(g.Wp, (W + pw) // sw), g.qa)
+    g.ra = min((ph + sh - 1) // sh, Ho)
+    g.rb = max(min(Ho, (H - 1 + ph - (kh - 1) * dh) // sh + 1) if H - 1 + ph >= (kh - 1) * dh else 0, g.ra)
+    g.oa = min((pw + sw - 1) // sw, Wo)
+    g.ob = max(min(Wo, (W - 1 + pw - (kw - 1) * dw) // sw + 1) if W - 1 + pw >= (kw - 1) * dw else 0, g.oa)
+    g.Wq = W // sw
+    # (left padding would make the flat run wrap rows into each other's padding columns)
+    g.flat = W % sw == 0 and pw == 0 and g.rb > g.ra and g.ob > g.oa
+    g.fband = g.alen = g.flen = 0
+    if g.flat:  # (W a multiple of sw, so Wq >= 1)
+        g.fband = max(1, min(g.rb - g.ra, _BAND // (sh * g.Wq)))
+        g.alen = _padded((g.fband - 1) * sh * g.Wq + Wo)
+        g.flen = g.alen + ((kh - 1) * dh + 1) * g.Wq + g.sj_max + 2 * _PAD
     return g
 
 
@@ -240,6 +258,103 @@ cdef inline void _sum_tap(const floating* x, floating* acc, Py_ssize_t n, bint f
         acc[o] = acc[o] + x[o]
 
 
+cdef inline void _max_taps3(const floating* x0, const floating* x1, const floating* x2, int32_t f0, int32_t f1,
+                            int32_t f2, floating* best, int32_t* boff, Py_ssize_t n, bint first,
+                            const int K) noexcept nogil:
+    """Up to three consecutive taps (``K`` of them; values ``x0[o]``, ``x1[o]``, ``x2[o]``,
+    offsets ``f0``..``f2``) in one pass, the running maximum kept in registers: one load and
+    store of ``best`` / ``boff`` per K taps instead of per tap."""
+    cdef Py_ssize_t o
+    cdef floating v, b
+    cdef int32_t bo
+    cdef bint take
+    if first:
+        for o in range(n):
+            b = x0[o]
+            bo = f0
+            if K > 1:
+                v = x1[o]
+                take = (v > b) | (v != v)
+                b = v if take else b
+                bo = f1 if take else bo
+            if K > 2:
+                v = x2[o]
+                take = (v > b) | (v != v)
+                b = v if take else b
+                bo = f2 if take else bo
+            best[o] = b
+            boff[o] = bo
+        return
+    for o in range(n):
+        b = best[o]
+        bo = boff[o]
+        v = x0[o]
+        take = (v > b) | (v != v)
+        b = v if take else b
+        bo = f0 if take else bo
+        if K > 1:
+            v = x1[o]
+            take = (v > b) | (v != v)
+            b = v if take else b
+            bo = f1 if take else bo
+        if K > 2:
+            v = x2[o]
+            take = (v > b) | (v != v)
+            b = v if take else b
+            bo = f2 if take else bo
+        best[o] = b
+        boff[o] = bo
+
+
+cdef inline void _sum_taps3(const floating* x0, const floating* x1, const floating* x2, floating* acc, Py_ssize_t n,
+                            bint first, const int K) noexcept nogil:
+    """Up to three consecutive taps added in order in one pass (as :func:`_max_taps3`)."""
+    cdef Py_ssize_t o
+    cdef floating a, zero = 0
+    for o in range(n):
+        a = zero if first else acc[o]
+        a = a + x0[o]
+        if K > 1:
+            a = a + x1[o]
+        if K > 2:
+            a = a + x2[o]
+        acc[o] = a
+
+
+cdef inline void _tap_row(const floating* base, Py_ssize_t colstride, Py_ssize_t i, const _Plan* g, floating* acc,
+                          int32_t* boff, Py_ssize_t n, bint first, bint is_max) noexcept nogil:
+    """All taps (i, 0 .. kw-1) of window row ``i``, three at a time: tap j reads
+    ``base + (j*dw % sw) * colstride + j*dw // sw``."""
+    cdef Py_ssize_t j, k, c0, c1, c2
+    cdef int32_t f = <int32_t> (i * g.dh * g.W)
+    for j in range(0, g.kw, 3):
+        k = min(3, g.kw - j)
+        c0 = j * g.dw
+        c1 = c0 + g.dw if k > 1 else c0
+        c2 = c1 + g.dw if k > 2 else c1
+        if is_max:
+            if k == 3:
+                _max_taps3(base + c0 % g.sw * colstride + c0 // g.sw, base + c1 % g.sw * colstride + c1 // g.sw,
+                           base + c2 % g.sw * colstride + c2 // g.sw, f + <int32_t> c0, f + <int32_t> c1,
+                           f + <int32_t> c2, acc, boff, n, first, 3)
+            elif k == 2:
+                _max_taps3(base + c0 % g.sw * colstride + c0 // g.sw, base + c1 % g.sw * colstride + c1 // g.sw,
+                           NULL, f + <int32_t> c0, f + <int32_t> c1, 0, acc, boff, n, first, 2)
+            else:
+                _max_taps3(base + c0 % g.sw * colstride + c0 // g.sw, NULL, NULL, f + <int32_t> c0, 0, 0, acc, boff,
+                           n, first, 1)
+        else:
+            if k == 3:
+                _sum_taps3(base + c0 % g.sw * colstride + c0 // g.sw, base + c1 % g.sw * colstride + c1 // g.sw,
+                           base + c2 % g.sw * colstride + c2 // g.sw, acc, n, first, 3)
+            elif k == 2:
+                _sum_taps3(base + c0 % g.sw * colstride + c0 // g.sw, base + c1 % g.sw * colstride + c1 // g.sw,
+                           NULL, acc, n, first, 2)
+            else:
+                _sum_taps3(base + c0 % g.sw * colstride + c0 // g.sw, NULL, NULL, acc, n, first, 1)
+        first = False
+
+
 cdef inline void _max_one(const floating* xp, Py_ssize_t H, Py_ssize_t W, Py_ssize_t hstart, Py_ssize_t wstart,
                           Py_ssize_t kh, Py_ssize_t kw, Py_ssize_t dh, Py_ssize_t dw, floating* out,
                           int64_t* where) noexcept nogil:
@@ -264,6 +379,96 @@ cdef inline void _max_one(const floating* xp, Py_ssize_t H, Py_ssize_t W, Py_ssi
     where[0] = at
 
 
+cdef inline floating _avg_one(const floating* xp, const _Plan* g, Py_ssize_t oh, Py_ssize_t ow,
+                              const floating* rdiv, const floating* cdiv) noexcept nogil:
+    """One window's average, every tap bounds-checked (0 where the divisor is 0)."""
+    cdef Py_ssize_t hs = oh * g.sh - g.ph, ws = ow * g.sw - g.pw, ih, iw
+    cdef floating d = rdiv[oh] * cdiv[ow], s = 0
+    if d <= 0:
+        return 0
+    for ih in range(max(hs, 0), min(hs + g.kh, g.H)):
+        for iw in range(max(ws, 0), min(ws + g.kw, g.W)):
+            s = s + xp[ih * g.W + iw]
+    return s / d
+
+
+cdef void _flat_band(const floating* xp, Py_ssize_t room, floating* op, int64_t* ip, floating* Q, floating* acc,
+                     int32_t* boff, const _Plan* g, Py_ssize_t oh0, Py_ssize_t nb, bint is_max, const floating* rdiv,
+                     const floating* cdiv) noexcept nogil:
+    """Output rows ``oh0 .. oh0+nb-1`` (windows inside the image vertically) when W is a
+    multiple of sw, the common case.
+
+    The band's input rows, read as one flat run from ``(oh0*sh - ph)*W - pw``, are split into
+    ``sw`` column phases ``Q_b[k] = run[k*sw + b]`` (one long loop, not one per row).  Output
+    (oh0 + r, ow) then has its tap (i, j) at ``Q_b[r*sh*Wq + ow + i*dh*Wq + j*dw // sw]``
+    (``b = j*dw % sw``, ``Wq = W // sw``): a fixed shift of the lane ``r*sh*Wq + ow``, right for
+    every window inside the image horizontally; the other lanes (border columns, and the
+    rows in between when sh > 1) are computed and thrown away, the border windows taking
+    :func:`_max_one` / :func:`_avg_one`.
+    """
+    cdef Py_ssize_t sw = g.sw, Wq = g.Wq, W = g.W, Wo = g.Wo, b, i, j, k, r, oh, ow, L, n
+    cdef floating* orow
+    cdef int64_t* irow
+    cdef Py_ssize_t start = (oh0 * g.sh - g.ph) * W - g.pw  # offset of Q's lane 0 in the plane
+    cdef Py_ssize_t m = _padded((nb - 1) * g.sh * Wq + Wo), K = m + (g.kh - 1) * g.dh * Wq + g.sj_max
+    cdef Py_ssize_t k0 = (g.pw + sw - 1) // sw, kend = k0 + _padded(K - k0), qs = g.flen
+    cdef const floating* run = xp + start
+    cdef floating pad = -INFINITY if is_max else 0
+    cdef floating* q0 = Q
+    cdef floating* q1 = Q + qs
+    cdef bint first
+    cdef int64_t base
+    for b in range(sw):
+        _fill(Q + b * qs, pad, k0)  # lanes left of the plane: only border windows read them
+    if start + kend * sw <= room:
+        if sw == 1:
+            for k in range(k0, kend):
+                q0[k] = run[k]
+        elif sw == 2:
+            for k in range(k0, kend):
+                q0[k] = run[2 * k]
+                q1[k] = run[2 * k + 1]
+        else:
+            for b in range(sw):
+                for k in range(k0, kend):
+                    Q[b * qs + k] = run[k * sw + b]
+    else:  # the array ends within the padded run: stop there
+        for b in range(sw):
+            for k in range(k0, kend):
+                Q[b * qs + k] = run[k * sw + b] if start + k * sw + b < room else pad
+    for i in range(g.kh):
+        _tap_row(Q + i * g.dh * Wq, qs, i, g, acc, boff, m, i == 0, is_max)
+    for r in range(nb):
+        oh = oh0 + r
+        L = r * g.sh * Wq + g.oa
+        # columns oa .. ob-1, in whole blocks of _PAD when the spare ones stay in this plane's
+        # output (they land on the border columns and next rows, all written afterwards)
+        n = g.ob - g.oa
+        if oh * Wo + g.oa + _padded(n) <= g.Ho * Wo:
+            n = _padded(n)
+        if is_max:
+            base = (oh * g.sh - g.ph) * W - g.pw + g.oa * sw
+            orow = op + oh * Wo + g.oa
+            irow = ip + oh * Wo + g.oa
+            for ow in range(n):
+                orow[ow] = acc[L + ow]
+                irow[ow] = base + ow * sw + boff[L + ow]
+            for ow in range(g.oa):
+                _max_one(xp, g.H, W, oh * g.sh - g.ph, ow * sw - g.pw, g.kh, g.kw, g.dh, g.dw, op + oh * Wo + ow,
+                         ip + oh * Wo + ow)
+            for ow in range(g.ob, Wo):
+                _max_one(xp, g.H, W, oh * g.sh - g.ph, ow * sw - g.pw, g.kh, g.kw, g.dh, g.dw, op + oh * Wo + ow,
+                         ip + oh * Wo + ow)
+        else:
+            orow = op + oh * Wo + g.oa
+            for ow in range(n):
+                orow[ow] = acc[L + ow] / (rdiv[oh] * cdiv[g.oa + ow])
+            for ow in range(g.oa):
+                op[oh * Wo + ow] = _avg_one(xp, g, oh, ow, rdiv, cdiv)
+            for ow in range(g.ob, Wo):
+                op[oh * Wo + ow] = _avg_one(xp, g, oh, ow, rdiv, cdiv)
+
+
 cdef void _pool_plane(const floating* xp, Py_ssize_t room, floating* op, int64_t* ip, floating* P, floating* acc,
                       int32_t* boff, const _Plan* g, bint is_max, const floating* rdiv,
                       const floating* cdiv) noexcept nogil:
@@ -280,22 +485,30 @@ cdef void _pool_plane(const floating* xp, Py_ssize_t room, floating* op, int64_t
     cdef const floating* arow
     cdef const int32_t* brow
     cdef int64_t base
+    if g.flat:
+        oh0 = g.ra
+        while oh0 < g.rb:  # bands of g.fband output rows
+            _flat_band(xp, room, op, ip, P, acc, boff, g, oh0, min(g.fband, g.rb - oh0), is_max, rdiv, cdiv)
+            oh0 += g.fband
+        for oh in range(g.Ho):  # the border rows
+            if g.ra <= oh < g.rb:
+                continue
+            for ow in range(Wo):
+                if is_max:
+                    _max_one(xp, g.H, W, oh * g.sh - g.ph, ow * g.sw - g.pw, g.kh, g.kw, g.dh, g.dw,
+                             op + oh * Wo + ow, ip + oh * Wo + ow)
+                else:
+                    op[oh * Wo + ow] = _avg_one(xp, g, oh, ow, rdiv, cdiv)
+        return
     for oh0 in range(0, g.Ho, 1):  # bands of g.band output rows
         if oh0 % g.band:
             continue
         nb = min(g.band, g.Ho - oh0)
         _to_phases(xp, P, g, oh0, nb + g.si_max, room, ninf if is_max else 0)
         m = _padded(nb * Wp)
-        first = True
         for i in range(g.kh):
-            for j in range(g.kw):
-                arow = P + (i * g.dh % g.sh * g.sw + j * g.dw % g.sw) * g.stride + (i * g.dh // g.sh) * Wp \
-                    + j * g.dw // g.sw
-                if is_max:
-                    _max_tap(arow, acc, boff, m, <int32_t> (i * g.dh * W + j * g.dw), first)
-                else:
-                    _sum_tap(arow, acc, m, first)
-                first = False
+            _tap_row(P + i * g.dh % g.sh * g.sw * g.stride + (i * g.dh // g.sh) * Wp, g.stride, i, g, acc, boff, m,
+                     i == 0, is_max)
         for r in range(nb):
             oh = oh0 + r
             orow = op + oh * Wo
@@ -359,14 +572,14 @@ def max_forward(const floating[:, :, :, ::1] x, floating[:, :, :, ::1] out, int6
                         _max_one(&x[t // C, t % C, 0, 0], H, W, oh * sh - ph, ow * sw - pw, kh, kw, dh, dw,
                                  op + oh * Wo + ow, ip + oh * Wo + ow)
         return
-    cdef Py_ssize_t m = _padded(g.band * g.Wp)
     # per thread: the phase planes (-inf everywhere a band does not write), the running maxima
-    cdef floating[:, ::1] scratch = np.full((max(nt, 1), sh * sw * g.stride + m), -np.inf, np.asarray(out).dtype)
+    cdef Py_ssize_t planes_len = max(sh * sw * g.stride, sw * g.flen), m = max(_padded(g.band * g.Wp), g.alen)
+    cdef floating[:, ::1] scratch = np.full((max(nt, 1), planes_len + m), -np.inf, np.asarray(out).dtype)
     cdef int32_t[:, ::1] boff = np.empty((max(nt, 1), m), np.int32)
     with nogil:
         for t in prange(planes, num_threads=nt, schedule="dynamic", chunksize=_rows_per_chunk(planes, nt)):
             _pool_plane(&x[t // C, t % C, 0, 0], (planes - t) * H * W, &out[t // C, t % C, 0, 0], &idx[t // C, t % C, 0, 0],
-                        &scratch[threadid(), 0], &scratch[threadid(), sh * sw * g.stride], &boff[threadid(), 0], &g,
+                        &scratch[threadid(), 0], &scratch[threadid(), planes_len], &boff[threadid(), 0], &g,
                         True, NULL, NULL)
 
 
@@ -397,13 +610,13 @@ def avg_forward(const floating[:, :, :, ::1] x, floating[:, :, :, ::1] out,
     cdef const floating[::1] rdiv = rows
     cdef const floating[::1] cdiv = cols
     cdef _Plan g = _plan(H, W, Ho, Wo, kh, kw, sh, sw, ph, pw, 1, 1)
-    cdef Py_ssize_t m = _padded(g.band * g.Wp)
-    cdef floating[:, ::1] scratch = np.zeros((max(nt, 1), sh * sw * g.stride + m), dtype)
+    cdef Py_ssize_t planes_len = max(sh * sw * g.stride, sw * g.flen), m = max(_padded(g.band * g.Wp), g.alen)
+    cdef floating[:, ::1] scratch = np.zeros((max(nt, 1), planes_len + m), dtype)
     with nogil:
         for t in prange(planes, num_threads=nt, schedule="dynamic", chunksize=_rows_per_chunk(planes, nt)):
             _pool_plane(&x[t // C, t % C, 0, 0], (planes - t) * H * W, &out[t // C, t % C, 0, 0], NULL,
                         &scratch[threadid(), 0],
-                        &scratch[threadid(), sh * sw * g.stride], NULL, &g, False, &rdiv[0], &cdiv[0])
+                        &scratch[threadid(), planes_len], NULL, &g, False, &rdiv[0], &cdiv[0])
 
 
 # --------------------------------------------------------------------------- backward
