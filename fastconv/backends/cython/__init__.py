@@ -322,7 +322,8 @@ class CythonBackend(Backend):
 
     def max_pool2d_backward(self, grad_out, indices, p):
         gx = np.empty(p.input_shape, p.dtype)  # the kernel writes every element
-        _pool.max_backward(grad_out, np.ascontiguousarray(indices, np.int64), gx, _threads(gx.size))
+        _pool.max_backward(grad_out, np.ascontiguousarray(indices, np.int64), gx, p.kernel[0], p.stride[0],
+                           p.padding[0], p.dilation[0], _threads(gx.size))
         return gx
 
     def avg_pool2d(self, x, p):

@@ -6,34 +6,44 @@ OpenMP threads, the GIL released throughout) and writes every element of its
 output plane itself, so the adapter allocates outputs with ``numpy.empty``: no
 zero-fill pass, and no page faults from freshly zeroed memory.
 
-Phase planes
+Long loops, not short rows
     Pooled rows are short (14 columns for a 28-wide image pooled 2x2): per-row
-    vector loops spend their time in loop set-up and scalar remainders.  So the
-    forward kernels first split a band of input rows into ``sh * sw`` *phase
-    planes* (space-to-depth, :func:`_to_phases`): phase (a, b) holds the padded
-    input at rows ``p*sh + a`` and columns ``q*sw + b``, in rows of ``Wp``
-    elements, the padding being -inf (max) or 0 (average).  Window tap (i, j)
-    of output (oh, ow) then sits in phase ``(i*dh % sh, j*dw % sw)`` at
-    ``(oh + i*dh // sh) * Wp + ow + j*dw // sw``: a fixed shift of the output's
-    own position ``oh * Wp + ow``.  Each tap is one unit-stride loop over the
-    whole band (:func:`_max_tap`, :func:`_sum_tap`), with no bounds tests and no
-    compile-time trip count (which GCC would unroll into scalar code); the loop
-    length is a multiple of ``_PAD`` so the vector remainder never runs, the
-    spare lanes computing on padding that is never copied out.
-Backward
-    Average pooling runs the same plan in reverse: the scaled gradients, laid
-    out in rows of ``Wp``, are added into zeroed phase planes tap by tap
-    (:func:`_add_shifted`), taps in decreasing shift so that every input element
-    sums its windows in increasing output order, as PyTorch does; the planes are
-    then interleaved back into the gradient rows.  Max pooling zeroes each
-    gradient plane in cache and scatter-adds ``gy`` at the indices (one
-    read-modify-write per output, in increasing output order).
+    vector loops spend their time in loop set-up and scalar remainders (branchy
+    for max pooling), and GCC unrolls loops with small constant trip counts into
+    scalar code.  So the forward kernels lay a band of input rows out such that
+    window tap (i, j) of every output sits at a fixed shift from the output's own
+    lane, and run each tap as one unit-stride loop over the whole band, three taps
+    per pass (:func:`_tap_row`), the running maximum / sum in registers.  Loop
+    lengths are multiples of ``_PAD`` lanes, so the vector remainder never runs;
+    the spare lanes compute on data that is never copied out.
 
-Semantics are exactly those of PyTorch's CPU kernels: the taps of a window are
-visited in row-major order, which decides ties (first maximum wins) and NaN
-(``v > best or v != v``: the last NaN wins); a window whose in-image values are
+    * Flat path (:func:`_flat_band`; W a multiple of the column stride, no column
+      padding): the band's input rows, read as one run, are split into their
+      ``sw`` column phases by a single deinterleaving loop; lane ``r*sh*Wq + ow``
+      is output (oh0 + r, ow).  Border windows (padding rows, ceil_mode columns)
+      take the bounds-checked :func:`_max_one` / :func:`_avg_one`.
+    * Phase planes (:func:`_to_phases`, any geometry): the band is split into
+      ``sh * sw`` phase planes (space-to-depth) with -inf (max) or 0 (average)
+      padding, lane ``r*Wp + ow`` being output (oh0 + r, ow), so padding needs no
+      special case.
+
+    Software prefetches run ``_AHEAD`` bytes ahead of the input rows.
+Backward
+    Max pooling zeroes each gradient plane and scatter-adds ``gy`` at the indices
+    in increasing output order, four at a time; large planes go row by row, each
+    input row zeroed just before the first window reaches it, so that the scatter
+    works in L1 (:func:`_scatter_by_rows`).  Average pooling runs the phase-plane
+    plan in reverse: the scaled gradients are added into zeroed phase planes tap
+    by tap (:func:`_add_shifted`), taps in decreasing shift so that every input
+    element sums its windows in increasing output order, and the planes are then
+    interleaved back into the gradient rows.
+
+Semantics are exactly those of PyTorch's CPU kernels, bit for bit: the taps of a
+window are visited in row-major order, which decides ties (first maximum wins) and
+NaN (``v > best or v != v``: the last NaN wins); a window whose in-image values are
 all -inf reports its first in-image tap; the average divisor follows
-count_include_pad, ceil_mode cells never counting.
+count_include_pad, ceil_mode cells never counting; each gradient element sums its
+contributions onto 0 in increasing output order.
 """
 
 from cython cimport floating
@@ -245,38 +255,6 @@ cdef void _to_phases(const floating* xp, floating* P, const _Plan* g, Py_ssize_t
 
 
 # --------------------------------------------------------------------------- forward
-
-
-cdef inline void _max_tap(const floating* x, floating* best, int32_t* boff, Py_ssize_t n, int32_t off,
-                          bint first) noexcept nogil:
-    """One window tap for ``n`` outputs: the tap's value is ``x[o]``, its offset from the
-    window's first tap ``off``; take it where ``v > best or v != v``."""
-    cdef Py_ssize_t o
-    cdef floating v, b
-    cdef bint take
-    if first:
-        for o in range(n):
-            best[o] = x[o]
-            boff[o] = off
-        return
-    for o in range(n):
-        v = x[o]
-        b = best[o]
-        take = (v > b) | (v != v)
-        best[o] = v if take else b
-        boff[o] = off if take else boff[o]
-
-
-cdef inline void _sum_tap(const floating* x, floating* acc, Py_ssize_t n, bint first) noexcept nogil:
-    """``acc[o] += x[o]`` for ``n`` outputs (onto 0 for the first tap)."""
-    cdef Py_ssize_t o
-    cdef floating zero = 0
-    if first:
-        for o in range(n):
-            acc[o] = zero + x[o]
-        return
-    for o in range(n):
-        acc[o] = acc[o] + x[o]
 
 
 cdef inline void _max_taps3(const floating* x0, const floating* x1, const floating* x2, int32_t f0, int32_t f1,
@@ -648,39 +626,65 @@ def avg_forward(const floating[:, :, :, ::1] x, floating[:, :, :, ::1] out,
 _zero = 0.0
 
 
-cdef inline void _scatter_add(floating* plane, const floating* g, const int64_t* ind, Py_ssize_t n,
-                              Py_ssize_t size) noexcept nogil:
-    """``plane[ind[o]] += g[o]`` for ``o < n`` in increasing ``o``, skipping indices outside
-    ``[0, size)``; four at a time with one range test when all four are inside."""
-    cdef Py_ssize_t o = 0
-    cdef int64_t i0, i1, i2, i3
+cdef inline Py_ssize_t _scatter_add(floating* plane, const floating* g, const int64_t* ind, Py_ssize_t n,
+                                    Py_ssize_t lo, Py_ssize_t span) noexcept nogil:
+    """``plane[ind[o]] += g[o]`` for ``o < n`` in increasing ``o``, skipping the indices outside
+    ``[lo, lo + span)``; returns how many were skipped.  Four at a time, with one range test
+    when all four are inside."""
+    cdef Py_ssize_t o = 0, skipped = 0
+    cdef uint64_t i0, i1, i2, i3, u = <uint64_t> span
     while o + 4 <= n:
-        i0, i1, i2, i3 = ind[o], ind[o + 1], ind[o + 2], ind[o + 3]
-        if <uint64_t> i0 < <uint64_t> size and <uint64_t> i1 < <uint64_t> size and \
-                <uint64_t> i2 < <uint64_t> size and <uint64_t> i3 < <uint64_t> size:
-            plane[i0] += g[o]
-            plane[i1] += g[o + 1]
-            plane[i2] += g[o + 2]
-            plane[i3] += g[o + 3]
+        i0, i1, i2, i3 = ind[o] - lo, ind[o + 1] - lo, ind[o + 2] - lo, ind[o + 3] - lo
+        if i0 < u and i1 < u and i2 < u and i3 < u:
+            plane[lo + i0] += g[o]
+            plane[lo + i1] += g[o + 1]
+            plane[lo + i2] += g[o + 2]
+            plane[lo + i3] += g[o + 3]
         else:
-            if <uint64_t> i0 < <uint64_t> size:
-                plane[i0] += g[o]
-            if <uint64_t> i1 < <uint64_t> size:
-                plane[i1] += g[o + 1]
-            if <uint64_t> i2 < <uint64_t> size:
-                plane[i2] += g[o + 2]
-            if <uint64_t> i3 < <uint64_t> size:
-                plane[i3] += g[o + 3]
+            skipped += (i0 >= u) + (i1 >= u) + (i2 >= u) + (i3 >= u)
+            if i0 < u:
+                plane[lo + i0] += g[o]
+            if i1 < u:
+                plane[lo + i1] += g[o + 1]
+            if i2 < u:
+                plane[lo + i2] += g[o + 2]
+            if i3 < u:
+                plane[lo + i3] += g[o + 3]
         o += 4
     while o < n:
-        i0 = ind[o]
-        if <uint64_t> i0 < <uint64_t> size:
-            plane[i0] += g[o]
+        i0 = ind[o] - lo
+        if i0 < u:
+            plane[lo + i0] += g[o]
+        else:
+            skipped += 1
         o += 1
+    return skipped
+
+
+cdef bint _scatter_by_rows(floating* plane, const floating* g, const int64_t* ind, Py_ssize_t H, Py_ssize_t W,
+                           Py_ssize_t Ho, Py_ssize_t Wo, Py_ssize_t kh, Py_ssize_t sh, Py_ssize_t ph, Py_ssize_t dh,
+                           floating zero) noexcept nogil:
+    """Zero and scatter one plane output row by output row, zeroing each input row just before
+    the first window reaches it, so that the scatter finds its rows in L1 rather than in L2.
+    Returns False (leaving the plane half-done) as soon as an index lies outside its window's
+    rows; the caller then redoes the plane whole."""
+    cdef Py_ssize_t oh, lo, hi, done = 0  # rows 0 .. done-1 are zeroed
+    for oh in range(Ho):
+        lo = max(oh * sh - ph, 0)
+        hi = min(oh * sh - ph + (kh - 1) * dh + 1, H)
+        if hi > done:
+            _fill(plane + done * W, zero, (hi - done) * W)
+            done = hi
+        _prefetch_run(ind + (oh + 1) * Wo + _AHEAD // 8, Wo * 8)
+        _prefetch_run(g + (oh + 1) * Wo + _AHEAD // 8, Wo * sizeof(floating))
+        if _scatter_add(plane, g + oh * Wo, ind + oh * Wo, Wo, lo * W, (hi - lo) * W):
+            return False
+    _fill(plane + done * W, zero, (H - done) * W)
+    return True
 
 
 def max_backward(const floating[:, :, :, ::1] gy, const int64_t[:, :, :, ::1] idx,
-                 floating[:, :, :, ::1] gx, int nt):
+                 floating[:, :, :, ::1] gx, Py_ssize_t kh, Py_ssize_t sh, Py_ssize_t ph, Py_ssize_t dh, int nt):
     """``gx[n, c].flat[idx[n, c, o]] += gy[n, c, o]`` onto zero, in increasing ``o``.
 
     Parameters
@@ -691,12 +695,15 @@ def max_backward(const floating[:, :, :, ::1] gy, const int64_t[:, :, :, ::1] id
         public API rejects them earlier).
     gx : float array, shape (N, C, H, W)
         Overwritten (every element is written): each plane is zeroed while in cache, then
-        scattered into.
+        scattered into; planes over 16 KiB row by row (see :func:`_scatter_by_rows`).
+    kh, sh, ph, dh : int
+        The pooling's kernel height, row stride, top padding and row dilation: which input
+        rows each output row's windows span.
     nt : int
         OpenMP threads.
     """
-    cdef Py_ssize_t N = gx.shape[0], C = gx.shape[1], HW = gx.shape[2] * gx.shape[3]
-    cdef Py_ssize_t P = gy.shape[2] * gy.shape[3], planes = N * C
+    cdef Py_ssize_t N = gx.shape[0], C = gx.shape[1], H = gx.shape[2], W = gx.shape[3], HW = H * W
+    cdef Py_ssize_t Ho = gy.shape[2], Wo = gy.shape[3], P = Ho * Wo, planes = N * C
     cdef Py_ssize_t t, o
     cdef int64_t i
     cdef floating* plane
@@ -712,8 +719,10 @@ def max_backward(const floating[:, :, :, ::1] gy, const int64_t[:, :, :, ::1] id
             plane = &gx[t // C, t % C, 0, 0]
             g = &gy[t // C, t % C, 0, 0]
             ind = &idx[t // C, t % C, 0, 0]
+            if HW * sizeof(floating) > 16384 and _scatter_by_rows(plane, g, ind, H, W, Ho, Wo, kh, sh, ph, dh, zero):
+                continue
             _fill(plane, zero, HW)
-            _scatter_add(plane, g, ind, P, HW)
+            _scatter_add(plane, g, ind, P, 0, HW)
 
 
 cdef inline void _add_shifted(floating* acc, const floating* x, Py_ssize_t n) noexcept nogil:
