@@ -157,16 +157,38 @@ class _num_threads:
         fastconv.set_num_threads(self.old)
 
 
-def test_max_backward_any_indices():
+@pytest.mark.parametrize("h, w", [(10, 12), (70, 72)])  # whole planes; large planes row by row
+def test_max_backward_any_indices(h, w):
     """Indices that no window produced (duplicates, other windows' elements) scatter-add."""
     rng = np.random.default_rng(4)
-    x = rng.standard_normal((2, 3, 10, 12))
-    gy = rng.standard_normal((2, 3, 5, 6))
-    idx = rng.integers(0, 120, gy.shape)
+    x = rng.standard_normal((2, 3, h, w))
+    gy = rng.standard_normal((2, 3, h // 2, w // 2))
+    idx = rng.integers(0, h * w, gy.shape)
     idx[0, 0] = 7  # one element receives a whole plane
+    fwd = fastconv.max_pool2d(x, 2, return_indices=True, backend="cython")[1]
+    idx[1, 1], idx[1, 2, -1, -1] = fwd[1, 1], fwd[1, 2, 0, 0]  # a plane of genuine indices but the last
     gx = fastconv.max_pool2d_backward(gy, x, 2, indices=idx, backend="cython")
     ref = fastconv.max_pool2d_backward(gy, x, 2, indices=idx, backend="reference")
     assert rel_err(gx, ref) <= 1e-12
+
+
+@pytest.mark.parametrize("h, w", [(10, 12), (70, 72)])
+def test_max_backward_kernel_skips_indices_outside_the_plane(h, w):
+    """The public API rejects them; the kernel itself skips them."""
+    from fastconv.backends.cython import _pool
+
+    rng = np.random.default_rng(5)
+    gy = rng.standard_normal((1, 2, h // 2, w // 2))
+    idx = fastconv.max_pool2d(rng.standard_normal((1, 2, h, w)), 2, return_indices=True, backend="cython")[1]
+    idx[0, 0, 1, 1], idx[0, 1, -1, -1] = -1, h * w
+    gx = np.full((1, 2, h, w), np.nan)
+    _pool.max_backward(gy, idx, gx, 2, 2, 0, 1, 2)
+    want = np.zeros((1, 2, h * w))
+    for c in range(2):
+        for o, i in enumerate(idx[0, c].ravel()):
+            if 0 <= i < h * w:
+                want[0, c, i] += gy[0, c].ravel()[o]
+    np.testing.assert_array_equal(gx.reshape(1, 2, -1), want)
 
 
 GUARD_SCRIPT = textwrap.dedent("""
