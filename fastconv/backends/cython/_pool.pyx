@@ -50,6 +50,7 @@ from cython cimport floating
 from cython.parallel cimport prange, threadid
 from libc.math cimport INFINITY
 from libc.stdint cimport int32_t, int64_t, uint64_t
+from libc.string cimport memcpy
 
 import numpy as np
 
@@ -354,6 +355,34 @@ cdef inline void _tap_row(const floating* base, Py_ssize_t colstride, Py_ssize_t
         first = False
 
 
+cdef inline void _copy_max(floating* orow, int64_t* irow, const floating* best, const int32_t* boff, Py_ssize_t n,
+                           int64_t base, int64_t step) noexcept nogil:
+    """``orow[o] = best[o]``, ``irow[o] = base + o*step + boff[o]`` for ``o < n`` (the index
+    as an induction, not a multiply: 64-bit vector multiplies are slow)."""
+    cdef Py_ssize_t o
+    cdef int64_t pos = base
+    for o in range(n):
+        orow[o] = best[o]
+        irow[o] = pos + boff[o]
+        pos += step
+
+
+cdef inline void _lane_indices(int64_t* lidx, const int32_t* boff, Py_ssize_t n, int64_t start,
+                               int64_t step) noexcept nogil:
+    """``lidx[l] = start + l*step + boff[l]``: the flat index of each lane's maximum."""
+    cdef Py_ssize_t l
+    cdef int64_t pos = start
+    for l in range(n):
+        lidx[l] = pos + boff[l]
+        pos += step
+
+
+cdef inline void _divide(floating* acc, Py_ssize_t n, floating d) noexcept nogil:
+    cdef Py_ssize_t l
+    for l in range(n):
+        acc[l] = acc[l] / d
+
+
 cdef inline void _max_one(const floating* xp, Py_ssize_t H, Py_ssize_t W, Py_ssize_t hstart, Py_ssize_t wstart,
                           Py_ssize_t kh, Py_ssize_t kw, Py_ssize_t dh, Py_ssize_t dw, floating* out,
                           int64_t* where) noexcept nogil:
@@ -392,8 +421,8 @@ cdef inline floating _avg_one(const floating* xp, const _Plan* g, Py_ssize_t oh,
 
 
 cdef void _flat_band(const floating* xp, Py_ssize_t room, floating* op, int64_t* ip, floating* Q, floating* acc,
-                     int32_t* boff, const _Plan* g, Py_ssize_t oh0, Py_ssize_t nb, bint is_max, const floating* rdiv,
-                     const floating* cdiv) noexcept nogil:
+                     int32_t* boff, int64_t* lidx, const _Plan* g, Py_ssize_t oh0, Py_ssize_t nb, bint is_max,
+                     const floating* rdiv, const floating* cdiv) noexcept nogil:
     """Output rows ``oh0 .. oh0+nb-1`` (windows inside the image vertically) when W is a
     multiple of sw, the common case.
 
@@ -406,8 +435,6 @@ cdef void _flat_band(const floating* xp, Py_ssize_t room, floating* op, int64_t*
     :func:`_max_one` / :func:`_avg_one`.
     """
     cdef Py_ssize_t sw = g.sw, Wq = g.Wq, W = g.W, Wo = g.Wo, b, i, j, k, r, oh, ow, L, n
-    cdef floating* orow
-    cdef int64_t* irow
     cdef Py_ssize_t start = (oh0 * g.sh - g.ph) * W - g.pw  # offset of Q's lane 0 in the plane
     cdef Py_ssize_t m = _padded((nb - 1) * g.sh * Wq + Wo), K = m + (g.kh - 1) * g.dh * Wq + g.sj_max
     cdef Py_ssize_t k0 = (g.pw + sw - 1) // sw, kend = k0 + _padded(K - k0), qs = g.flen
@@ -416,7 +443,6 @@ cdef void _flat_band(const floating* xp, Py_ssize_t room, floating* op, int64_t*
     cdef floating* q0 = Q
     cdef floating* q1 = Q + qs
     cdef bint first
-    cdef int64_t base
     _prefetch_run(run + kend * sw, _AHEAD)  # what follows the band: the next band or plane
     for b in range(sw):
         _fill(Q + b * qs, pad, k0)  # lanes left of the plane: only border windows read them
@@ -438,21 +464,19 @@ cdef void _flat_band(const floating* xp, Py_ssize_t room, floating* op, int64_t*
                 Q[b * qs + k] = run[k * sw + b] if start + k * sw + b < room else pad
     for i in range(g.kh):
         _tap_row(Q + i * g.dh * Wq, qs, i, g, acc, boff, m, i == 0, is_max)
+    # finish every lane in one long loop: lane l is the window at flat input offset start + l*sw
+    # (int64 index) or an interior window (divisor kh*kw); then each row is two or one memcpy
+    if is_max:
+        _lane_indices(lidx, boff, m, start, sw)
+    else:
+        _divide(acc, m, <floating> (g.kh * g.kw))
+    n = g.ob - g.oa
     for r in range(nb):
         oh = oh0 + r
         L = r * g.sh * Wq + g.oa
-        # columns oa .. ob-1, in whole blocks of _PAD when the spare ones stay in this plane's
-        # output (they land on the border columns and next rows, all written afterwards)
-        n = g.ob - g.oa
-        if oh * Wo + g.oa + _padded(n) <= g.Ho * Wo:
-            n = _padded(n)
+        memcpy(op + oh * Wo + g.oa, acc + L, n * sizeof(floating))
         if is_max:
-            base = (oh * g.sh - g.ph) * W - g.pw + g.oa * sw
-            orow = op + oh * Wo + g.oa
-            irow = ip + oh * Wo + g.oa
-            for ow in range(n):
-                orow[ow] = acc[L + ow]
-                irow[ow] = base + ow * sw + boff[L + ow]
+            memcpy(ip + oh * Wo + g.oa, lidx + L, n * sizeof(int64_t))
             for ow in range(g.oa):
                 _max_one(xp, g.H, W, oh * g.sh - g.ph, ow * sw - g.pw, g.kh, g.kw, g.dh, g.dw, op + oh * Wo + ow,
                          ip + oh * Wo + ow)
@@ -460,9 +484,6 @@ cdef void _flat_band(const floating* xp, Py_ssize_t room, floating* op, int64_t*
                 _max_one(xp, g.H, W, oh * g.sh - g.ph, ow * sw - g.pw, g.kh, g.kw, g.dh, g.dw, op + oh * Wo + ow,
                          ip + oh * Wo + ow)
         else:
-            orow = op + oh * Wo + g.oa
-            for ow in range(n):
-                orow[ow] = acc[L + ow] / (rdiv[oh] * cdiv[g.oa + ow])
             for ow in range(g.oa):
                 op[oh * Wo + ow] = _avg_one(xp, g, oh, ow, rdiv, cdiv)
             for ow in range(g.ob, Wo):
@@ -470,7 +491,7 @@ cdef void _flat_band(const floating* xp, Py_ssize_t room, floating* op, int64_t*
 
 
 cdef void _pool_plane(const floating* xp, Py_ssize_t room, floating* op, int64_t* ip, floating* P, floating* acc,
-                      int32_t* boff, const _Plan* g, bint is_max, const floating* rdiv,
+                      int32_t* boff, int64_t* lidx, const _Plan* g, bint is_max, const floating* rdiv,
                       const floating* cdiv) noexcept nogil:
     """Max (``is_max``; values ``op`` and indices ``ip``) or average (``op``, divisors
     ``rdiv[oh] * cdiv[ow]``) pooling of one (H, W) plane, band by band through the phase
@@ -488,7 +509,7 @@ cdef void _pool_plane(const floating* xp, Py_ssize_t room, floating* op, int64_t
     if g.flat:
         oh0 = g.ra
         while oh0 < g.rb:  # bands of g.fband output rows
-            _flat_band(xp, room, op, ip, P, acc, boff, g, oh0, min(g.fband, g.rb - oh0), is_max, rdiv, cdiv)
+            _flat_band(xp, room, op, ip, P, acc, boff, lidx, g, oh0, min(g.fband, g.rb - oh0), is_max, rdiv, cdiv)
             oh0 += g.fband
         for oh in range(g.Ho):  # the border rows
             if g.ra <= oh < g.rb:
@@ -522,9 +543,7 @@ cdef void _pool_plane(const floating* xp, Py_ssize_t room, floating* op, int64_t
             brow = boff + r * Wp
             hstart = oh * g.sh - g.ph
             base = hstart * W - g.pw
-            for ow in range(Wo):
-                orow[ow] = arow[ow]
-                irow[ow] = base + ow * g.sw + brow[ow]
+            _copy_max(orow, irow, arow, brow, Wo, base, g.sw)
             # windows whose first tap is padding: if no in-image value beat -inf, PyTorch
             # reports the first in-image tap, not the padding tap the sweep started from
             h0 = _first_on_grid(hstart, g.dh)
@@ -576,11 +595,12 @@ def max_forward(const floating[:, :, :, ::1] x, floating[:, :, :, ::1] out, int6
     cdef Py_ssize_t planes_len = max(sh * sw * g.stride, sw * g.flen), m = max(_padded(g.band * g.Wp), g.alen)
     cdef floating[:, ::1] scratch = np.full((max(nt, 1), planes_len + m), -np.inf, np.asarray(out).dtype)
     cdef int32_t[:, ::1] boff = np.empty((max(nt, 1), m), np.int32)
+    cdef int64_t[:, ::1] lidx = np.empty((max(nt, 1), max(g.alen, 1)), np.int64)
     with nogil:
         for t in prange(planes, num_threads=nt, schedule="dynamic", chunksize=_rows_per_chunk(planes, nt)):
             _pool_plane(&x[t // C, t % C, 0, 0], (planes - t) * H * W, &out[t // C, t % C, 0, 0], &idx[t // C, t % C, 0, 0],
-                        &scratch[threadid(), 0], &scratch[threadid(), planes_len], &boff[threadid(), 0], &g,
-                        True, NULL, NULL)
+                        &scratch[threadid(), 0], &scratch[threadid(), planes_len], &boff[threadid(), 0],
+                        &lidx[threadid(), 0], &g, True, NULL, NULL)
 
 
 def avg_forward(const floating[:, :, :, ::1] x, floating[:, :, :, ::1] out,
@@ -616,7 +636,7 @@ def avg_forward(const floating[:, :, :, ::1] x, floating[:, :, :, ::1] out,
         for t in prange(planes, num_threads=nt, schedule="dynamic", chunksize=_rows_per_chunk(planes, nt)):
             _pool_plane(&x[t // C, t % C, 0, 0], (planes - t) * H * W, &out[t // C, t % C, 0, 0], NULL,
                         &scratch[threadid(), 0],
-                        &scratch[threadid(), planes_len], NULL, &g, False, &rdiv[0], &cdiv[0])
+                        &scratch[threadid(), planes_len], NULL, NULL, &g, False, &rdiv[0], &cdiv[0])
 
 
 # --------------------------------------------------------------------------- backward
