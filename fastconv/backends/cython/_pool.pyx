@@ -598,8 +598,8 @@ def max_forward(const floating[:, :, :, ::1] x, floating[:, :, :, ::1] out, int6
     cdef int64_t[:, ::1] lidx = np.empty((max(nt, 1), max(g.alen, 1)), np.int64)
     with nogil:
         for t in prange(planes, num_threads=nt, schedule="dynamic", chunksize=_rows_per_chunk(planes, nt)):
-            _pool_plane(&x[t // C, t % C, 0, 0], (planes - t) * H * W, &out[t // C, t % C, 0, 0], &idx[t // C, t % C, 0, 0],
-                        &scratch[threadid(), 0], &scratch[threadid(), planes_len], &boff[threadid(), 0],
+            _pool_plane(&x[t // C, t % C, 0, 0], (planes - t) * H * W, &out[t // C, t % C, 0, 0],
+                        &idx[t // C, t % C, 0, 0], &scratch[threadid(), 0], &scratch[threadid(), planes_len], &boff[threadid(), 0],
                         &lidx[threadid(), 0], &g, True, NULL, NULL)
 
 
