@@ -338,8 +338,9 @@ class CythonBackend(Backend):
         return out, idx
 
     def max_pool2d_backward(self, grad_out, indices, p):
-        gx = np.zeros(p.input_shape, p.dtype)
-        _pool.max_backward(grad_out, np.ascontiguousarray(indices, np.int64), gx, _threads(gx.size))
+        gx = np.empty(p.input_shape, p.dtype)  # the kernel writes every element
+        _pool.max_backward(grad_out, np.ascontiguousarray(indices, np.int64), gx, p.kernel[0], p.stride[0],
+                           p.padding[0], p.dilation[0], _threads(gx.size))
         return gx
 
     def avg_pool2d(self, x, p):
@@ -349,7 +350,7 @@ class CythonBackend(Backend):
         return out
 
     def avg_pool2d_backward(self, grad_out, p):
-        gx = np.zeros(p.input_shape, p.dtype)
+        gx = np.empty(p.input_shape, p.dtype)  # the kernel writes every element
         _pool.avg_backward(grad_out, gx, *p.kernel, *p.stride, *p.padding, p.count_include_pad,
                            _threads(grad_out.size * p.kernel[0] * p.kernel[1]))
         return gx

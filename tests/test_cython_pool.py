@@ -1,0 +1,246 @@
+"""The Cython pooling kernels' own code paths.
+
+The kernels (``fastconv/backends/cython/_pool.pyx``) choose between a flat path (W a
+multiple of the column stride, no column padding), a phase-plane path, bands of rows
+for large planes, padded vector loops whose spare lanes read past a row, an in-cache
+gather for the average-pooling gradient and a scatter for the max-pooling gradient.
+These tests drive every one of them: geometries on both sides of each choice, planes
+big enough for several bands, arrays that end exactly at an unmapped page (so that any
+read or write past an array would crash), thread counts, and PyTorch's exact results
+(bit for bit, as the kernels visit taps and sum gradients in PyTorch's order).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+import fastconv
+
+pytestmark = pytest.mark.skipif(not fastconv.available_backends()["cython"]["available"],
+                                reason="Cython extensions not built")
+
+TOL = {np.float32: 1e-5, np.float64: 1e-12}
+
+
+def rel_err(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    scale = np.linalg.norm(b)
+    return float(np.linalg.norm(a - b) / (scale if scale > 0 else 1.0))
+
+
+def special_input(rng, shape, dtype) -> np.ndarray:
+    """Values with many exact ties, NaN, +-inf, and a plane that is -inf everywhere."""
+    x = np.round(rng.standard_normal(shape), 1).astype(dtype)
+    flat = x.reshape(-1)
+    for value, frac in ((np.nan, 0.02), (-np.inf, 0.1), (np.inf, 0.01)):
+        flat[rng.random(flat.size) < frac] = value
+    x[0, 0] = -np.inf
+    return x
+
+
+# geometries: (kernel, stride, padding, dilation, ceil_mode, H, W) chosen to hit each path
+GEOMETRIES = [
+    ((2, 2), (2, 2), (0, 0), (1, 1), False, 28, 28),    # flat path, no borders
+    ((3, 3), (2, 2), (1, 1), (1, 1), False, 30, 30),    # phase path (left padding), -inf border windows
+    ((3, 3), (2, 2), (1, 0), (1, 1), True, 17, 16),     # flat path with top padding and ceil-mode rows
+    ((2, 2), (2, 2), (0, 0), (1, 1), True, 15, 15),     # odd sizes: phase path, ceil-mode windows
+    ((3, 3), (1, 1), (1, 1), (1, 1), False, 12, 13),    # stride 1
+    ((2, 3), (3, 2), (1, 1), (1, 1), True, 11, 14),     # stride 3 rows, mixed kernel
+    ((3, 2), (2, 3), (0, 1), (2, 1), False, 13, 12),    # column stride 3, row dilation
+    ((2, 2), (1, 1), (1, 1), (2, 2), True, 9, 9),       # dilation in both directions
+    ((1, 1), (3, 3), (0, 0), (1, 1), False, 10, 2),     # W smaller than the stride
+    ((4, 4), (4, 4), (2, 2), (1, 1), True, 9, 8),       # large padding
+    ((3, 3), (2, 2), (1, 1), (1, 1), False, 40, 300),   # several bands (phase path)
+    ((2, 2), (2, 2), (0, 0), (1, 1), False, 40, 600),   # several bands (flat path)
+    ((3, 3), (2, 2), (0, 0), (1, 1), False, 5, 9000),   # one row per band
+]
+
+
+def _kw(g):
+    kernel, stride, padding, dilation, ceil_mode, _, _ = g
+    return dict(kernel_size=kernel, stride=stride, padding=padding, dilation=dilation, ceil_mode=ceil_mode)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("g", GEOMETRIES, ids=[f"g{i}" for i in range(len(GEOMETRIES))])
+def test_max_pool_paths_match_reference(g, dtype):
+    rng = np.random.default_rng(len(g) + g[5] * 7 + g[6])
+    x = special_input(rng, (2, 3, g[5], g[6]), dtype)
+    out, idx = fastconv.max_pool2d(x, **_kw(g), return_indices=True, backend="cython")
+    ref, ridx = fastconv.max_pool2d(x, **_kw(g), return_indices=True, backend="reference")
+    np.testing.assert_array_equal(idx, ridx)
+    np.testing.assert_array_equal(out, ref)
+    gy = rng.standard_normal(out.shape).astype(dtype)
+    gx = fastconv.max_pool2d_backward(gy, x, **_kw(g), indices=idx, backend="cython")
+    gref = fastconv.max_pool2d_backward(gy, x, **_kw(g), indices=ridx, backend="reference")
+    assert rel_err(gx, gref) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("count_include_pad", [True, False])
+@pytest.mark.parametrize("g", [g for g in GEOMETRIES if g[3] == (1, 1)], ids=lambda g: f"k{g[0]}s{g[1]}p{g[2]}")
+def test_avg_pool_paths_match_reference(g, count_include_pad):
+    rng = np.random.default_rng(g[5] + g[6])
+    x = rng.standard_normal((2, 3, g[5], g[6]))
+    kw = dict(_kw(g), count_include_pad=count_include_pad)
+    del kw["dilation"]
+    out = fastconv.avg_pool2d(x, **kw, backend="cython")
+    assert rel_err(out, fastconv.avg_pool2d(x, **kw, backend="reference")) <= 1e-12
+    gy = rng.standard_normal(out.shape)
+    gx = fastconv.avg_pool2d_backward(gy, x.shape, **kw, backend="cython")
+    assert rel_err(gx, fastconv.avg_pool2d_backward(gy, x.shape, **kw, backend="reference")) <= 1e-12
+
+
+@pytest.mark.parametrize("g", GEOMETRIES[:10], ids=[f"g{i}" for i in range(10)])
+def test_bitwise_equal_to_torch(g):
+    """Same tap order, same tie/NaN rule, same summation order as PyTorch's CPU kernels."""
+    torch = pytest.importorskip("torch")
+    import torch.nn.functional as F
+
+    rng = np.random.default_rng(g[5] * 31 + g[6])
+    x = special_input(rng, (2, 3, g[5], g[6]), np.float32)
+    kernel, stride, padding, dilation, ceil_mode = g[:5]
+    out, idx = fastconv.max_pool2d(x, **_kw(g), return_indices=True, backend="cython")
+    tout, tidx = F.max_pool2d(torch.from_numpy(x), kernel, stride, padding, dilation, ceil_mode, True)
+    np.testing.assert_array_equal(out, tout.numpy())
+    np.testing.assert_array_equal(idx, tidx.numpy())
+    gy = rng.standard_normal(out.shape).astype(np.float32)
+    gx = fastconv.max_pool2d_backward(gy, x, **_kw(g), indices=idx, backend="cython")
+    tgx = torch.ops.aten.max_pool2d_with_indices_backward(torch.from_numpy(gy), torch.from_numpy(x), kernel, stride,
+                                                          padding, dilation, ceil_mode, tidx)
+    np.testing.assert_array_equal(gx, tgx.numpy())
+    if dilation != (1, 1):
+        return
+    xf = np.nan_to_num(x, nan=0.5, posinf=3.0, neginf=-3.0)
+    for cip in (True, False):
+        kw = dict(kernel_size=kernel, stride=stride, padding=padding, ceil_mode=ceil_mode, count_include_pad=cip)
+        out = fastconv.avg_pool2d(xf, **kw, backend="cython")
+        np.testing.assert_array_equal(out, F.avg_pool2d(torch.from_numpy(xf), kernel, stride, padding, ceil_mode,
+                                                        cip).numpy())
+        gy = rng.standard_normal(out.shape).astype(np.float32)
+        gx = fastconv.avg_pool2d_backward(gy, xf.shape, **kw, backend="cython")
+        tgx = torch.ops.aten.avg_pool2d_backward(torch.from_numpy(gy), torch.from_numpy(xf), kernel, stride,
+                                                 padding, ceil_mode, cip, None)
+        np.testing.assert_array_equal(gx, tgx.numpy())
+
+
+def test_results_do_not_depend_on_threads():
+    rng = np.random.default_rng(3)
+    x = special_input(rng, (4, 8, 36, 44), np.float32)
+    gy = rng.standard_normal((4, 8, 18, 22)).astype(np.float32)
+    results = []
+    for nt in (1, 2, 3):
+        with _num_threads(nt):
+            out, idx = fastconv.max_pool2d(x, 3, 2, 1, return_indices=True, backend="cython")
+            results.append((out, idx, fastconv.max_pool2d_backward(gy, x, 3, 2, 1, indices=idx, backend="cython"),
+                            fastconv.avg_pool2d(np.nan_to_num(x), 3, 2, 1, backend="cython"),
+                            fastconv.avg_pool2d_backward(gy, x.shape, 3, 2, 1, backend="cython")))
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            np.testing.assert_array_equal(a, b)
+
+
+class _num_threads:
+    def __init__(self, n):
+        self.n = n
+
+    def __enter__(self):
+        self.old = fastconv.get_num_threads()
+        fastconv.set_num_threads(self.n)
+
+    def __exit__(self, *exc):
+        fastconv.set_num_threads(self.old)
+
+
+@pytest.mark.parametrize("h, w", [(10, 12), (70, 72)])  # whole planes; large planes row by row
+def test_max_backward_any_indices(h, w):
+    """Indices that no window produced (duplicates, other windows' elements) scatter-add."""
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((2, 3, h, w))
+    gy = rng.standard_normal((2, 3, h // 2, w // 2))
+    idx = rng.integers(0, h * w, gy.shape)
+    idx[0, 0] = 7  # one element receives a whole plane
+    fwd = fastconv.max_pool2d(x, 2, return_indices=True, backend="cython")[1]
+    idx[1, 1], idx[1, 2, -1, -1] = fwd[1, 1], fwd[1, 2, 0, 0]  # a plane of genuine indices but the last
+    gx = fastconv.max_pool2d_backward(gy, x, 2, indices=idx, backend="cython")
+    ref = fastconv.max_pool2d_backward(gy, x, 2, indices=idx, backend="reference")
+    assert rel_err(gx, ref) <= 1e-12
+
+
+@pytest.mark.parametrize("h, w", [(10, 12), (70, 72)])
+def test_max_backward_kernel_skips_indices_outside_the_plane(h, w):
+    """The public API rejects them; the kernel itself skips them."""
+    from fastconv.backends.cython import _pool
+
+    rng = np.random.default_rng(5)
+    gy = rng.standard_normal((1, 2, h // 2, w // 2))
+    idx = fastconv.max_pool2d(rng.standard_normal((1, 2, h, w)), 2, return_indices=True, backend="cython")[1]
+    idx[0, 0, 1, 1], idx[0, 1, -1, -1] = -1, h * w
+    gx = np.full((1, 2, h, w), np.nan)
+    _pool.max_backward(gy, idx, gx, 2, 2, 0, 1, 2)
+    want = np.zeros((1, 2, h * w))
+    for c in range(2):
+        for o, i in enumerate(idx[0, c].ravel()):
+            if 0 <= i < h * w:
+                want[0, c, i] += gy[0, c].ravel()[o]
+    np.testing.assert_array_equal(gx.reshape(1, 2, -1), want)
+
+
+GUARD_SCRIPT = textwrap.dedent("""
+    import ctypes, mmap, sys
+    import numpy as np
+    import fastconv
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    PAGE = mmap.PAGESIZE
+    keep = []
+
+    def guarded(shape, dtype, fill):
+        # an array whose last byte is followed by an unmapped (PROT_NONE) page
+        dtype = np.dtype(dtype)
+        nbytes = int(np.prod(shape)) * dtype.itemsize
+        pages = -(-nbytes // PAGE) + 1
+        base = libc.mmap(None, pages * PAGE, 3, 0x22, -1, 0)  # PROT_READ|WRITE, MAP_PRIVATE|ANONYMOUS
+        assert base not in (None, ctypes.c_void_p(-1).value)
+        assert libc.mprotect(base + (pages - 1) * PAGE, PAGE, 0) == 0
+        start = base + (pages - 1) * PAGE - nbytes
+        buf = (ctypes.c_char * nbytes).from_address(start)
+        keep.append(buf)
+        a = np.frombuffer(buf, dtype=dtype).reshape(shape)
+        a[...] = fill(shape).astype(dtype)
+        return a
+
+    rng = np.random.default_rng(0)
+    for dtype in (np.float32, np.float64):
+        for (k, s, p, ceil, h, w) in [(2, 2, 0, False, 28, 28), (3, 2, 1, False, 30, 30), (3, 2, 0, True, 17, 16),
+                                      (2, 2, 0, True, 15, 15), (3, 1, 1, False, 12, 13), (2, 3, 1, True, 11, 14)]:
+            x = guarded((2, 3, h, w), dtype, rng.standard_normal)
+            out, idx = fastconv.max_pool2d(x, k, s, p, ceil_mode=ceil, return_indices=True, backend="cython")
+            ref, ridx = fastconv.max_pool2d(x, k, s, p, ceil_mode=ceil, return_indices=True, backend="reference")
+            assert np.array_equal(out, ref) and np.array_equal(idx, ridx)
+            gy = guarded(out.shape, dtype, rng.standard_normal)
+            gidx = guarded(out.shape, np.int64, lambda shape: idx)
+            fastconv.max_pool2d_backward(gy, x, k, s, p, ceil_mode=ceil, indices=gidx, backend="cython")
+            a = fastconv.avg_pool2d(x, k, s, p, ceil_mode=ceil, backend="cython")
+            r = fastconv.avg_pool2d(x, k, s, p, ceil_mode=ceil, backend="reference")
+            assert np.linalg.norm(a - r) <= 1e-5 * np.linalg.norm(r)
+            fastconv.avg_pool2d_backward(gy, x.shape, k, s, p, ceil_mode=ceil, backend="cython")
+    print("ok")
+""")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs mmap/mprotect")
+def test_no_access_past_the_arrays():
+    """Padded loops read past a row only while they stay inside the array: with every
+    input ending at an unmapped page, any read past it would kill the process."""
+    r = subprocess.run([sys.executable, "-c", GUARD_SCRIPT], capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), (r.returncode, r.stdout[-2000:], r.stderr[-4000:])
