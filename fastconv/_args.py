@@ -405,7 +405,8 @@ def max_pool2d_backward_args(func: str, grad_out, x, kernel_size, stride, paddin
         idx4 = indices if batched else _batched(indices, func, "indices")[0]
         if not is_device_array(idx4):
             idx4 = np.ascontiguousarray(idx4, dtype=np.int64)
-            if idx4.size and (idx4.min() < 0 or idx4.max() >= g.h * g.w):
+            # one pass: as unsigned, negative indices are huge, so max < H*W checks both bounds
+            if idx4.size and idx4.view(np.uint64).max() >= g.h * g.w:
                 raise ValueError(f"{func}(): indices must lie in [0, {g.h * g.w}) for input planes of "
                                  f"{g.h} x {g.w}, got values in [{idx4.min()}, {idx4.max()}]")
     arrays = (as_compute(go4, dtype), as_compute(x4, dtype), idx4)
