@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
+from typing import Any
 
 from . import _args
 
@@ -94,3 +95,48 @@ def set_autotune(enabled: bool) -> None:
 def get_autotune() -> bool:
     """Whether ``algorithm="auto"`` times the candidates (see :func:`set_autotune`)."""
     return bool(_state["autotune"])
+
+
+class single_threaded_blas:
+    """Context manager: every BLAS library loaded in the process (NumPy's and SciPy's
+    OpenBLAS) runs on one thread inside it.  Re-entrant and shared across Python threads:
+    the first entry saves each library's thread count, the last exit restores it.
+
+    The compiled backends hold it while their OpenMP threads each call GEMMs (a BLAS
+    thread pool would oversubscribe the cores), and around whole Winograd calls, whose
+    small weight-transform GEMMs would otherwise wake BLAS worker threads that then spin
+    against the kernel's own threads (measured: 2-3x slower when OpenMP waits actively,
+    e.g. with PyTorch's libgomp loaded first).  A no-op when threadpoolctl finds no BLAS.
+    """
+
+    _lock = threading.Lock()
+    _depth = 0
+    _saved: list[tuple[Any, int]] = []
+    _controllers: list[Any] | None = None
+
+    @classmethod
+    def _find(cls) -> list[Any]:
+        if cls._controllers is None:
+            try:
+                import scipy.linalg.cython_blas  # noqa: F401  (loads SciPy's BLAS, which the kernels call)
+                from threadpoolctl import ThreadpoolController
+
+                cls._controllers = list(ThreadpoolController().select(user_api="blas").lib_controllers)
+            except Exception:  # pragma: no cover - threadpoolctl missing or unusual BLAS
+                cls._controllers = []
+        return cls._controllers
+
+    def __enter__(self) -> None:
+        with self._lock:
+            if type(self)._depth == 0:
+                type(self)._saved = [(c, c.num_threads) for c in self._find()]
+                for c, _ in type(self)._saved:
+                    c.set_num_threads(1)
+            type(self)._depth += 1
+
+    def __exit__(self, *exc: object) -> None:
+        with self._lock:
+            type(self)._depth -= 1
+            if type(self)._depth == 0:
+                for c, n in type(self)._saved:
+                    c.set_num_threads(n)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import threading
 from typing import Any
 
 # OpenMP threads that finish early busy-wait by default.  On a machine shared with other
@@ -66,61 +65,12 @@ def _conv_args(g: ConvGeometry) -> tuple[int, ...]:
     return (*g.stride, g.padding[0], g.padding[2], *g.dilation, g.groups)
 
 
-class _SingleThreadedBlas:
-    """Context manager pinning scipy's BLAS to one thread (re-entrant across Python threads).
-
-    Used while OpenMP threads each call GEMM on their own images, so BLAS's
-    thread pool does not oversubscribe the cores.  A no-op when threadpoolctl
-    cannot find the library behind ``scipy.linalg.cython_blas``.
-    """
-
-    _lock = threading.Lock()
-    _depth = 0
-    _saved = 1
-    _controller: Any = None
-    _searched = False
-
-    @classmethod
-    def _find(cls) -> Any:
-        if not cls._searched:
-            cls._searched = True
-            try:
-                import scipy.linalg  # noqa: F401  (loads the BLAS behind cython_blas)
-                from threadpoolctl import ThreadpoolController
-
-                libs = ThreadpoolController().select(user_api="blas").lib_controllers
-                scipy_libs = [c for c in libs if "scipy" in c.filepath and "numpy" not in c.filepath]
-                cls._controller = scipy_libs[0] if scipy_libs else None
-            except Exception:  # pragma: no cover - threadpoolctl missing or unusual BLAS
-                cls._controller = None
-        return cls._controller
-
-    def __enter__(self) -> None:
-        ctl = self._find()
-        if ctl is None:
-            return
-        with self._lock:
-            if type(self)._depth == 0:
-                type(self)._saved = ctl.num_threads
-                ctl.set_num_threads(1)
-            type(self)._depth += 1
-
-    def __exit__(self, *exc: object) -> None:
-        ctl = self._find()
-        if ctl is None:
-            return
-        with self._lock:
-            type(self)._depth -= 1
-            if type(self)._depth == 0:
-                ctl.set_num_threads(type(self)._saved)
-
-
 @contextlib.contextmanager
 def _blas_for(nt: int, n: int):
     """Yield the OpenMP thread count for a loop over ``n`` images that each call GEMM:
     ``nt`` with BLAS pinned to one thread when there are enough images, else 1 (BLAS threads)."""
     if nt > 1 and n >= nt:
-        with _SingleThreadedBlas():
+        with _config.single_threaded_blas():
             yield nt
     else:
         yield 1
@@ -211,12 +161,10 @@ class CythonBackend(Backend):
     @staticmethod
     def _winograd_forward(x, u, bias, out, p: wino.Plan, pt: int, pl: int) -> bool:
         """The tiled forward pass (also the input gradient, with the rotated kernel).
-        Returns whether every output is finite."""
+        Returns whether every output is finite.  The caller holds single-threaded BLAS."""
         vb, mb, sc, ln = p.buffers(out.dtype)
         checks = np.zeros(p.threads, out.dtype)
-        with _SingleThreadedBlas() if p.threads > 1 else contextlib.nullcontext():
-            _winograd.forward(x, u, bias, out, vb, mb, sc, ln, checks, p.hs, p.ws, pt, pl, p.d, p.tb, p.vstride,
-                              p.mstride)
+        _winograd.forward(x, u, bias, out, vb, mb, sc, ln, checks, p.hs, p.ws, pt, pl, p.d, p.tb, p.vstride, p.mstride)
         return not checks.any()
 
     def _winograd_conv2d(self, x, weight, bias, g):
@@ -241,9 +189,8 @@ class CythonBackend(Backend):
         p = self._winograd_plan("conv2d_backward_weight", g)
         vb, mb, sc, ln = p.buffers(g.dtype)
         partial = np.zeros((p.threads, g.groups, p.t.a**2, g.k_per_group, g.c_per_group), g.dtype)
-        with _SingleThreadedBlas() if p.threads > 1 else contextlib.nullcontext():
-            _winograd.backward_weight(grad_out, x, partial, vb, mb, sc, ln, p.hs, p.ws, g.padding[0], g.padding[2],
-                                      p.d, p.tb, p.vstride, p.mstride)
+        _winograd.backward_weight(grad_out, x, partial, vb, mb, sc, ln, p.hs, p.ws, g.padding[0], g.padding[2],
+                                  p.d, p.tb, p.vstride, p.mstride)
         gw = wino.weight_gradient(_sum_partials(partial, dtype=np.float64), p.t, g.dtype)
         if np.isfinite(gw).all():
             return gw
@@ -252,8 +199,9 @@ class CythonBackend(Backend):
     # ----------------------------------------------------------------- conv
     def conv2d(self, x, weight, bias, g, algorithm):
         b = np.zeros(g.k, g.dtype) if bias is None else bias
-        if algorithm == "winograd":
-            return self._winograd_conv2d(x, weight, b, g)
+        if algorithm == "winograd":  # BLAS stays single-threaded for the whole call (see _config)
+            with _config.single_threaded_blas():
+                return self._winograd_conv2d(x, weight, b, g)
         out = np.empty(g.output_shape, g.dtype)
         nt = _threads(g.flops // 2)
         w2 = weight.reshape(g.k, -1)
@@ -263,7 +211,7 @@ class CythonBackend(Backend):
                 _im2col.pointwise_forward(x, w2, b, out, g.groups, threads)
         elif plan == "threads":
             buf = _ThreadBuffers(g, nt)
-            with _SingleThreadedBlas():
+            with _config.single_threaded_blas():
                 _im2col.forward_threads(x, w2, b, out, buf.cols, buf.tmps, buf.chunk, buf.rows, g.r, g.s,
                                         *_conv_args(g))
         elif plan == "batched":
@@ -276,7 +224,8 @@ class CythonBackend(Backend):
 
     def conv2d_backward_input(self, grad_out, weight, g, algorithm):
         if algorithm == "winograd":
-            return self._winograd_backward_input(grad_out, weight, g)
+            with _config.single_threaded_blas():
+                return self._winograd_backward_input(grad_out, weight, g)
         gx = np.zeros(g.input_shape, g.dtype)
         nt = _threads(g.flops // 2)
         w2 = weight.reshape(g.k, -1)
@@ -286,7 +235,7 @@ class CythonBackend(Backend):
                 _im2col.pointwise_backward_input(grad_out, w2, gx, g.groups, threads)
         elif plan == "threads":
             buf = _ThreadBuffers(g, nt)
-            with _SingleThreadedBlas():
+            with _config.single_threaded_blas():
                 _im2col.backward_input_threads(grad_out, w2, gx, buf.cols, buf.tmps, buf.chunk, buf.rows, g.r, g.s,
                                                *_conv_args(g))
         elif plan == "batched":
@@ -299,7 +248,8 @@ class CythonBackend(Backend):
 
     def conv2d_backward_weight(self, grad_out, x, g, algorithm):
         if algorithm == "winograd":
-            return self._winograd_backward_weight(grad_out, x, g)
+            with _config.single_threaded_blas():
+                return self._winograd_backward_weight(grad_out, x, g)
         gw = np.zeros(g.weight_shape, g.dtype)
         nt = _threads(g.flops // 2)
         gw2 = gw.reshape(g.k, -1)
@@ -312,7 +262,7 @@ class CythonBackend(Backend):
         elif plan == "threads":
             buf = _ThreadBuffers(g, nt)
             partial = np.zeros((buf.threads,) + gw2.shape, g.dtype)
-            with _SingleThreadedBlas():
+            with _config.single_threaded_blas():
                 _im2col.backward_weight_threads(grad_out, x, partial, buf.cols, buf.tmps, buf.chunk, buf.rows, g.r,
                                                 g.s, *_conv_args(g))
             _sum_partials(partial, out=gw2)

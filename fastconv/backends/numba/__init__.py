@@ -29,7 +29,6 @@ winograd
 
 from __future__ import annotations
 
-import contextlib
 import os
 import threading
 import time
@@ -52,7 +51,6 @@ from ..base import Backend  # noqa: E402
 from ... import _winograd as wino  # noqa: E402
 from . import _kernels  # noqa: E402
 from . import _winograd as _wk  # noqa: E402
-from ._blas import SingleThreadedBlas  # noqa: E402
 
 _lock = threading.Lock()
 _compile_seconds: dict[str, float] = {}
@@ -244,9 +242,7 @@ def _winograd_plan(op: str, g: ConvGeometry) -> wino.Plan:
     return p
 
 
-def _blas_pinned(threads: int) -> contextlib.AbstractContextManager[None]:
-    """Single-threaded BLAS while ``threads`` > 1 numba workers call it, else no change."""
-    return SingleThreadedBlas() if threads > 1 else contextlib.nullcontext()
+
 
 
 class NumbaBackend(Backend):
@@ -318,9 +314,8 @@ class NumbaBackend(Backend):
         vb, mb, sc, ln = p.buffers(out.dtype)
         checks = np.zeros(p.threads, out.dtype)
         counter = np.zeros(1, np.int64)
-        with _blas_pinned(p.threads):
-            _winograd_forward(x, u, bias, out, vb, mb, sc, ln, checks, counter, p.hs, p.ws, pt, pl, p.d, p.tb,
-                              p.vstride, p.mstride, threads=p.threads)
+        _winograd_forward(x, u, bias, out, vb, mb, sc, ln, checks, counter, p.hs, p.ws, pt, pl, p.d, p.tb,
+                          p.vstride, p.mstride, threads=p.threads)
         return not checks.any()
 
     def _winograd_conv2d(self, x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None,
@@ -350,9 +345,8 @@ class NumbaBackend(Backend):
         partial = np.zeros((p.threads, g.groups, p.t.a**2, kg, cg), g.dtype)
         prod = np.empty((p.threads, kg * cg), g.dtype)
         counter = np.zeros(1, np.int64)
-        with _blas_pinned(p.threads):
-            _winograd_backward_weight(grad_out, x, partial, prod, vb, mb, sc, ln, counter, p.hs, p.ws, g.padding[0],
-                                      g.padding[2], p.d, p.tb, p.vstride, p.mstride, threads=p.threads)
+        _winograd_backward_weight(grad_out, x, partial, prod, vb, mb, sc, ln, counter, p.hs, p.ws, g.padding[0],
+                                  g.padding[2], p.d, p.tb, p.vstride, p.mstride, threads=p.threads)
         with np.errstate(invalid="ignore", over="ignore"):  # Inf/NaN input: recomputed below
             du = partial.sum(axis=0, dtype=np.float64)
         gw = wino.weight_gradient(du, p.t, g.dtype)
@@ -362,8 +356,9 @@ class NumbaBackend(Backend):
 
     # ------------------------------------------------------------------ conv
     def conv2d(self, x, weight, bias, g, algorithm):
-        if algorithm == "winograd":
-            return self._winograd_conv2d(x, weight, bias, g)
+        if algorithm == "winograd":  # BLAS stays single-threaded for the whole call (see _config)
+            with _config.single_threaded_blas():
+                return self._winograd_conv2d(x, weight, bias, g)
         out = np.empty(g.output_shape, dtype=g.dtype)
         b = np.zeros(g.k, dtype=g.dtype) if bias is None else bias
         if algorithm == "direct":
@@ -380,8 +375,9 @@ class NumbaBackend(Backend):
         return out
 
     def conv2d_backward_input(self, grad_out, weight, g, algorithm):
-        if algorithm == "winograd":
-            return self._winograd_backward_input(grad_out, weight, g)
+        if algorithm == "winograd":  # BLAS stays single-threaded for the whole call (see _config)
+            with _config.single_threaded_blas():
+                return self._winograd_backward_input(grad_out, weight, g)
         gx = np.empty(g.input_shape, dtype=g.dtype)
         if algorithm == "direct":
             _conv2d_backward_input_direct(grad_out, weight, gx, *_conv_params(g), g.groups)
@@ -402,8 +398,9 @@ class NumbaBackend(Backend):
         return gx
 
     def conv2d_backward_weight(self, grad_out, x, g, algorithm):
-        if algorithm == "winograd":
-            return self._winograd_backward_weight(grad_out, x, g)
+        if algorithm == "winograd":  # BLAS stays single-threaded for the whole call (see _config)
+            with _config.single_threaded_blas():
+                return self._winograd_backward_weight(grad_out, x, g)
         gw = np.empty(g.weight_shape, dtype=g.dtype)
         if algorithm == "direct":
             _conv2d_backward_weight_direct(grad_out, x, gw, *_conv_params(g), g.groups)
