@@ -14,6 +14,7 @@ from ._config import (
     set_autotune,
     set_num_threads,
     set_workspace_limit,
+    single_threaded_blas,
 )
 from ._dispatch import available_backends, get_backend, use_backend
 from .functional import (
@@ -52,5 +53,6 @@ __all__ = [
     "set_autotune",
     "set_num_threads",
     "set_workspace_limit",
+    "single_threaded_blas",
     "use_backend",
 ]

@@ -659,6 +659,11 @@ def _select_cases(layers: list[str] | None) -> list[suite.Case]:
 
 def run(args: argparse.Namespace) -> int:
     """Run the benchmark described by ``args`` (see :func:`add_arguments`); print the table."""
+    if not args.no_compare and suite.baseline_available("torch"):
+        # PyTorch first, as a user who has it would: it then runs on its own OpenMP runtime with
+        # its default (spinning) wait policy.  Loading fastconv's backends first would give it
+        # theirs, set to passive waiting, which slowed its small convolutions by up to 40%.
+        import torch  # noqa: F401
     import fastconv
     from . import _dispatch
 

@@ -172,3 +172,45 @@ def test_float32_accuracy_on_long_sums(backend, algorithm, size):
     want = fastconv.conv2d_backward(gy, x, w, padding=size // 2, backend="reference")
     assert_close(got.input, want.input, np.float32)
     assert_close(got.weight, want.weight, np.float32)
+
+
+def _blas_threads() -> dict[str, int]:
+    from threadpoolctl import threadpool_info
+
+    return {i["filepath"]: i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"}
+
+
+def test_single_threaded_blas_pins_every_blas_and_restores():
+    import scipy.linalg.cython_blas  # noqa: F401  (both NumPy's and SciPy's BLAS loaded)
+
+    fastconv.set_num_threads(2)
+    before = _blas_threads()
+    assert len(before) >= 1
+    with fastconv.single_threaded_blas():
+        with fastconv.single_threaded_blas():  # re-entrant
+            assert set(_blas_threads().values()) == {1}
+        assert set(_blas_threads().values()) == {1}
+    assert _blas_threads() == before
+    with pytest.raises(RuntimeError):  # restored on errors too
+        with fastconv.single_threaded_blas():
+            raise RuntimeError
+    assert _blas_threads() == before
+
+
+def test_fit_and_predict_run_with_single_threaded_blas(monkeypatch):
+    from fastconv import nn
+
+    seen = []
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 2))
+    original = model.forward
+
+    def spy(x):
+        seen.append(set(_blas_threads().values()))
+        return original(x)
+
+    monkeypatch.setattr(model, "forward", spy)
+    x = np.random.default_rng(0).random((8, 1, 4, 4)).astype(np.float32)
+    y = np.arange(8) % 2
+    nn.fit(model, nn.SGD(model.parameters(), lr=0.1), x, y, epochs=1, batch_size=4, log=None)
+    nn.predict(model, x)
+    assert seen and all(s == {1} for s in seen)
