@@ -323,3 +323,32 @@ def test_float32_stays_float32_through_a_training_step():
     opt = nn.Adam(model.parameters())
     opt.step()
     assert all(p.data.dtype == np.float32 and p.grad.dtype == np.float32 for p in model.parameters())
+
+
+@pytest.mark.parametrize("pool", [dict(kernel_size=2), dict(kernel_size=3, stride=2, padding=1),
+                                  dict(kernel_size=2, ceil_mode=True)])
+def test_sequential_runs_relu_after_max_pool_with_identical_results(pool):
+    """Sequential swaps ReLU -> MaxPool2d into MaxPool2d -> ReLU: outputs and gradients are
+    bit-identical to running the layers one by one in their written order, with ties, zeros,
+    all-negative windows and NaN."""
+    rng = np.random.default_rng(0)
+    x = np.round(rng.standard_normal((3, 4, 9, 9)) * 2).astype(np.float32)   # ties and zeros
+    x[0, 0, :3, :3] = -5.0                                                     # a negative window
+    x[1, 2, 4, 4] = np.nan
+    layers = [nn.ReLU(), nn.MaxPool2d(**pool), nn.Flatten()]
+    model = nn.Sequential(*layers)
+    got = model.forward(x)
+    gy = rng.standard_normal(got.shape).astype(np.float32)
+    got_gx = model.backward(gy)
+    want = x
+    for layer in layers:  # written order, one by one
+        want = layer.forward(want)
+    want_gx = gy
+    for layer in reversed(layers):
+        want_gx = layer.backward(want_gx)
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(got_gx, want_gx)
+    assert [type(a) for a in model._run_order()] == [nn.MaxPool2d, nn.ReLU, nn.Flatten]
+    outs = model.forward_all(x)  # the plots' view keeps the written order ...
+    np.testing.assert_array_equal(outs[0], np.maximum(x, 0))
+    np.testing.assert_array_equal(model.backward(gy), want_gx)  # ... and backward follows it

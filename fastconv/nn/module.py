@@ -201,6 +201,12 @@ class Module:
 class Sequential(Module):
     """Layers applied one after the other; ``backward`` runs them in reverse.
 
+    A ``ReLU`` directly followed by a ``MaxPool2d`` is run as the pool first, then the ReLU:
+    the two commute (both are monotone and propagate NaN, and the pool's -inf padding never
+    wins over a ReLU output), outputs and gradients are bit-identical (a window whose maximum
+    is <= 0 gets a zero gradient either way), and the ReLU touches 1/stride^2 of the values.
+    :meth:`forward_all` keeps the written order.
+
     Parameters
     ----------
     *layers : Module
@@ -216,23 +222,41 @@ class Sequential(Module):
     def children(self) -> Iterator[tuple[str, Module]]:
         return ((str(i), layer) for i, layer in enumerate(self.layers))
 
+    def _run_order(self) -> list[Module]:
+        """The layers in the order they run: each ReLU directly before a MaxPool2d after it."""
+        from .layers import MaxPool2d, ReLU
+
+        order = list(self.layers)
+        i = 0
+        while i < len(order) - 1:
+            if type(order[i]) is ReLU and type(order[i + 1]) is MaxPool2d:
+                order[i], order[i + 1] = order[i + 1], order[i]
+                i += 2
+            else:
+                i += 1
+        return order
+
     def forward(self, x: np.ndarray) -> np.ndarray:
-        for layer in self.layers:
+        self._last_order = self._run_order()
+        for layer in self._last_order:
             x = layer.forward(x)
         return x
 
     def forward_all(self, x: np.ndarray) -> list[np.ndarray]:
-        """The output of every layer, in order (for feature-map plots)."""
+        """The output of every layer, in the written order (for feature-map plots)."""
+        self._last_order = list(self.layers)
         outputs = []
-        for layer in self.layers:
+        for layer in self._last_order:
             x = layer.forward(x)
             outputs.append(x)
         return outputs
 
     def backward(self, grad_out: np.ndarray, *, need_input: bool = True) -> np.ndarray | None:
-        for i in range(len(self.layers) - 1, 0, -1):
-            grad_out = self.layers[i].backward(grad_out)
-        return self.layers[0].backward(grad_out, need_input=need_input) if self.layers else grad_out
+        """Backward through the layers in the reverse of the order the last forward pass ran."""
+        order = getattr(self, "_last_order", None) or self._run_order()
+        for layer in order[:0:-1]:
+            grad_out = layer.backward(grad_out)
+        return order[0].backward(grad_out, need_input=need_input) if order else grad_out
 
     def __getitem__(self, i: int) -> Module:
         return self.layers[i]
