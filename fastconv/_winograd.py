@@ -179,15 +179,6 @@ def transform_weight(w: np.ndarray, t: Transforms, groups: int, dtype: np.dtype)
     return np.ascontiguousarray(u.transpose(1, 0, 2, 3) if groups > 1 else u[None, :, 0], dtype=dtype)
 
 
-def rotate_for_input_grad(w: np.ndarray, groups: int) -> np.ndarray:
-    """The kernel of the input gradient: rotated by 180 degrees, (K, C/g) swapped per group
-    -> (C, K/groups, 3, 3)."""
-    k, cg = w.shape[:2]
-    kg = k // groups
-    rot = w[:, :, ::-1, ::-1].reshape(groups, kg, cg, R, R).transpose(0, 2, 1, 3, 4)
-    return np.ascontiguousarray(rot.reshape(groups * cg, kg, R, R))
-
-
 def weight_gradient(du: np.ndarray, t: Transforms, dtype: np.dtype) -> np.ndarray:
     """dw = G^T dU G from dU (groups, a*a, K/groups, C/groups) -> (K, C/groups, 3, 3).
 

@@ -111,7 +111,12 @@ def test_kernels_on_large_planes(dtype, algorithm, monkeypatch):
     rng = np.random.default_rng(7)
     for (n, c, h, w, k, r, s, pad, dil, groups) in [(3, 2, 60, 70, 4, 3, 3, (1, 2), (2, 1), 1),
                                                     (2, 4, 45, 50, 4, 5, 2, (4, 0), (1, 3), 2),
-                                                    (4, 3, 9, 80, 3, 1, 7, (0, 5), 1, 3)]:
+                                                    (4, 3, 9, 80, 3, 1, 7, (0, 5), 1, 3),
+                                                    # 3x3 stride 1: the flat-plane kernel, several row
+                                                    # segments, padding beyond the reach (the input
+                                                    # gradient crops), dilation, groups
+                                                    (2, 3, 70, 90, 6, 3, 3, (3, 5), (1, 2), 3),
+                                                    (3, 1, 64, 64, 4, 3, 3, 1, 1, 1)]:
         x = rng.standard_normal((n, c, h, w)).astype(dtype)
         wt = rng.standard_normal((k, c // groups, r, s)).astype(dtype)
         b = rng.standard_normal(k).astype(dtype)
@@ -334,3 +339,7 @@ def test_info_and_algorithm_choice():
         assert be.default_algorithm(op, wide) == "winograd"
         assert be.default_algorithm(op, few_channels) == "im2col"
         assert be.default_algorithm(op, strided) == "im2col"
+    first_layer = ConvGeometry(400, 1, 16, 16, 8, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1, f32)
+    assert be.default_algorithm("conv2d", first_layer) == "direct"
+    assert be.default_algorithm("conv2d_backward_input", first_layer) == "direct"
+    assert be.default_algorithm("conv2d_backward_weight", first_layer) == "im2col"

@@ -77,3 +77,14 @@ class Backend:
     def info(self) -> dict[str, Any]:
         """Extra facts for ``fastconv info`` (versions, threading, build flags)."""
         return {}
+
+
+def input_grad_kernel(w: np.ndarray, groups: int) -> np.ndarray:
+    """The kernel that turns the input gradient of a stride-1 convolution into a forward one:
+    ``w`` rotated by 180 degrees with its channel axes swapped per group, (K, C/g, R, S) ->
+    (C, K/g, R, S).  With padding ``dil*(R-1) - pad`` per side, ``conv2d(grad_out, this)`` is
+    the input gradient."""
+    k, cg, r, s = w.shape
+    kg = k // groups
+    rot = w[:, :, ::-1, ::-1].reshape(groups, kg, cg, r, s).transpose(0, 2, 1, 3, 4)
+    return np.ascontiguousarray(rot.reshape(groups * cg, kg, r, s))

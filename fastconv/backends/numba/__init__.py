@@ -47,7 +47,7 @@ import numpy as np  # noqa: E402
 
 from ... import _config  # noqa: E402
 from ..._args import ConvGeometry, PoolGeometry  # noqa: E402
-from ..base import Backend  # noqa: E402
+from ..base import Backend, input_grad_kernel  # noqa: E402
 from ... import _winograd as wino  # noqa: E402
 from . import _kernels  # noqa: E402
 from . import _winograd as _wk  # noqa: E402
@@ -331,7 +331,7 @@ class NumbaBackend(Backend):
     def _winograd_backward_input(self, grad_out: np.ndarray, weight: np.ndarray, g: ConvGeometry) -> np.ndarray:
         p = _winograd_plan("conv2d_backward_input", g)
         gx = np.empty(g.input_shape, g.dtype)
-        u = wino.transform_weight(wino.rotate_for_input_grad(weight, g.groups), p.t, g.groups, g.dtype)
+        u = wino.transform_weight(input_grad_kernel(weight, g.groups), p.t, g.groups, g.dtype)
         reach = 2 * g.dilation[0]
         if self._winograd_forward(grad_out, u, np.zeros(g.c, g.dtype), gx, p, reach - g.padding[0],
                                   reach - g.padding[2]):
