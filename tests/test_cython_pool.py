@@ -12,8 +12,6 @@ read or write past an array would crash), thread counts, and PyTorch's exact res
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 import textwrap
 
@@ -21,6 +19,7 @@ import numpy as np
 import pytest
 
 import fastconv
+from conftest import python_child
 
 pytestmark = pytest.mark.skipif(not fastconv.available_backends()["cython"]["available"],
                                 reason="Cython extensions not built")
@@ -241,6 +240,5 @@ GUARD_SCRIPT = textwrap.dedent("""
 def test_no_access_past_the_arrays():
     """Padded loops read past a row only while they stay inside the array: with every
     input ending at an unmapped page, any read past it would kill the process."""
-    r = subprocess.run([sys.executable, "-c", GUARD_SCRIPT], capture_output=True, text=True, timeout=300,
-                       env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+    r = python_child(["-c", GUARD_SCRIPT], timeout=300)
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), (r.returncode, r.stdout[-2000:], r.stderr[-4000:])

@@ -22,7 +22,8 @@ pytest.importorskip("numba")
 
 import fastconv as fc  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+#: the directory holding the fastconv this process imported (installed, or the source tree)
+PACKAGE_PARENT = Path(fc.__file__).resolve().parents[1]
 DTYPES = [np.float32, np.float64]
 TOL = {np.float32: 1e-5, np.float64: 1e-12}
 
@@ -326,7 +327,7 @@ def test_info_reports_version_threading_and_compile_times():
 
 
 def _run(code: str, env: dict[str, str]) -> dict:
-    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT, env=env,
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=PACKAGE_PARENT, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -334,7 +335,7 @@ def _run(code: str, env: dict[str, str]) -> dict:
 
 def _env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONPATH"] = str(PACKAGE_PARENT) + os.pathsep + env.get("PYTHONPATH", "")
     env.update(extra)
     return env
 
