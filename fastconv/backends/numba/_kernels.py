@@ -11,11 +11,16 @@ Conventions
 * Padding is never materialised: for each kernel tap the kernels compute the range
   of output positions whose input position is in range (:func:`_span`).
 * Every ``prange`` iterates over work items that write disjoint memory (output rows,
-  input-gradient rows, weight-gradient entries, image planes), so there are no races.
-* Convolution kernels use ``fastmath={"contract", "reassoc"}``: fused multiply-add and
-  reordered sums (vectorised reductions) change only the rounding; no flag assumes
-  finite values, so NaN and inf propagate as IEEE says.  Pooling kernels use no
-  fastmath at all (max pooling's NaN rule depends on exact comparisons).
+  input-gradient rows, weight-gradient entries, image planes, per-worker buffers), so
+  there are no races.
+* Direct convolution kernels use ``fastmath={"contract", "reassoc"}``: fused multiply-add
+  and reordered sums (vectorised reductions) change only the rounding; no flag assumes
+  finite values, so NaN and inf propagate as IEEE says.  The im2col kernels (copies, BLAS
+  calls, exact adds) and the pooling kernels use no fastmath at all (max pooling's NaN
+  rule depends on exact comparisons).
+* The im2col kernels take their shared work counter from ``_winograd._next_block``.
+  numba's cache checks only the source file of the cached function, so a change to that
+  intrinsic must be followed by touching this file (or clearing ``__pycache__``).
 """
 
 from __future__ import annotations
@@ -23,10 +28,13 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from ._winograd import _next_block
+
 _CONV = dict(parallel=True, cache=True, nogil=True, fastmath={"contract", "reassoc"})
 _POOL = dict(parallel=True, cache=True, nogil=True)
 _SERIAL = dict(cache=True, nogil=True)
 _SERIAL_MATH = dict(cache=True, nogil=True, fastmath={"contract", "reassoc"})
+_IM2COL = dict(parallel=True, cache=True, nogil=True)
 
 
 @njit(**_SERIAL)
@@ -212,67 +220,294 @@ def conv2d_backward_bias(gy, gb):
         gb[kk] = total
 
 
-# --------------------------------------------------------------------------- im2col
-@njit(**_POOL)
-def im2col(x, n0, cols, nr, ns, sh, sw, top, left, dh, dw, ho, wo):
-    """Fill cols[(c*R + r)*S + s, j*L + oh*wo + ow] = x[n0 + j, c, ih, iw] (0 in the padding).
+# --------------------------------------------------------------------------- im2col + GEMM
+#
+# One parallel region per call.  Each of the ``cols.shape[0]`` workers (one ``prange``
+# iteration each) owns one row of every scratch buffer and takes work units from a shared
+# counter (``_next_block``: whichever worker is free takes the next unit).  A unit is
+# ``nb`` whole images (small planes, grouped so that each GEMM has enough columns) or, with
+# ``nb == 1``, a block of ``rb`` output rows of one image (so that the column block stays
+# in L2).  The unit's GEMMs are ``np.dot`` calls on contiguous 2-D slices, which numba lowers
+# to BLAS (SciPy's OpenBLAS); the adapter pins BLAS to one thread while several workers call
+# it, so no BLAS thread pool ever competes with numba's threads.
+#
+# Unit layout: the column matrix of ``m`` images and output rows ``oh0 .. oh1-1`` is
+# (C*R*S, m*Q) with Q = (oh1 - oh0) * Wo, row (c, r, s) holding image after image; the
+# matching output (gradient) block is gathered / scattered as (K, m*Q) in ``tmps``.  1x1
+# stride-1 unpadded ("pointwise") layers need no lowering: each image is its own (C, H*W)
+# column matrix and every GEMM reads and writes the NCHW arrays directly.
 
-    ``cols`` has shape (C*R*S, nb*L) with L = ho*wo: one GEMM then covers nb images.
-    One work item per input plane (j, c), which it reads R*S times while it is in cache.
-    A pure copy, so no fastmath is needed.
-    """
-    _, c, h, wd = x.shape
-    ll = ho * wo
-    nb = cols.shape[1] // ll
-    xf, cf = x.reshape(x.size), cols.reshape(cols.size)
+
+@njit(inline="always", **_SERIAL)
+def _unit(u: int, per_image: int, nb: int, rb: int, n: int, ho: int) -> tuple[int, int, int, int]:
+    """(first image, image count, first output row, end output row) of work unit ``u``: chunk
+    ``u // per_image`` of ``nb`` images, row block ``u % per_image`` of ``rb`` rows."""
+    n0 = (u // per_image) * nb
+    oh0 = (u % per_image) * rb
+    return n0, min(nb, n - n0), oh0, min(oh0 + rb, ho)
+
+
+@njit(inline="always", **_SERIAL)
+def _unfold(xf: np.ndarray, n0: int, m: int, c: int, h: int, wd: int, cf: np.ndarray, nr: int, ns: int, sh: int,
+            sw: int, top: int, left: int, dh: int, dw: int, los: np.ndarray, his: np.ndarray, oh0: int, oh1: int,
+            wo: int) -> None:
+    """The unit's column matrix: cf[((c*R + r)*S + s)*m*Q + b*Q + (oh - oh0)*wo + ow] =
+    x[n0 + b, c, oh*sh - top + r*dh, ow*sw - left + s*dw] (0 in the padding) for b < m and
+    oh0 <= oh < oh1, Q = (oh1 - oh0)*wo.  A pure copy."""
+    q = (oh1 - oh0) * wo
+    ld = m * q
     zero = cf.dtype.type(0)
-    los, his = _spans(ns, dw, left, sw, wd, wo)
-    for t in prange(nb * c):
-        j = t // c
-        ca = t % c
-        p0 = ((n0 + j) * c + ca) * h * wd
-        for r in range(nr):
-            for s in range(ns):
-                lo, hi = los[s], his[s]
-                d0 = (((ca * nr + r) * ns + s) * nb + j) * ll
-                for oh in range(ho):
-                    ih = oh * sh - top + r * dh
-                    if ih < 0 or ih >= h:
-                        _fill(cf, d0, wo, zero)
-                    else:
-                        _fill(cf, d0, lo, zero)
-                        _copy(cf, d0 + lo, xf, p0 + ih * wd + lo * sw + s * dw - left, sw, hi - lo)
-                        _fill(cf, d0 + hi, wo - hi, zero)
-                    d0 += wo
+    for b in range(m):
+        for ca in range(c):
+            p0 = ((n0 + b) * c + ca) * h * wd
+            for r in range(nr):
+                for s in range(ns):
+                    lo, hi = los[s], his[s]
+                    d0 = ((ca * nr + r) * ns + s) * ld + b * q
+                    src = p0 + lo * sw + s * dw - left
+                    for oh in range(oh0, oh1):
+                        ih = oh * sh - top + r * dh
+                        if ih < 0 or ih >= h:
+                            _fill(cf, d0, wo, zero)
+                        else:
+                            _fill(cf, d0, lo, zero)
+                            _copy(cf, d0 + lo, xf, src + ih * wd, sw, hi - lo)
+                            _fill(cf, d0 + hi, wo - hi, zero)
+                        d0 += wo
 
 
-@njit(**_CONV)
-def col2im(cols, gx, n0, nr, ns, sh, sw, top, left, dh, dw, ho, wo):
-    """The adjoint of :func:`im2col`: gx[n0 + j, c] = scatter-add of the column rows of c.
-
-    One work item per image plane (j, c), so no two items write the same pixel.
-    """
-    _, c, h, wd = gx.shape
-    ll = ho * wo
-    nb = cols.shape[1] // ll
-    cf, xf = cols.reshape(cols.size), gx.reshape(gx.size)
-    los, his = _spans(ns, dw, left, sw, wd, wo)
-    one = gx.dtype.type(1)
-    for t in prange(nb * c):
-        j = t // c
-        ca = t % c
-        p0 = ((n0 + j) * c + ca) * h * wd
-        _fill(xf, p0, h * wd, xf.dtype.type(0))
-        for r in range(nr):
-            for s in range(ns):
-                src0 = (((ca * nr + r) * ns + s) * nb + j) * ll
-                lo = los[s]
-                for oh in range(ho):
-                    ih = oh * sh - top + r * dh
-                    if ih < 0 or ih >= h:
+@njit(inline="always", **_SERIAL)
+def _fold(cf: np.ndarray, gxf: np.ndarray, n0: int, m: int, c: int, h: int, wd: int, nr: int, ns: int, sh: int,
+          sw: int, top: int, left: int, dh: int, dw: int, los: np.ndarray, his: np.ndarray, oh0: int, oh1: int,
+          wo: int) -> None:
+    """The adjoint of :func:`_unfold` (col2im): add the unit's column matrix into gx, taps
+    in (c, r, s) order."""
+    q = (oh1 - oh0) * wo
+    ld = m * q
+    one = gxf.dtype.type(1)
+    for b in range(m):
+        for ca in range(c):
+            p0 = ((n0 + b) * c + ca) * h * wd
+            for r in range(nr):
+                for s in range(ns):
+                    lo, hi = los[s], his[s]
+                    if hi <= lo:
                         continue
-                    _axpy(xf, p0 + ih * wd + lo * sw + s * dw - left, sw, cf, src0 + oh * wo + lo, 1, one,
-                          his[s] - lo)
+                    s0 = ((ca * nr + r) * ns + s) * ld + b * q + lo
+                    dst = p0 + lo * sw + s * dw - left
+                    for oh in range(oh0, oh1):
+                        ih = oh * sh - top + r * dh
+                        if 0 <= ih < h:
+                            _axpy(gxf, dst + ih * wd, sw, cf, s0 + (oh - oh0) * wo, 1, one, hi - lo)
+
+
+@njit(inline="always", **_SERIAL)
+def _zero_rows(gxf: np.ndarray, n0: int, m: int, c: int, h: int, wd: int, r0: int, r1: int) -> None:
+    """Zero rows r0 .. r1-1 of every channel plane of images n0 .. n0+m-1."""
+    zero = gxf.dtype.type(0)
+    for plane in range(n0 * c, (n0 + m) * c):
+        _fill(gxf, (plane * h + r0) * wd, (r1 - r0) * wd, zero)
+
+
+@njit(inline="always", **_SERIAL)
+def _gather_rows(yf: np.ndarray, n0: int, m: int, k: int, p: int, o0: int, q: int, tmp: np.ndarray) -> None:
+    """tmp[(kk*m + b)*q + i] = y[n0 + b, kk].flat[o0 + i] for i < q: the unit's (K, m*Q) block."""
+    for b in range(m):
+        for kk in range(k):
+            _copy(tmp, (kk * m + b) * q, yf, ((n0 + b) * k + kk) * p + o0, 1, q)
+
+
+@njit(inline="always", **_SERIAL)
+def _scatter_rows(tmp: np.ndarray, of: np.ndarray, n0: int, m: int, k: int, p: int, o0: int, q: int,
+                  bias: np.ndarray) -> None:
+    """out[n0 + b, kk].flat[o0 + i] = tmp[(kk*m + b)*q + i] + bias[kk]: the inverse of
+    :func:`_gather_rows`, plus the bias."""
+    for b in range(m):
+        for kk in range(k):
+            d, s, bk = np.uint64(((n0 + b) * k + kk) * p + o0), np.uint64((kk * m + b) * q), bias[kk]
+            for i in range(np.uint64(q)):
+                of[d + i] = tmp[s + i] + bk
+
+
+@njit(inline="always", **_SERIAL)
+def _add_bias(of: np.ndarray, o0: int, bias: np.ndarray, p: int) -> None:
+    """out.flat[o0 + kk*p + i] += bias[kk] for i < p: the bias of one image."""
+    for kk in range(bias.shape[0]):
+        d, bk = np.uint64(o0 + kk * p), bias[kk]
+        for i in range(np.uint64(p)):
+            of[d + i] += bk
+
+
+@njit(inline="always", **_SERIAL)
+def _forward_gemms(w2: np.ndarray, src: np.ndarray, s0: int, dst: np.ndarray, d0: int, ncols: int,
+                   groups: int) -> None:
+    """dst[d0:] as (K, ncols) = W (K, Cg*R*S) @ src[s0:] as (C*R*S, ncols), group by group."""
+    kg, crsg = w2.shape[0] // groups, w2.shape[1]
+    for g in range(groups):
+        a, b = s0 + g * crsg * ncols, d0 + g * kg * ncols
+        np.dot(w2[g * kg:(g + 1) * kg], src[a:a + crsg * ncols].reshape((crsg, ncols)),
+               dst[b:b + kg * ncols].reshape((kg, ncols)))
+
+
+@njit(inline="always", **_SERIAL)
+def _input_gemms(w2: np.ndarray, src: np.ndarray, s0: int, dst: np.ndarray, d0: int, ncols: int,
+                 groups: int) -> None:
+    """dst[d0:] as (C*R*S, ncols) = W.T @ src[s0:] as (K, ncols), group by group."""
+    kg, crsg = w2.shape[0] // groups, w2.shape[1]
+    for g in range(groups):
+        a, b = s0 + g * kg * ncols, d0 + g * crsg * ncols
+        np.dot(w2[g * kg:(g + 1) * kg].T, src[a:a + kg * ncols].reshape((kg, ncols)),
+               dst[b:b + crsg * ncols].reshape((crsg, ncols)))
+
+
+@njit(inline="always", **_SERIAL)
+def _weight_gemms(gsrc: np.ndarray, g0: int, csrc: np.ndarray, c0: int, ncols: int, prod: np.ndarray,
+                  acc: np.ndarray, groups: int) -> None:
+    """acc (K*Cg*R*S, float64) += gsrc[g0:] as (K, ncols) @ (csrc[c0:] as (C*R*S, ncols)).T,
+    group by group, through the (Kg, Cg*R*S) scratch ``prod`` (``np.dot`` has no beta)."""
+    kg, crsg = prod.shape[0], prod.shape[1]
+    pf = prod.reshape(prod.size)
+    for g in range(groups):
+        a, b = g0 + g * kg * ncols, c0 + g * crsg * ncols
+        np.dot(gsrc[a:a + kg * ncols].reshape((kg, ncols)), csrc[b:b + crsg * ncols].reshape((crsg, ncols)).T, prod)
+        e0 = np.uint64(g * kg * crsg)
+        for i in range(np.uint64(kg * crsg)):
+            acc[e0 + i] += pf[i]
+
+
+@njit(**_IM2COL)
+def conv2d_im2col(x: np.ndarray, w2: np.ndarray, bias: np.ndarray, out: np.ndarray, cols: np.ndarray,
+                  tmps: np.ndarray, counter: np.ndarray, nb: int, rb: int, nr: int, ns: int, sh: int, sw: int,
+                  top: int, left: int, dh: int, dw: int, groups: int, pointwise: bool) -> None:
+    """Forward convolution, ``out = conv(x, w) + bias``, by im2col + BLAS on
+    ``cols.shape[0]`` workers.
+
+    Parameters
+    ----------
+    x : ndarray, (N, C, H, W)
+        Input.
+    w2 : ndarray, (K, Cg*R*S)
+        The weights as a matrix.
+    bias : ndarray, (K,)
+        Added to every output of channel k (zeros for none).
+    out : ndarray, (N, K, Ho, Wo)
+        Written in full.
+    cols, tmps : ndarray, (workers, >= C*R*S * U), (workers, >= K * U)
+        Per-worker column matrix and output block, U = nb*Ho*Wo if nb > 1 else rb*Wo
+        (unused, any size, when ``pointwise``).
+    counter : ndarray of int64, (1,)
+        The shared unit counter, zero on entry.
+    nb, rb : int
+        Images per unit; with nb == 1, output rows per unit (else rb == Ho).
+    nr, ns, sh, sw, top, left, dh, dw, groups : int
+        Kernel size, stride, top / left padding, dilation, groups.
+    pointwise : bool
+        A 1x1 stride-1 unpadded layer (then nb == 1 and rb == Ho).
+    """
+    n, c, h, wd = x.shape
+    k, ho, wo = out.shape[1], out.shape[2], out.shape[3]
+    p = ho * wo
+    xf, of = x.reshape(x.size), out.reshape(out.size)
+    los, his = _spans(ns, dw, left, sw, wd, wo)
+    per_image = -(-ho // rb)
+    units = -(-n // nb) * per_image
+    for t in prange(cols.shape[0]):
+        col, tmp = cols[t], tmps[t]
+        u = _next_block(counter)
+        while u < units:
+            n0, m, oh0, oh1 = _unit(u, per_image, nb, rb, n, ho)
+            q = (oh1 - oh0) * wo
+            if pointwise:
+                _forward_gemms(w2, xf, n0 * c * p, of, n0 * k * p, p, groups)
+                _add_bias(of, n0 * k * p, bias, p)
+            else:
+                _unfold(xf, n0, m, c, h, wd, col, nr, ns, sh, sw, top, left, dh, dw, los, his, oh0, oh1, wo)
+                _forward_gemms(w2, col, 0, tmp, 0, m * q, groups)
+                _scatter_rows(tmp, of, n0, m, k, p, oh0 * wo, q, bias)
+            u = _next_block(counter)
+
+
+@njit(**_IM2COL)
+def conv2d_backward_input_im2col(gy: np.ndarray, w2: np.ndarray, gx: np.ndarray, cols: np.ndarray,
+                                 tmps: np.ndarray, counter: np.ndarray, nb: int, rb: int, nr: int, ns: int, sh: int,
+                                 sw: int, top: int, left: int, dh: int, dw: int, groups: int,
+                                 pointwise: bool) -> None:
+    """Input gradient by GEMM + col2im on ``cols.shape[0]`` workers; ``gx`` (N, C, H, W) is
+    written in full.
+
+    A unit is ``nb`` whole images (the column blocks of one image's row blocks overlap in
+    the input rows they add to), processed ``rb`` output rows at a time when nb == 1; each
+    input row is zeroed just before the first block that adds to it.  The other arguments
+    are those of :func:`conv2d_im2col` (``gy`` in place of ``x``, ``tmps`` holding the
+    gathered output-gradient block).
+    """
+    n, c, h, wd = gx.shape
+    k, ho, wo = gy.shape[1], gy.shape[2], gy.shape[3]
+    p = ho * wo
+    yf, gxf = gy.reshape(gy.size), gx.reshape(gx.size)
+    los, his = _spans(ns, dw, left, sw, wd, wo)
+    units = -(-n // nb)
+    for t in prange(cols.shape[0]):
+        col, tmp = cols[t], tmps[t]
+        u = _next_block(counter)
+        while u < units:
+            n0 = u * nb
+            m = min(nb, n - n0)
+            if pointwise:
+                _input_gemms(w2, yf, n0 * k * p, gxf, n0 * c * p, p, groups)
+            else:
+                zeroed = 0  # input rows [0, zeroed) of the unit's planes are zero or summed into
+                for oh0 in range(0, ho, rb):
+                    oh1 = min(oh0 + rb, ho)
+                    q = (oh1 - oh0) * wo
+                    _gather_rows(yf, n0, m, k, p, oh0 * wo, q, tmp)
+                    _input_gemms(w2, tmp, 0, col, 0, m * q, groups)
+                    reach = min(h, (oh1 - 1) * sh - top + (nr - 1) * dh + 1)  # past the last row it adds to
+                    if reach > zeroed:
+                        _zero_rows(gxf, n0, m, c, h, wd, zeroed, reach)
+                        zeroed = reach
+                    _fold(col, gxf, n0, m, c, h, wd, nr, ns, sh, sw, top, left, dh, dw, los, his, oh0, oh1, wo)
+                _zero_rows(gxf, n0, m, c, h, wd, zeroed, h)  # rows no window reaches
+            u = _next_block(counter)
+
+
+@njit(**_IM2COL)
+def conv2d_backward_weight_im2col(gy: np.ndarray, x: np.ndarray, partial: np.ndarray, prods: np.ndarray,
+                                  cols: np.ndarray, tmps: np.ndarray, counter: np.ndarray, nb: int, rb: int, nr: int,
+                                  ns: int, sh: int, sw: int, top: int, left: int, dh: int, dw: int, groups: int,
+                                  pointwise: bool) -> None:
+    """Per-worker weight-gradient partial sums by im2col + BLAS.
+
+    Parameters
+    ----------
+    partial : ndarray of float64, (workers, K * Cg*R*S)
+        Zero on entry; worker t adds the products of its units into ``partial[t]`` (the
+        adapter sums over workers).  Each unit's GEMM sums in the compute dtype.
+    prods : ndarray, (workers, Kg, Cg*R*S)
+        Per-worker scratch for one GEMM's product.
+    gy, x, cols, tmps, counter, nb, rb, nr, ns, sh, sw, top, left, dh, dw, groups, pointwise
+        As for :func:`conv2d_im2col` (``tmps`` holds the gathered output-gradient block).
+    """
+    n, c, h, wd = x.shape
+    k, ho, wo = gy.shape[1], gy.shape[2], gy.shape[3]
+    p = ho * wo
+    yf, xf = gy.reshape(gy.size), x.reshape(x.size)
+    los, his = _spans(ns, dw, left, sw, wd, wo)
+    per_image = -(-ho // rb)
+    units = -(-n // nb) * per_image
+    for t in prange(cols.shape[0]):
+        col, tmp, prod, acc = cols[t], tmps[t], prods[t], partial[t]
+        u = _next_block(counter)
+        while u < units:
+            n0, m, oh0, oh1 = _unit(u, per_image, nb, rb, n, ho)
+            q = (oh1 - oh0) * wo
+            if pointwise:
+                _weight_gemms(yf, n0 * k * p, xf, n0 * c * p, p, prod, acc, groups)
+            else:
+                _unfold(xf, n0, m, c, h, wd, col, nr, ns, sh, sw, top, left, dh, dw, los, his, oh0, oh1, wo)
+                _gather_rows(yf, n0, m, k, p, oh0 * wo, q, tmp)
+                _weight_gemms(tmp, 0, col, 0, m * q, prod, acc, groups)
+            u = _next_block(counter)
 
 
 # --------------------------------------------------------------------------- pooling
