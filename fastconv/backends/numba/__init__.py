@@ -146,6 +146,7 @@ _max_pool2d = _kernel("max_pool2d", 1)
 _max_pool2d_backward = _kernel("max_pool2d_backward", 2)
 _avg_pool2d = _kernel("avg_pool2d", 1)
 _avg_pool2d_backward = _kernel("avg_pool2d_backward", 1)
+_pool2d_flat = _kernel("pool2d_flat", 1)
 _winograd_forward = _kernel("winograd_forward", 3, _wk)
 _winograd_backward_weight = _kernel("winograd_backward_weight", 2, _wk)
 
@@ -264,6 +265,28 @@ def _winograd_plan(op: str, g: ConvGeometry) -> wino.Plan:
 
 
 
+
+
+#: the ``idx`` argument of :func:`_kernels.pool2d_flat` for average pooling (unused)
+_NO_INDICES = np.empty((1, 1, 1, 1), np.int64)
+
+
+def _is_flat_pool(p: PoolGeometry, dilation: tuple[int, int]) -> bool:
+    """Whether :func:`_kernels.pool2d_flat` covers the pooling ``p`` (with ``dilation``): W a
+    multiple of the column stride, no column padding, at least one window inside the plane
+    vertically and horizontally, and every tap offset within 32 bits."""
+    (kh, kw), (sh, sw), (dh, dw) = p.kernel, p.stride, dilation
+    reach_h, reach_w = (kh - 1) * dh, (kw - 1) * dw
+    return (p.padding[1] == 0 and p.w % sw == 0 and p.w > reach_w and p.h + p.padding[0] > reach_h
+            and reach_h * p.w + reach_w < 2**31 and p.n * p.c > 0 and p.out_h * p.out_w > 0)
+
+
+def _pool_workers(p: PoolGeometry) -> int:
+    """Workers of a pooling call: one for small calls (see :data:`_SERIAL_WORK`), else the
+    thread count, capped by the planes."""
+    if p.n * p.c * p.out_h * p.out_w * p.kernel[0] * p.kernel[1] < _SERIAL_WORK:
+        return 1
+    return max(1, min(_config.get_num_threads(), numba.config.NUMBA_NUM_THREADS, p.n * p.c))
 
 
 class NumbaBackend(Backend):
@@ -430,17 +453,29 @@ class NumbaBackend(Backend):
     def max_pool2d(self, x, p):
         out = np.empty(p.output_shape, dtype=p.dtype)
         idx = np.empty(p.output_shape, dtype=np.int64)
-        _max_pool2d(x, out, idx, *p.kernel, *p.stride, *p.padding, *p.dilation)
+        if _is_flat_pool(p, p.dilation):
+            workers = _pool_workers(p)
+            _pool2d_flat(x, out, idx, *p.kernel, *p.stride, p.padding[0], *p.dilation, True, False, workers,
+                         np.zeros(1, np.int64), threads=workers)
+        else:
+            _max_pool2d(x, out, idx, *p.kernel, *p.stride, *p.padding, *p.dilation)
         return out, idx
 
     def max_pool2d_backward(self, grad_out, indices, p):
         gx = np.empty(p.input_shape, dtype=p.dtype)
-        _max_pool2d_backward(grad_out, np.ascontiguousarray(indices, dtype=np.int64), gx)
+        workers = _pool_workers(p)
+        _max_pool2d_backward(grad_out, np.ascontiguousarray(indices, dtype=np.int64), gx, p.kernel[0], p.stride[0],
+                             p.padding[0], p.dilation[0], workers, np.zeros(1, np.int64), threads=workers)
         return gx
 
     def avg_pool2d(self, x, p):
         out = np.empty(p.output_shape, dtype=p.dtype)
-        _avg_pool2d(x, out, *p.kernel, *p.stride, *p.padding, p.count_include_pad)
+        if _is_flat_pool(p, (1, 1)):
+            workers = _pool_workers(p)
+            _pool2d_flat(x, out, _NO_INDICES, *p.kernel, *p.stride, p.padding[0], 1, 1, False, p.count_include_pad,
+                         workers, np.zeros(1, np.int64), threads=workers)
+        else:
+            _avg_pool2d(x, out, *p.kernel, *p.stride, *p.padding, p.count_include_pad)
         return out
 
     def avg_pool2d_backward(self, grad_out, p):

@@ -639,23 +639,77 @@ def max_pool2d(x: np.ndarray, out: np.ndarray, idx: np.ndarray, kh: int, kw: int
                         _max_tap(xf, np.uint64(p0 + q0), np.uint64(sw), of, jf, o0 + lo, q0, sw, his[b] - lo)
 
 
-@njit(**_POOL)
-def max_pool2d_backward(gy, idx, gx):
-    """gx[n, c].flat[idx[n, c, o]] += gy[n, c, o]; one work item per (n, c) plane.
+@njit(inline="always", **_SERIAL)
+def _scatter_add(xf: np.ndarray, p0: int, yf: np.ndarray, jf: np.ndarray, o0: int, n: int, lo: int,
+                 span: int) -> int:
+    """xf[p0 + jf[o]] += yf[o] for o0 <= o < o0 + n in increasing o, skipping the indices
+    outside [lo, lo + span) (one unsigned test); returns how many were skipped."""
+    skipped = 0
+    base, u = np.uint64(p0 + lo), np.uint64(span)
+    for o in range(np.uint64(o0), np.uint64(o0 + n)):
+        i = np.uint64(jf[o] - lo)
+        if i < u:
+            xf[base + i] += yf[o]
+        else:
+            skipped += 1
+    return skipped
 
-    Indices outside the plane are skipped (the API validates them; this only
-    guarantees memory safety)."""
+
+#: max_pool2d_backward scatters planes larger than this (bytes) output row by output row
+_ROWWISE_BYTES = 16384
+
+
+@njit(inline="always", **_SERIAL)
+def _scatter_by_rows(xf: np.ndarray, p0: int, yf: np.ndarray, jf: np.ndarray, o0: int, h: int, wd: int, ho: int,
+                     wo: int, kh: int, sh: int, ph: int, dh: int) -> bool:
+    """Zero and scatter one plane output row by output row, each input row zeroed just before
+    the first window reaches it, so that the scatter finds its rows in L1 rather than L2.
+    Returns False (the plane half done) as soon as an index lies outside its window's rows;
+    the caller then redoes the plane whole."""
+    zero = xf.dtype.type(0)
+    done = 0  # input rows [0, done) are zeroed
+    for oh in range(ho):
+        lo = max(oh * sh - ph, 0)
+        hi = min(oh * sh - ph + (kh - 1) * dh + 1, h)
+        if hi > done:
+            _fill(xf, p0 + done * wd, (hi - done) * wd, zero)
+            done = hi
+        if _scatter_add(xf, p0, yf, jf, o0 + oh * wo, wo, lo * wd, max(hi - lo, 0) * wd):
+            return False
+    _fill(xf, p0 + done * wd, (h - done) * wd, zero)
+    return True
+
+
+@njit(**_POOL)
+def max_pool2d_backward(gy: np.ndarray, idx: np.ndarray, gx: np.ndarray, kh: int, sh: int, ph: int, dh: int,
+                        workers: int, counter: np.ndarray) -> None:
+    """gx[n, c].flat[idx[n, c, o]] += gy[n, c, o] onto zero, in increasing o.
+
+    Whole planes per work unit, ``workers`` workers taking chunks of planes from
+    ``counter`` (int64, (1,), zero on entry).  Each plane is zeroed while in cache just
+    before the scatter; planes over :data:`_ROWWISE_BYTES` go row by row
+    (:func:`_scatter_by_rows`; ``kh``, ``sh``, ``ph``, ``dh``: the pooling's kernel height,
+    row stride, top padding and row dilation, which give the input rows each output row's
+    windows span).  ``gx`` is written in full.  Indices outside the plane are skipped (the
+    API validates them; this only guarantees memory safety)."""
     n, c, h, wd = gx.shape
-    plane = h * wd
-    m = gy.shape[2] * gy.shape[3]
+    ho, wo = gy.shape[2], gy.shape[3]
+    plane_size, m = h * wd, ho * wo
+    planes = n * c
     xf, yf, jf = gx.reshape(gx.size), gy.reshape(gy.size), idx.reshape(idx.size)
-    for t in prange(n * c):
-        p0 = np.uint64(t * plane)
-        _fill(xf, p0, plane, xf.dtype.type(0))
-        for o in range(np.uint64(t * m), np.uint64((t + 1) * m)):
-            q = jf[o]
-            if 0 <= q < plane:
-                xf[p0 + np.uint64(q)] += yf[o]
+    rowwise = plane_size * gx.itemsize > _ROWWISE_BYTES
+    per = max(1, planes // (16 * workers))  # planes per unit: about 16 units per worker
+    units = -(-planes // per)
+    for t in prange(workers):
+        u = _next_block(counter)
+        while u < units:
+            for plane in range(u * per, min(planes, (u + 1) * per)):
+                p0, o0 = plane * plane_size, plane * m
+                if rowwise and _scatter_by_rows(xf, p0, yf, jf, o0, h, wd, ho, wo, kh, sh, ph, dh):
+                    continue
+                _fill(xf, p0, plane_size, xf.dtype.type(0))
+                _scatter_add(xf, p0, yf, jf, o0, m, 0, plane_size)
+            u = _next_block(counter)
 
 
 @njit(**_SERIAL)
@@ -774,3 +828,195 @@ def _covering(nout, start, stop, size):
             o_hi += 1
         lo[i], hi[i] = o_lo, max(o_lo, o_hi)
     return lo, hi
+
+
+# --------------------------------------------------------------------------- pooling: the flat path
+#
+# The common geometry -- W a multiple of the column stride and no column padding, e.g.
+# 2x2/2 -- takes whole-plane work units and long loops, the design of the Cython kernels
+# (``fastconv/backends/cython/_pool.pyx``).  Pooled rows are short (14 outputs for a
+# 28-wide plane pooled 2x2), and loops per output row spend their time in set-up and
+# remainders.  Instead a band of input rows, read as one flat run, is split into its ``sw``
+# column phases by a single deinterleaving loop (phase b holds run[k*sw + b]); window tap
+# (i, j) of output (oh0 + r, ow) is then element ``r*sh*Wq + ow`` (the output's lane) of
+# phase ``j*dw % sw``, shifted by ``i*dh*Wq + j*dw // sw`` (Wq = W // sw), for every window
+# inside the plane.  So each tap is one unit-stride loop over all the lanes of the band,
+# three taps per pass with the running maximum (or sum) in registers; the lanes in between
+# (rows skipped when sh > 1, columns past the last window) are computed and thrown away.
+# Windows that reach into padding rows, or past the right edge (ceil_mode), are computed one
+# by one.  Semantics as in the general kernels: taps in row-major order, ``v > best or
+# v != v`` takes a tap, the window sum starts from +0 and adds tap by tap.
+
+#: the flat loops run over a multiple of this many lanes (a 512-bit vector of float32)
+_PAD = 16
+#: output lanes per band (about 16 KiB of float32 per phase)
+_BAND = 4096
+
+
+@njit(inline="always", **_SERIAL)
+def _padded(n: int) -> int:
+    """``n`` rounded up to a multiple of :data:`_PAD`."""
+    return (n + _PAD - 1) // _PAD * _PAD
+
+
+@njit(inline="always", **_SERIAL)
+def _max_pass(q: np.ndarray, s0: int, s1: int, s2: int, f0: np.int32, f1: np.int32, f2: np.int32,
+              best: np.ndarray, boff: np.ndarray, n: int, first: bool) -> None:
+    """Three taps, ``q[s + l]`` with tap offset ``f`` for (s, f) = (s0, f0), (s1, f1), (s2, f2),
+    into the running maxima ``best[l]`` / offsets ``boff[l]`` for l < n, in that order
+    (``first``: the window starts at tap s0).  A tap that reads a -inf lane (a spare tap of
+    the last pass) never wins, so every pass has three."""
+    a, b, c = np.uint64(s0), np.uint64(s1), np.uint64(s2)
+    if first:
+        for l in range(np.uint64(n)):
+            m, o = q[a + l], f0
+            v = q[b + l]
+            t = (v > m) | (v != v)
+            m, o = (v, f1) if t else (m, o)
+            v = q[c + l]
+            t = (v > m) | (v != v)
+            best[l], boff[l] = (v, f2) if t else (m, o)
+    else:
+        for l in range(np.uint64(n)):
+            m, o = best[l], boff[l]
+            v = q[a + l]
+            t = (v > m) | (v != v)
+            m, o = (v, f0) if t else (m, o)
+            v = q[b + l]
+            t = (v > m) | (v != v)
+            m, o = (v, f1) if t else (m, o)
+            v = q[c + l]
+            t = (v > m) | (v != v)
+            best[l], boff[l] = (v, f2) if t else (m, o)
+
+
+@njit(inline="always", **_SERIAL)
+def _sum_pass(q: np.ndarray, s0: int, s1: int, s2: int, acc: np.ndarray, n: int, first: bool) -> None:
+    """``acc[l] = ((acc[l] + q[s0 + l]) + q[s1 + l]) + q[s2 + l]`` for l < n, from +0 when
+    ``first``.  A spare tap reads a zero lane, and adding +0 changes no sum that started
+    from +0."""
+    a, b, c = np.uint64(s0), np.uint64(s1), np.uint64(s2)
+    zero = acc.dtype.type(0)
+    if first:
+        for l in range(np.uint64(n)):
+            acc[l] = ((zero + q[a + l]) + q[b + l]) + q[c + l]
+    else:
+        for l in range(np.uint64(n)):
+            acc[l] = ((acc[l] + q[a + l]) + q[b + l]) + q[c + l]
+
+
+@njit(inline="always", **_SERIAL)
+def _max_window(xf: np.ndarray, x0: int, h: int, wd: int, hs: int, ws: int, kh: int, kw: int, dh: int,
+                dw: int) -> tuple[float, int]:
+    """(maximum, flat index) of the window starting at (hs, ws) of the plane at ``x0``, every
+    tap bounds-checked: -inf padding, the first in-image tap when nothing beats -inf."""
+    best = xf.dtype.type(-np.inf)
+    at = _first_on_grid(hs, dh) * wd + _first_on_grid(ws, dw)
+    for i in range(kh):
+        ih = hs + i * dh
+        if 0 <= ih < h:
+            for j in range(kw):
+                iw = ws + j * dw
+                if 0 <= iw < wd:
+                    v = xf[np.uint64(x0 + ih * wd + iw)]
+                    if v > best or v != v:
+                        best, at = v, ih * wd + iw
+    return best, at
+
+
+@njit(**_POOL)
+def pool2d_flat(x: np.ndarray, out: np.ndarray, idx: np.ndarray, kh: int, kw: int, sh: int, sw: int, ph: int,
+                dh: int, dw: int, is_max: bool, include_pad: bool, workers: int, counter: np.ndarray) -> None:
+    """Max (``is_max``) or average pooling by the flat path (see above), whole planes per unit.
+
+    Parameters
+    ----------
+    x : ndarray, (N, C, H, W)
+        Input; W a multiple of ``sw``, and no column padding.
+    out : ndarray, (N, C, Ho, Wo)
+        Written in full; its shape carries ceil_mode.
+    idx : ndarray of int64, (N, C, Ho, Wo)
+        Max pooling: written in full with the flat index of each maximum in its (H, W)
+        plane.  Unused (any shape) for average pooling.
+    kh, kw, sh, sw, ph, dh, dw : int
+        Kernel size, stride, top padding (-inf for max, 0 for average; the bottom padding
+        is implied by ``out``), dilation (1 for average pooling).  Every tap offset
+        ``(kh-1)*dh*W + (kw-1)*dw`` fits in 32 bits.
+    is_max : bool
+        Max pooling; else average pooling with PyTorch's divisor rule.
+    include_pad : bool
+        Average pooling: whether padding counts in the divisor.
+    workers : int
+        Parallel workers, which take chunks of planes from ``counter`` (int64, (1,), zero
+        on entry).
+    """
+    n, c, h, wd = x.shape
+    ho, wo = out.shape[2], out.shape[3]
+    planes = n * c
+    xf, of, jf = x.reshape(x.size), out.reshape(out.size), idx.reshape(idx.size)
+    wq = wd // sw
+    reach = (kh - 1) * dh
+    ra = min((ph + sh - 1) // sh, ho)  # output rows ra <= oh < rb have their windows inside vertically
+    rb = max(min(ho, (h - 1 + ph - reach) // sh + 1) if h - 1 + ph >= reach else 0, ra)
+    ob = min(wo, (wd - 1 - (kw - 1) * dw) // sw + 1) if wd - 1 >= (kw - 1) * dw else 0  # ... and columns ow < ob
+    fband = max(1, min(rb - ra, _BAND // (sh * wq)))
+    m = _padded((fband - 1) * sh * wq + ob)
+    flen = m + (reach + 1) * wq + (kw - 1) * dw // sw + _PAD  # one phase of a band, with its lanes' reach
+    spare = sw * flen  # m lanes of padding after the phases, read by the spare taps
+    npass = (kh * kw + 2) // 3
+    shift = np.full(3 * npass, spare, np.int64)
+    offset = np.zeros(3 * npass, np.int32)
+    for i in range(kh):
+        for j in range(kw):
+            shift[i * kw + j] = (j * dw % sw) * flen + i * dh * wq + j * dw // sw
+            offset[i * kw + j] = i * dh * wd + j * dw
+    pad = xf.dtype.type(-np.inf) if is_max else xf.dtype.type(0)
+    divisor = xf.dtype.type(kh * kw)
+    ha, hb, hext = _avg_bounds(ho, sh, ph, kh, h, include_pad)
+    wa, wb, wext = _avg_bounds(wo, sw, 0, kw, wd, include_pad)
+    per = max(1, planes // (16 * workers))  # planes per unit: about 16 units per worker
+    units = -(-planes // per)
+    for t in prange(workers):
+        q = np.empty(spare + m, xf.dtype)
+        _fill(q, spare, m, pad)
+        acc = np.empty(m, xf.dtype)
+        boff = np.empty(m, np.int32)
+        u = _next_block(counter)
+        while u < units:
+            for plane in range(u * per, min(planes, (u + 1) * per)):
+                x0, o0 = plane * h * wd, plane * ho * wo
+                for oh0 in range(ra, rb, fband):
+                    nb = min(fband, rb - oh0)
+                    ih0 = oh0 * sh - ph
+                    _deinterleave(xf, x0 + ih0 * wd, min(h - ih0, (nb - 1) * sh + reach + 1) * wd, sw, q, flen)
+                    lanes = _padded((nb - 1) * sh * wq + ob)
+                    for p in range(0, 3 * npass, 3):
+                        if is_max:
+                            _max_pass(q, shift[p], shift[p + 1], shift[p + 2], offset[p], offset[p + 1],
+                                      offset[p + 2], acc, boff, lanes, p == 0)
+                        else:
+                            _sum_pass(q, shift[p], shift[p + 1], shift[p + 2], acc, lanes, p == 0)
+                    for r in range(nb):
+                        lane, d = np.uint64(r * sh * wq), np.uint64(o0 + (oh0 + r) * wo)
+                        if is_max:
+                            base = (ih0 + r * sh) * wd
+                            for ow in range(np.uint64(ob)):
+                                of[d + ow] = acc[lane + ow]
+                                jf[d + ow] = base + np.int64(ow) * sw + boff[lane + ow]
+                        else:
+                            for ow in range(np.uint64(ob)):
+                                of[d + ow] = acc[lane + ow] / divisor
+                for oh in range(ho):
+                    first_col = ob if ra <= oh < rb else 0  # the windows not done above
+                    for ow in range(first_col, wo):
+                        o = np.uint64(o0 + oh * wo + ow)
+                        if is_max:
+                            of[o], jf[o] = _max_window(xf, x0, h, wd, oh * sh - ph, ow * sw, kh, kw, dh, dw)
+                        else:
+                            total = xf.dtype.type(0)
+                            for ih in range(ha[oh], hb[oh]):
+                                for iw in range(wa[ow], wb[ow]):
+                                    total += xf[np.uint64(x0 + ih * wd + iw)]
+                            div = hext[oh] * wext[ow]
+                            of[o] = total / xf.dtype.type(div) if div > 0 else xf.dtype.type(0)
+            u = _next_block(counter)
