@@ -354,7 +354,7 @@ def test_info_reports_version_threading_and_compile_times():
 
     assert info["numba_version"] == numba.__version__
     assert "threading_layer" in info
-    assert "max_pool2d[float64]" in info["compile_seconds"]
+    assert "pool2d_flat[float64]" in info["compile_seconds"]  # 2x2/2 takes the flat path
     assert all(v >= 0 for v in _nb().compile_times().values())
 
 
@@ -386,7 +386,8 @@ def test_import_compiles_nothing():
     """, _env())
     assert not result["early"], "import fastconv must not import numba"
     assert result["kernels"] >= 12
-    assert {"winograd_forward", "winograd_backward_weight", "max_pool2d", "avg_pool2d"} <= set(result["names"])
+    assert {"winograd_forward", "winograd_backward_weight", "max_pool2d", "avg_pool2d", "pool2d_flat",
+            "conv2d_im2col", "conv2d_backward_input_im2col", "conv2d_backward_weight_im2col"} <= set(result["names"])
     assert result["compiled"] == 0 and result["times"] == {}
 
 
@@ -399,10 +400,10 @@ def test_second_process_loads_from_cache(tmp_path):
         import fastconv as fc
         import fastconv.backends.numba as nb
         x = np.ones((1, 2, 8, 8), np.float32)
-        fc.max_pool2d(x, 2, backend="numba")
+        fc.max_pool2d(x, 2, backend="numba")  # the flat path
         fc.conv2d(x, np.ones((3, 2, 3, 3), np.float32), backend="numba", algorithm="direct")
         fc.conv2d(x, np.ones((3, 2, 3, 3), np.float32), backend="numba", algorithm="winograd")
-        stats = [nb._kernels.max_pool2d.stats, nb._kernels.conv2d_direct.stats, nb._wk.winograd_forward.stats]
+        stats = [nb._kernels.pool2d_flat.stats, nb._kernels.conv2d_direct.stats, nb._wk.winograd_forward.stats]
         print(json.dumps({"times": nb.compile_times(),
                           "hits": sum(sum(s.cache_hits.values()) for s in stats),
                           "misses": sum(sum(s.cache_misses.values()) for s in stats)}))
@@ -412,5 +413,5 @@ def test_second_process_loads_from_cache(tmp_path):
     assert first["misses"] == 3 and first["hits"] == 0
     assert second["hits"] == 3 and second["misses"] == 0
     assert (set(first["times"]) == set(second["times"])
-            == {"max_pool2d[float32]", "conv2d_direct[float32]", "winograd_forward[float32]"})
+            == {"pool2d_flat[float32]", "conv2d_direct[float32]", "winograd_forward[float32]"})
     assert sum(second["times"].values()) < sum(first["times"].values())

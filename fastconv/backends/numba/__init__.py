@@ -179,13 +179,24 @@ def _scratch(slot: str, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     return buf[:int(np.prod(shape)) * np.dtype(dtype).itemsize].view(dtype).reshape(shape)
 
 
-#: a worker's GEMM should have at least this many columns (small images are grouped until it does)
-_MIN_GEMM_COLUMNS = 1024
+#: a worker's GEMM should have at least this many columns (small images are grouped until it
+#: does).  Measured over stripe-c1/c2 and mnist-c1/c2 (1 and 2 threads): 512 is as fast as 1024
+#: and 2048 everywhere, and 1.4-1.7x faster on stripe-c2 (8x8 planes), whose 16 x 72 GEMMs
+#: then stay within OpenBLAS's small-matrix kernels (:data:`_SMALL_GEMM`)
+_MIN_GEMM_COLUMNS = 512
 #: a worker's column block (C*R*S x rows*Wo) of one large image and its output block
 #: (K x rows*Wo) together stay under this.  Measured (resnet-stem, vgg-224, 1 and 2 threads):
 #: flat from 1 to 4 MiB, 512 KiB up to 10% slower on vgg-224 (64 outputs, 27 column rows:
 #: short GEMMs), a whole image per GEMM 10-40% slower
 _BLOCK_BYTES = 1 << 21
+
+#: OpenBLAS (its SkylakeX kernels, which NumPy's and SciPy's wheels run on Zen 4 too) hands
+#: GEMMs of at most this many multiply-adds to its small-matrix kernels, which run thin
+#: products up to 1.7x faster (one thread, 64x27 @ 27xN: 102 GFLOP/s up to N = 578, 75 above;
+#: 27x64 @ 64xN: 105 vs 62).  Forward and input-gradient row blocks stay within it when one
+#: output row does (vgg-224: 2 rows of 224; input gradient 1.25x, forward 1.08x faster); the
+#: weight gradient's (Kg x rows*Wo) @ (rows*Wo x Cg*R*S) gained nothing from it (0.9x)
+_SMALL_GEMM = 1_000_000
 
 #: below this many multiply-adds a call runs on one thread: starting the workers and
 #: pinning BLAS costs more than it saves
@@ -205,12 +216,13 @@ class _ThreadPlan:
     Work units are chunks of ``chunk`` images (small planes: at least
     :data:`_MIN_GEMM_COLUMNS` GEMM columns per unit) or, with one image per chunk, blocks of
     ``rows`` output rows, so that a column block and its output block stay within
-    :data:`_BLOCK_BYTES` (in cache).  The forward and weight-gradient passes hand out row blocks as units of their
-    own, so a batch smaller than the thread count still keeps every worker busy; the input
-    gradient hands out whole chunks (an image's row blocks add into overlapping input
-    rows).  ``workers`` is the number of workers: the thread count, capped by the units
-    and by the workspace limit (one unit's buffers per worker; at least one worker is
-    always allowed).  With one worker, BLAS keeps its own threads.
+    :data:`_BLOCK_BYTES` (in cache), and forward / input-gradient GEMMs within
+    :data:`_SMALL_GEMM` where one row's do.  The forward and weight-gradient passes hand out
+    row blocks as units of their own, so a batch smaller than the thread count still keeps
+    every worker busy; the input gradient hands out whole chunks (an image's row blocks add
+    into overlapping input rows).  ``workers`` is the number of workers: the thread count,
+    capped by the units and by the workspace limit (one unit's buffers per worker; at least
+    one worker is always allowed).  With one worker, BLAS keeps its own threads.
 
     Parameters
     ----------
@@ -228,7 +240,11 @@ class _ThreadPlan:
         chunk = 1 if self.pointwise else max(1, -(-_MIN_GEMM_COLUMNS // p))
         self.rows = g.out_h
         if chunk == 1 and not self.pointwise:
-            self.rows = max(1, min(g.out_h, _BLOCK_BYTES // ((rows + g.k) * g.out_w * item)))
+            fit = _BLOCK_BYTES // ((rows + g.k) * g.out_w * item)
+            per_row = g.k_per_group * g.c_per_group * g.r * g.s * g.out_w  # multiply-adds of one row's GEMM
+            if op != "weight" and per_row <= _SMALL_GEMM:
+                fit = min(fit, _SMALL_GEMM // per_row)
+            self.rows = max(1, min(g.out_h, fit))
         per_image = -(-g.out_h // self.rows) if op != "input" else 1
         block = 0 if self.pointwise else (rows + g.k) * self.rows * g.out_w * item
         self.workers = _config.batch_chunk(block, min(nt, g.n * per_image))
@@ -266,6 +282,9 @@ def _winograd_plan(op: str, g: ConvGeometry) -> wino.Plan:
 
 
 
+
+#: the ``bias`` argument of :func:`_kernels.conv2d_im2col` for a layer without bias, by dtype
+_NO_BIAS = {np.dtype(t): np.empty(0, t) for t in (np.float32, np.float64)}
 
 #: the ``idx`` argument of :func:`_kernels.pool2d_flat` for average pooling (unused)
 _NO_INDICES = np.empty((1, 1, 1, 1), np.int64)
@@ -410,7 +429,8 @@ class NumbaBackend(Backend):
             return out
         plan = _ThreadPlan(g, "forward")
         with plan.blas():
-            _conv2d_im2col(x, weight.reshape(g.k, -1), b, out, *plan.args(g), threads=plan.workers)
+            _conv2d_im2col(x, weight.reshape(g.k, -1), _NO_BIAS[g.dtype] if bias is None else bias, out,
+                           *plan.args(g), threads=plan.workers)
         return out
 
     def conv2d_backward_input(self, grad_out, weight, g, algorithm):

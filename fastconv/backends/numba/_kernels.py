@@ -321,17 +321,29 @@ def _gather_rows(yf: np.ndarray, n0: int, m: int, k: int, p: int, o0: int, q: in
 def _scatter_rows(tmp: np.ndarray, of: np.ndarray, n0: int, m: int, k: int, p: int, o0: int, q: int,
                   bias: np.ndarray) -> None:
     """out[n0 + b, kk].flat[o0 + i] = tmp[(kk*m + b)*q + i] + bias[kk]: the inverse of
-    :func:`_gather_rows`, plus the bias."""
+    :func:`_gather_rows`, plus the bias (none when ``bias`` is empty: adding 0 would turn
+    -0 into +0)."""
     for b in range(m):
         for kk in range(k):
-            d, s, bk = np.uint64(((n0 + b) * k + kk) * p + o0), np.uint64((kk * m + b) * q), bias[kk]
-            for i in range(np.uint64(q)):
-                of[d + i] = tmp[s + i] + bk
+            d, s = ((n0 + b) * k + kk) * p + o0, (kk * m + b) * q
+            if bias.shape[0] == 0:
+                _copy(of, d, tmp, s, 1, q)
+            else:
+                _add_row(of, d, tmp, s, bias[kk], q)
+
+
+@njit(inline="always", **_SERIAL)
+def _add_row(dst: np.ndarray, d0: int, src: np.ndarray, s0: int, value: float, n: int) -> None:
+    """dst[d0 + i] = src[s0 + i] + value for i < n."""
+    d, s = np.uint64(d0), np.uint64(s0)
+    for i in range(np.uint64(n)):
+        dst[d + i] = src[s + i] + value
 
 
 @njit(inline="always", **_SERIAL)
 def _add_bias(of: np.ndarray, o0: int, bias: np.ndarray, p: int) -> None:
-    """out.flat[o0 + kk*p + i] += bias[kk] for i < p: the bias of one image."""
+    """out.flat[o0 + kk*p + i] += bias[kk] for i < p: the bias of one image (nothing for an
+    empty ``bias``)."""
     for kk in range(bias.shape[0]):
         d, bk = np.uint64(o0 + kk * p), bias[kk]
         for i in range(np.uint64(p)):
@@ -388,8 +400,8 @@ def conv2d_im2col(x: np.ndarray, w2: np.ndarray, bias: np.ndarray, out: np.ndarr
         Input.
     w2 : ndarray, (K, Cg*R*S)
         The weights as a matrix.
-    bias : ndarray, (K,)
-        Added to every output of channel k (zeros for none).
+    bias : ndarray, (K,) or (0,)
+        Added to every output of channel k; empty for none.
     out : ndarray, (N, K, Ho, Wo)
         Written in full.
     cols, tmps : ndarray, (workers, >= C*R*S * U), (workers, >= K * U)
