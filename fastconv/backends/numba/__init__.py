@@ -292,8 +292,8 @@ _NO_INDICES = np.empty((1, 1, 1, 1), np.int64)
 
 def _is_flat_pool(p: PoolGeometry, dilation: tuple[int, int]) -> bool:
     """Whether :func:`_kernels.pool2d_flat` covers the pooling ``p`` (with ``dilation``): W a
-    multiple of the column stride, no column padding, at least one window inside the plane
-    vertically and horizontally, and every tap offset within 32 bits."""
+    multiple of the column stride, no column padding, windows no wider than the plane and
+    no taller than the plane with its top padding, every tap offset within 32 bits."""
     (kh, kw), (sh, sw), (dh, dw) = p.kernel, p.stride, dilation
     reach_h, reach_w = (kh - 1) * dh, (kw - 1) * dw
     return (p.padding[1] == 0 and p.w % sw == 0 and p.w > reach_w and p.h + p.padding[0] > reach_h

@@ -227,7 +227,7 @@ def conv2d_backward_bias(gy, gb):
 # counter (``_next_block``: whichever worker is free takes the next unit).  A unit is
 # ``nb`` whole images (small planes, grouped so that each GEMM has enough columns) or, with
 # ``nb == 1``, a block of ``rb`` output rows of one image (so that the column block stays
-# in L2).  The unit's GEMMs are ``np.dot`` calls on contiguous 2-D slices, which numba lowers
+# in cache; the adapter's ``_ThreadPlan`` sizes the units).  The unit's GEMMs are ``np.dot`` calls on contiguous 2-D slices, which numba lowers
 # to BLAS (SciPy's OpenBLAS); the adapter pins BLAS to one thread while several workers call
 # it, so no BLAS thread pool ever competes with numba's threads.
 #
