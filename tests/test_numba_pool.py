@@ -3,9 +3,10 @@
 ``fastconv/backends/numba/_kernels.py`` runs max and average pooling through a flat path
 (``pool2d_flat``: W a multiple of the column stride, no column padding; bands of input
 rows deinterleaved once, taps as long vector loops, border windows one by one) or the
-general row-by-row kernels, and the max-pooling gradient by whole planes or, for planes
-over 16 KiB, output row by output row (falling back to the whole plane when an index lies
-outside its window's rows).  The geometries, inputs and the guard-page script are those of
+general row-by-row kernels; the average-pooling gradient of windows that do not overlap
+vertically runs the flat layout in reverse (``avg_pool2d_backward_flat``), and the
+max-pooling gradient goes by whole planes or, for planes over 16 KiB, output row by output
+row (falling back to the whole plane when an index lies outside its window's rows).  The geometries, inputs and the guard-page script are those of
 the Cython pooling tests (``test_cython_pool.py``), which are chosen to drive the same
 distinctions; here they run on the numba backend.
 """
@@ -26,6 +27,14 @@ from fastconv._args import PoolGeometry  # noqa: E402
 from test_cython_pool import GEOMETRIES, GUARD_SCRIPT, TOL, _kw, _num_threads, rel_err, special_input  # noqa: E402
 
 
+#: geometries for the flat average-pooling gradient's border windows (windows that do not
+#: overlap vertically): top padding with overlapping columns and ceil_mode; rows between windows
+FLAT_BACKWARD = [
+    ((2, 3), (2, 2), (1, 0), (1, 1), True, 17, 12),
+    ((1, 3), (3, 2), (0, 0), (1, 1), True, 21, 24),
+]
+
+
 def _nb():
     from fastconv.backends import numba as nbmod
 
@@ -37,10 +46,14 @@ def _geometry(g, dtype=np.float64) -> PoolGeometry:
     return PoolGeometry(2, 3, h, w, kernel, stride, padding, dilation, ceil_mode, True, np.dtype(dtype))
 
 
-def test_geometries_cover_both_forward_paths():
+def test_geometries_cover_every_path():
     flat = [_nb()._is_flat_pool(_geometry(g), g[3]) for g in GEOMETRIES]
     assert any(flat) and not all(flat)
     assert flat[0] and flat[2] and flat[11] and flat[12]  # no borders; top padding + ceil rows; bands
+    # the flat average-pooling gradient (windows that do not overlap vertically), with and without borders
+    flat_back = [f and g[3] == (1, 1) and g[0][0] <= g[1][0] for f, g in zip(flat, GEOMETRIES)]
+    assert flat_back[0] and flat_back[11] and not flat_back[2]
+    assert all(_nb()._is_flat_pool(_geometry(g), g[3]) and g[0][0] <= g[1][0] for g in FLAT_BACKWARD)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -59,7 +72,8 @@ def test_max_pool_paths_match_reference(g, dtype):
 
 
 @pytest.mark.parametrize("count_include_pad", [True, False])
-@pytest.mark.parametrize("g", [g for g in GEOMETRIES if g[3] == (1, 1)], ids=lambda g: f"k{g[0]}s{g[1]}p{g[2]}")
+@pytest.mark.parametrize("g", [g for g in GEOMETRIES if g[3] == (1, 1)] + FLAT_BACKWARD,
+                         ids=lambda g: f"k{g[0]}s{g[1]}p{g[2]}c{int(g[4])}")
 def test_avg_pool_paths_match_reference(g, count_include_pad):
     rng = np.random.default_rng(g[5] + g[6])
     x = rng.standard_normal((2, 3, g[5], g[6]))
@@ -67,9 +81,12 @@ def test_avg_pool_paths_match_reference(g, count_include_pad):
     del kw["dilation"]
     out = fastconv.avg_pool2d(x, **kw, backend="numba")
     assert rel_err(out, fastconv.avg_pool2d(x, **kw, backend="reference")) <= 1e-12
+    gy = rng.standard_normal(out.shape)
+    gx = fastconv.avg_pool2d_backward(gy, x.shape, **kw, backend="numba")
+    assert rel_err(gx, fastconv.avg_pool2d_backward(gy, x.shape, **kw, backend="reference")) <= 1e-12
 
 
-@pytest.mark.parametrize("g", GEOMETRIES[:10], ids=[f"g{i}" for i in range(10)])
+@pytest.mark.parametrize("g", GEOMETRIES[:10] + FLAT_BACKWARD, ids=[f"g{i}" for i in range(10 + len(FLAT_BACKWARD))])
 def test_bitwise_equal_to_torch(g):
     """Same tap order, same tie/NaN rule, same summation order as PyTorch's CPU kernels."""
     torch = pytest.importorskip("torch")
@@ -97,6 +114,11 @@ def test_bitwise_equal_to_torch(g):
         want = F.avg_pool2d(torch.from_numpy(xf), kernel, stride, padding, ceil_mode, cip).numpy()
         np.testing.assert_array_equal(out, want)
         np.testing.assert_array_equal(np.signbit(out), np.signbit(want))
+        gy = rng.standard_normal(out.shape).astype(np.float32)
+        gx = fastconv.avg_pool2d_backward(gy, xf.shape, **kw, backend="numba")
+        tgx = torch.ops.aten.avg_pool2d_backward(torch.from_numpy(gy), torch.from_numpy(xf), kernel, stride,
+                                                 padding, ceil_mode, cip, None)
+        np.testing.assert_array_equal(gx, tgx.numpy())
 
 
 def test_results_do_not_depend_on_threads():

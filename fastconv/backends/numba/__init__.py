@@ -147,6 +147,7 @@ _max_pool2d_backward = _kernel("max_pool2d_backward", 2)
 _avg_pool2d = _kernel("avg_pool2d", 1)
 _avg_pool2d_backward = _kernel("avg_pool2d_backward", 1)
 _pool2d_flat = _kernel("pool2d_flat", 1)
+_avg_pool2d_backward_flat = _kernel("avg_pool2d_backward_flat", 1)
 _winograd_forward = _kernel("winograd_forward", 3, _wk)
 _winograd_backward_weight = _kernel("winograd_backward_weight", 2, _wk)
 
@@ -500,7 +501,12 @@ class NumbaBackend(Backend):
 
     def avg_pool2d_backward(self, grad_out, p):
         gx = np.empty(p.input_shape, dtype=p.dtype)
-        _avg_pool2d_backward(grad_out, gx, *p.kernel, *p.stride, *p.padding, p.count_include_pad)
+        if p.kernel[0] <= p.stride[0] and _is_flat_pool(p, (1, 1)):  # windows that do not overlap vertically
+            workers = _pool_workers(p)
+            _avg_pool2d_backward_flat(grad_out, gx, *p.kernel, *p.stride, p.padding[0], p.count_include_pad, workers,
+                                      np.zeros(1, np.int64), threads=workers)
+        else:
+            _avg_pool2d_backward(grad_out, gx, *p.kernel, *p.stride, *p.padding, p.count_include_pad)
         return gx
 
     # ------------------------------------------------------------------ info

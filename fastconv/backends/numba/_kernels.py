@@ -819,8 +819,8 @@ def avg_pool2d_backward(gy, gx, kh, kw, sh, sw, ph, pw, include_pad):
         for oh in range(rlo[ih], rhi[ih]):
             for ow in range(wo):
                 divisor = hext[oh] * wext[ow]
-                if divisor > 0:
-                    v = yf[np.uint64(y0 + oh * wo + ow)] / divisor
+                if divisor > 0:  # divided in the compute dtype, as PyTorch does
+                    v = yf[np.uint64(y0 + oh * wo + ow)] / xf.dtype.type(divisor)
                     for iw in range(np.uint64(wa[ow]), np.uint64(wb[ow])):
                         xf[x0 + iw] += v
 
@@ -1032,3 +1032,106 @@ def pool2d_flat(x: np.ndarray, out: np.ndarray, idx: np.ndarray, kh: int, kw: in
                             div = hext[oh] * wext[ow]
                             of[o] = total / xf.dtype.type(div) if div > 0 else xf.dtype.type(0)
             u = _next_block(counter)
+
+
+@njit(**_POOL)
+def avg_pool2d_backward_flat(gy: np.ndarray, gx: np.ndarray, kh: int, kw: int, sh: int, sw: int, ph: int,
+                             include_pad: bool, workers: int, counter: np.ndarray) -> None:
+    """The adjoint of average pooling by the flat layout of :func:`pool2d_flat`, for windows
+    that do not overlap vertically (``kh <= sh``), so that every input row takes
+    contributions from one output row only.
+
+    Per band, the scaled gradients ``gy / (kh*kw)`` of the interior windows are laid out on
+    the band's lanes (0 on the spare ones), added into zeroed phase rows tap by tap, taps in
+    decreasing shift, so that each input element sums its windows in increasing output order
+    (PyTorch's order; adding the spare lanes' zeros changes nothing), and the phases are
+    interleaved back into the gradient rows.  Border windows (padding rows, ceil_mode
+    columns) are added one by one afterwards.  ``gx`` is written in full.
+
+    Parameters
+    ----------
+    gy : ndarray, (N, C, Ho, Wo)
+        Output gradient.
+    gx : ndarray, (N, C, H, W)
+        Input gradient; W a multiple of ``sw``, no column padding.
+    kh, kw, sh, sw, ph : int
+        Kernel size, stride and top padding (``kh <= sh``).
+    include_pad : bool
+        Whether padding counts in the divisor.
+    workers, counter
+        As for :func:`pool2d_flat`.
+    """
+    n, c, h, wd = gx.shape
+    ho, wo = gy.shape[2], gy.shape[3]
+    planes = n * c
+    yf, xf = gy.reshape(gy.size), gx.reshape(gx.size)
+    wq = wd // sw
+    reach = kh - 1
+    ra = min((ph + sh - 1) // sh, ho)
+    rb = max(min(ho, (h - 1 + ph - reach) // sh + 1) if h - 1 + ph >= reach else 0, ra)
+    ob = min(wo, (wd - kw) // sw + 1) if wd >= kw else 0
+    fband = max(1, min(rb - ra, _BAND // (sh * wq)))
+    m = _padded((fband - 1) * sh * wq + ob)
+    flen = _padded(max(m + reach * wq + (kw - 1) // sw, fband * sh * wq)) + _PAD
+    ntaps = kh * kw
+    shift = np.empty(ntaps, np.int64)  # in decreasing order: taps (i, j) from the last
+    for t in range(ntaps):
+        i, j = (ntaps - 1 - t) // kw, (ntaps - 1 - t) % kw
+        shift[t] = (j % sw) * flen + i * wq + j // sw
+    zero = xf.dtype.type(0)
+    divisor = xf.dtype.type(kh * kw)
+    ha, hb, hext = _avg_bounds(ho, sh, ph, kh, h, include_pad)
+    wa, wb, wext = _avg_bounds(wo, sw, 0, kw, wd, include_pad)
+    top = min(h, max(0, ra * sh - ph))  # input rows [top, bottom) are the bands'
+    bottom = min(h, max(top, rb * sh - ph))
+    per = max(1, planes // (16 * workers))
+    units = -(-planes // per)
+    for t in prange(workers):
+        q = np.empty(sw * flen, xf.dtype)
+        v = np.empty(m, xf.dtype)
+        u = _next_block(counter)
+        while u < units:
+            for plane in range(u * per, min(planes, (u + 1) * per)):
+                x0, y0 = plane * h * wd, plane * ho * wo
+                _fill(xf, x0, top * wd, zero)
+                _fill(xf, x0 + bottom * wd, (h - bottom) * wd, zero)
+                for oh0 in range(ra, rb, fband):
+                    nb = min(fband, rb - oh0)
+                    lanes = _padded((nb - 1) * sh * wq + ob)
+                    _fill(v, 0, lanes, zero)
+                    for r in range(nb):
+                        lane, s = np.uint64(r * sh * wq), np.uint64(y0 + (oh0 + r) * wo)
+                        for ow in range(np.uint64(ob)):
+                            v[lane + ow] = yf[s + ow] / divisor
+                    _fill(q, 0, sw * flen, zero)
+                    for tap in range(ntaps):
+                        d = np.uint64(shift[tap])
+                        for l in range(np.uint64(lanes)):
+                            q[d + l] += v[l]
+                    ih0 = oh0 * sh - ph
+                    _interleave(q, flen, sw, xf, x0 + ih0 * wd, min(nb * sh, h - ih0) * wd)
+                for oh in range(ho):  # the border windows, after the interior ones of their rows
+                    for ow in range(ob if ra <= oh < rb else 0, wo):
+                        div = hext[oh] * wext[ow]
+                        if div > 0:
+                            g = yf[np.uint64(y0 + oh * wo + ow)] / xf.dtype.type(div)
+                            for ih in range(ha[oh], hb[oh]):
+                                for iw in range(wa[ow], wb[ow]):
+                                    xf[np.uint64(x0 + ih * wd + iw)] += g
+            u = _next_block(counter)
+
+
+@njit(inline="always", **_SERIAL)
+def _interleave(q: np.ndarray, flen: int, sw: int, xf: np.ndarray, x0: int, count: int) -> None:
+    """The inverse of :func:`_deinterleave`: xf[x0 + k*sw + b] = q[b*flen + k] for
+    k*sw + b < count (``count`` a multiple of ``sw``)."""
+    x, n = np.uint64(x0), np.uint64(count // sw)
+    if sw == 2:
+        f = np.uint64(flen)
+        for k in range(n):
+            xf[x + np.uint64(2) * k] = q[k]
+            xf[x + np.uint64(2) * k + np.uint64(1)] = q[f + k]
+    else:
+        for b in range(np.uint64(sw)):
+            for k in range(n):
+                xf[x + k * np.uint64(sw) + b] = q[b * np.uint64(flen) + k]
