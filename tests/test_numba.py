@@ -110,8 +110,8 @@ def test_taps_that_never_touch_the_image(algorithm):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", ["pointwise", "pointwise-groups", "large-plane", "large-plane-groups"])
 def test_im2col_special_paths(dtype, case):
-    """im2col shortcuts: 1x1 stride-1 unpadded convs skip the unfolding, and output planes of
-    >= 2048 pixels are multiplied one image at a time straight into the output."""
+    """im2col paths: 1x1 stride-1 unpadded convs skip the unfolding (GEMMs on the NCHW arrays),
+    and output planes of >= 1024 pixels are lowered one image per work unit."""
     rng = np.random.default_rng(21)
     n, c, k, groups = 3, 4, 6, 2 if case.endswith("groups") else 1
     if case.startswith("pointwise"):
@@ -127,6 +127,39 @@ def test_im2col_special_paths(dtype, case):
     ng = fc.conv2d_backward(gy, x, w, *args, groups, backend="numba", algorithm="im2col")
     for name in ("input", "weight", "bias"):
         assert rel_err(getattr(ng, name), getattr(rg, name)) <= TOL[dtype], name
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [1, 3])
+def test_im2col_row_blocks(dtype, n, monkeypatch):
+    """Large planes lowered a few output rows at a time (a small block budget forces many
+    blocks, the last one shorter): strides that skip input rows (which the input gradient
+    must still zero), padding, dilation, groups; a single image (forward and weight gradient
+    then spread its row blocks over the workers, the input gradient runs on one worker)."""
+    nbmod = _nb()
+    rng = np.random.default_rng(22)
+    for c, k, groups, shape, kernel, stride, pad, dil in [
+            (2, 4, 1, (100, 70), (2, 2), (3, 2), (0, 1), (1, 1)),
+            (4, 6, 2, (45, 48), (3, 2), (2, 1), (2, 1), (2, 1)),
+            (3, 5, 1, (37, 40), (5, 5), (1, 1), (2, 2), (1, 1))]:
+        x = rng.standard_normal((n, c) + shape).astype(dtype)
+        w = rng.standard_normal((k, c // groups) + kernel).astype(dtype)
+        b = rng.standard_normal(k).astype(dtype)
+        args = dict(stride=stride, padding=pad, dilation=dil, groups=groups)
+        g = nbmod.ConvGeometry(n, c, *shape, k, *kernel, stride, (pad[0], pad[0], pad[1], pad[1]), dil, groups,
+                               np.dtype(dtype))
+        # a block budget of 4 output rows (the output heights are not multiples of 4)
+        monkeypatch.setattr(nbmod, "_BLOCK_BYTES", 4 * (c * kernel[0] * kernel[1] + k) * g.out_w * x.itemsize)
+        plan = nbmod._ThreadPlan(g, "forward")
+        assert plan.chunk == 1 and plan.rows == 4 and g.out_h % 4
+        ref = fc.conv2d(x, w, b, **args, backend="reference")
+        got = fc.conv2d(x, w, b, **args, backend="numba", algorithm="im2col")
+        assert rel_err(got, ref) <= TOL[dtype]
+        gy = rng.standard_normal(ref.shape).astype(dtype)
+        rg = fc.conv2d_backward(gy, x, w, **args, backend="reference")
+        ng = fc.conv2d_backward(gy, x, w, **args, backend="numba", algorithm="im2col")
+        for name in ("input", "weight", "bias"):
+            assert rel_err(getattr(ng, name), getattr(rg, name)) <= TOL[dtype], name
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -322,7 +355,7 @@ def test_info_reports_version_threading_and_compile_times():
 
     assert info["numba_version"] == numba.__version__
     assert "threading_layer" in info
-    assert "max_pool2d[float64]" in info["compile_seconds"]
+    assert "pool2d_flat[float64]" in info["compile_seconds"]  # 2x2/2 takes the flat path
     assert all(v >= 0 for v in _nb().compile_times().values())
 
 
@@ -354,7 +387,8 @@ def test_import_compiles_nothing():
     """, _env())
     assert not result["early"], "import fastconv must not import numba"
     assert result["kernels"] >= 12
-    assert {"winograd_forward", "winograd_backward_weight", "max_pool2d", "avg_pool2d"} <= set(result["names"])
+    assert {"winograd_forward", "winograd_backward_weight", "max_pool2d", "avg_pool2d", "pool2d_flat",
+            "conv2d_im2col", "conv2d_backward_input_im2col", "conv2d_backward_weight_im2col"} <= set(result["names"])
     assert result["compiled"] == 0 and result["times"] == {}
 
 
@@ -367,10 +401,10 @@ def test_second_process_loads_from_cache(tmp_path):
         import fastconv as fc
         import fastconv.backends.numba as nb
         x = np.ones((1, 2, 8, 8), np.float32)
-        fc.max_pool2d(x, 2, backend="numba")
+        fc.max_pool2d(x, 2, backend="numba")  # the flat path
         fc.conv2d(x, np.ones((3, 2, 3, 3), np.float32), backend="numba", algorithm="direct")
         fc.conv2d(x, np.ones((3, 2, 3, 3), np.float32), backend="numba", algorithm="winograd")
-        stats = [nb._kernels.max_pool2d.stats, nb._kernels.conv2d_direct.stats, nb._wk.winograd_forward.stats]
+        stats = [nb._kernels.pool2d_flat.stats, nb._kernels.conv2d_direct.stats, nb._wk.winograd_forward.stats]
         print(json.dumps({"times": nb.compile_times(),
                           "hits": sum(sum(s.cache_hits.values()) for s in stats),
                           "misses": sum(sum(s.cache_misses.values()) for s in stats)}))
@@ -380,5 +414,5 @@ def test_second_process_loads_from_cache(tmp_path):
     assert first["misses"] == 3 and first["hits"] == 0
     assert second["hits"] == 3 and second["misses"] == 0
     assert (set(first["times"]) == set(second["times"])
-            == {"max_pool2d[float32]", "conv2d_direct[float32]", "winograd_forward[float32]"})
+            == {"pool2d_flat[float32]", "conv2d_direct[float32]", "winograd_forward[float32]"})
     assert sum(second["times"].values()) < sum(first["times"].values())

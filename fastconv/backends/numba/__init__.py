@@ -11,12 +11,17 @@ direct
     Loops over output rows (forward), input rows (backward-input) or filter planes
     (backward-weight) with the padding handled by index ranges, never materialised.
 im2col
-    Unfold a chunk of the batch into a (C*R*S, nb*Ho*Wo) column matrix (an njit kernel),
-    multiply by the weights with numpy's stacked matmul (one BLAS GEMM per image, written
-    straight into the output), and scatter back (col2im) for backward-input; 1x1 stride-1
-    convs use the input as it is.  The chunk size comes from
-    :func:`fastconv._config.batch_chunk`, so the workspace stays within
-    :func:`fastconv.set_workspace_limit`; the workspace buffer is reused between calls.
+    One parallel kernel per pass (the Cython backend's "threads" design): each numba worker
+    takes work units from a shared counter -- chunks of small images, or blocks of output
+    rows of one large image, sized so that the column block and its output block stay in
+    cache -- unfolds them into its private column buffer and multiplies with ``np.dot``
+    (BLAS) on contiguous slices, BLAS pinned to one thread meanwhile
+    (:func:`fastconv._config.single_threaded_blas`); the weight gradient goes to per-worker
+    float64 partial sums.  No BLAS thread pool ever alternates with numba's threads: when
+    it did (parallel copies, then numpy's multi-threaded matmul), the two pools' idle
+    threads spun against each other, badly so when PyTorch's libgomp (which busy-waits)
+    was loaded first.  1x1 stride-1 unpadded convs multiply the NCHW arrays directly.  See
+    :class:`_ThreadPlan` and the kernels in ``_kernels.py``.
 winograd
     F(4x4, 3x3) for 3x3 stride-1 convs with equal dilations (``_winograd.py`` beside this
     file; the maths and the planning are in :mod:`fastconv._winograd`): tiles in blocks of
@@ -29,6 +34,7 @@ winograd
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -133,12 +139,15 @@ _conv2d_direct = _kernel("conv2d_direct", 3)
 _conv2d_backward_input_direct = _kernel("conv2d_backward_input_direct", 2)
 _conv2d_backward_weight_direct = _kernel("conv2d_backward_weight_direct", 2)
 _conv2d_backward_bias = _kernel("conv2d_backward_bias", 1)
-_im2col = _kernel("im2col", 1)
-_col2im = _kernel("col2im", 1)
+_conv2d_im2col = _kernel("conv2d_im2col", 3)
+_conv2d_backward_input_im2col = _kernel("conv2d_backward_input_im2col", 2)
+_conv2d_backward_weight_im2col = _kernel("conv2d_backward_weight_im2col", 2)
 _max_pool2d = _kernel("max_pool2d", 1)
 _max_pool2d_backward = _kernel("max_pool2d_backward", 2)
 _avg_pool2d = _kernel("avg_pool2d", 1)
 _avg_pool2d_backward = _kernel("avg_pool2d_backward", 1)
+_pool2d_flat = _kernel("pool2d_flat", 1)
+_avg_pool2d_backward_flat = _kernel("avg_pool2d_backward_flat", 1)
 _winograd_forward = _kernel("winograd_forward", 3, _wk)
 _winograd_backward_weight = _kernel("winograd_backward_weight", 2, _wk)
 
@@ -146,31 +155,6 @@ _winograd_backward_weight = _kernel("winograd_backward_weight", 2, _wk)
 def _conv_params(g: ConvGeometry) -> tuple[int, ...]:
     """The geometry scalars every conv kernel takes: sh, sw, top, left, dh, dw."""
     return (g.stride[0], g.stride[1], g.padding[0], g.padding[2], g.dilation[0], g.dilation[1])
-
-
-#: output planes at least this large are processed one image at a time: each GEMM is
-#: big enough on its own, and the workspace stays one image's columns
-_LARGE_PLANE = 2048
-
-
-def _chunks(g: ConvGeometry, extra_per_image: int = 0):
-    """Batch chunks (n0, nb): one image at a time for large output planes, otherwise as
-    many images as the workspace limit allows for the column matrix (plus
-    ``extra_per_image`` more elements of scratch per image)."""
-    ll = g.out_h * g.out_w
-    if ll >= _LARGE_PLANE:
-        step = 1
-    else:
-        step = _config.batch_chunk((g.c * g.r * g.s * ll + extra_per_image) * np.dtype(g.dtype).itemsize, g.n)
-    for n0 in range(0, g.n, step):
-        yield n0, min(step, g.n - n0)
-
-
-def _groups(g: ConvGeometry):
-    """(column-row slice, filter slice) of every group."""
-    rows = g.c_per_group * g.r * g.s
-    for grp in range(g.groups):
-        yield slice(grp * rows, (grp + 1) * rows), slice(grp * g.k_per_group, (grp + 1) * g.k_per_group)
 
 
 def _is_pointwise(g: ConvGeometry) -> bool:
@@ -184,36 +168,103 @@ _scratch_buffers = threading.local()
 def _scratch(slot: str, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     """An uninitialised C-contiguous array from a per-thread buffer that is kept between calls.
 
-    Fresh large allocations cost a page fault per 4 KiB page on first touch, which is as
-    slow as the im2col copy itself; reusing the buffers avoids that.  Each request is at
-    most one workspace (a chunk's column matrix, or backward-weight's per-image partial
-    sums), so each thread keeps at most the largest workspace it has used (the workspace
-    limit, or one image's share when that is larger) per slot.
+    Fresh large allocations cost a page fault per 4 KiB page on first touch, as slow as
+    the im2col copy itself; reusing the buffers avoids that.  Each thread keeps, per slot,
+    the largest buffer it has used (bounded by the workspace limit, see :class:`_ThreadPlan`).
     """
-    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    nbytes = max(1, int(np.prod(shape))) * np.dtype(dtype).itemsize
     buf = getattr(_scratch_buffers, slot, None)
     if buf is None or buf.nbytes < nbytes:
         buf = np.empty(nbytes, dtype=np.uint8)
         setattr(_scratch_buffers, slot, buf)
-    return buf[:nbytes].view(dtype).reshape(shape)
+    return buf[:int(np.prod(shape)) * np.dtype(dtype).itemsize].view(dtype).reshape(shape)
 
 
-def _workspace_columns(g: ConvGeometry, nb: int) -> tuple[np.ndarray, np.ndarray]:
-    """The workspace for nb images: the (C*R*S, nb*Ho*Wo) column matrix that
-    :func:`_kernels.im2col` writes, and its (nb, C*R*S, Ho*Wo) view, whose per-image slices
-    are strided matrices that BLAS reads and writes in place (numpy's stacked matmul)."""
-    ll = g.out_h * g.out_w
-    cols = _scratch("cols", (g.c * g.r * g.s, nb * ll), g.dtype)
-    return cols, cols.reshape(-1, nb, ll).transpose(1, 0, 2)
+#: a worker's GEMM should have at least this many columns (small images are grouped until it
+#: does).  Measured over stripe-c1/c2 and mnist-c1/c2 (1 and 2 threads): 512 is as fast as 1024
+#: and 2048 everywhere, and 1.4-1.7x faster on stripe-c2 (8x8 planes), whose 16 x 72 GEMMs
+#: then stay within OpenBLAS's small-matrix kernels (:data:`_SMALL_GEMM`)
+_MIN_GEMM_COLUMNS = 512
+#: a worker's column block (C*R*S x rows*Wo) of one large image and its output block
+#: (K x rows*Wo) together stay under this.  Measured (resnet-stem, vgg-224, 1 and 2 threads):
+#: flat from 1 to 4 MiB, 512 KiB up to 10% slower on vgg-224 (64 outputs, 27 column rows:
+#: short GEMMs), a whole image per GEMM 10-40% slower
+_BLOCK_BYTES = 1 << 21
+
+#: OpenBLAS (its SkylakeX kernels, which NumPy's and SciPy's wheels run on Zen 4 too) hands
+#: GEMMs of at most this many multiply-adds to its small-matrix kernels, which run thin
+#: products up to 1.7x faster (one thread, 64x27 @ 27xN: 102 GFLOP/s up to N = 578, 75 above;
+#: 27x64 @ 64xN: 105 vs 62).  Forward and input-gradient row blocks stay within it when one
+#: output row does (vgg-224: 2 rows of 224; input gradient 1.25x, forward 1.08x faster); the
+#: weight gradient's (Kg x rows*Wo) @ (rows*Wo x Cg*R*S) gained nothing from it (0.9x)
+_SMALL_GEMM = 1_000_000
+
+#: below this many multiply-adds a call runs on one thread: starting the workers and
+#: pinning BLAS costs more than it saves
+_SERIAL_WORK = 1 << 17
 
 
-def _columns(x: np.ndarray, g: ConvGeometry, n0: int, nb: int) -> np.ndarray:
-    """im2col of images n0 .. n0+nb-1 as (nb, C*R*S, Ho*Wo) (a view of x for 1x1 convs)."""
-    if _is_pointwise(g):
-        return x.reshape(g.n, g.c, -1)[n0:n0 + nb]
-    cols, cols3 = _workspace_columns(g, nb)
-    _im2col(x, n0, cols, g.r, g.s, *_conv_params(g), g.out_h, g.out_w)
-    return cols3
+def _threads(g: ConvGeometry) -> int:
+    """The numba thread count for a conv pass of layer ``g`` (1 for small layers)."""
+    if g.flops // 2 < _SERIAL_WORK:
+        return 1
+    return max(1, min(_config.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+
+
+class _ThreadPlan:
+    """How an im2col pass spreads over numba workers (the Cython backend's "threads" plan).
+
+    Work units are chunks of ``chunk`` images (small planes: at least
+    :data:`_MIN_GEMM_COLUMNS` GEMM columns per unit) or, with one image per chunk, blocks of
+    ``rows`` output rows, so that a column block and its output block stay within
+    :data:`_BLOCK_BYTES` (in cache), and forward / input-gradient GEMMs within
+    :data:`_SMALL_GEMM` where one row's do.  The forward and weight-gradient passes hand out
+    row blocks as units of their own, so a batch smaller than the thread count still keeps
+    every worker busy; the input gradient hands out whole chunks (an image's row blocks add
+    into overlapping input rows).  ``workers`` is the number of workers: the thread count,
+    capped by the units and by the workspace limit (one unit's buffers per worker; at least
+    one worker is always allowed).  With one worker, BLAS keeps its own threads.
+
+    Parameters
+    ----------
+    g : ConvGeometry
+        The layer.
+    op : str
+        "forward", "input" or "weight".
+    """
+
+    def __init__(self, g: ConvGeometry, op: str) -> None:
+        nt = _threads(g)
+        p, rows, item = g.out_h * g.out_w, g.c * g.r * g.s, g.dtype.itemsize
+        limit = _config.get_workspace_limit()
+        self.pointwise = _is_pointwise(g)
+        chunk = 1 if self.pointwise else max(1, -(-_MIN_GEMM_COLUMNS // p))
+        self.rows = g.out_h
+        if chunk == 1 and not self.pointwise:
+            fit = _BLOCK_BYTES // ((rows + g.k) * g.out_w * item)
+            per_row = g.k_per_group * g.c_per_group * g.r * g.s * g.out_w  # multiply-adds of one row's GEMM
+            if op != "weight" and per_row <= _SMALL_GEMM:
+                fit = min(fit, _SMALL_GEMM // per_row)
+            self.rows = max(1, min(g.out_h, fit))
+        per_image = -(-g.out_h // self.rows) if op != "input" else 1
+        block = 0 if self.pointwise else (rows + g.k) * self.rows * g.out_w * item
+        self.workers = _config.batch_chunk(block, min(nt, g.n * per_image))
+        chunk = max(1, min(chunk, -(-g.n // self.workers)))
+        while chunk > 1 and self.workers * (rows + g.k) * chunk * p * item > limit:
+            chunk -= 1
+        self.chunk = chunk
+        width = 0 if self.pointwise else (chunk * p if chunk > 1 else self.rows * g.out_w)
+        self.cols = _scratch("cols", (self.workers, rows * width), g.dtype)
+        self.tmps = _scratch("tmps", (self.workers, g.k * width), g.dtype)
+
+    def args(self, g: ConvGeometry) -> tuple[Any, ...]:
+        """The kernel arguments after the arrays: buffers, counter, unit shape and geometry."""
+        return (self.cols, self.tmps, np.zeros(1, np.int64), self.chunk, self.rows, g.r, g.s,
+                *_conv_params(g), g.groups, self.pointwise)
+
+    def blas(self) -> Any:
+        """The context to run the kernel in: single-threaded BLAS when several workers call it."""
+        return _config.single_threaded_blas() if self.workers > 1 else contextlib.nullcontext()
 
 
 #: "auto" picks Winograd from this many channels per group, in and out (see default_algorithm)
@@ -222,27 +273,40 @@ WINOGRAD_MIN_CHANNELS = 8
 WINOGRAD_MIN_WIDE_INPUTS = 16
 WINOGRAD_MIN_OUTPUTS = 4
 
-#: below this many multiply-adds a Winograd call runs on one thread: starting the
-#: workers and pinning BLAS costs more than it saves
-_SERIAL_WORK = 1 << 17
-
-
-def _winograd_threads(g: ConvGeometry) -> int:
-    """Worker count for a Winograd pass of layer ``g`` (before the plan caps it by tiles)."""
-    if g.flops // 2 < _SERIAL_WORK:
-        return 1
-    return max(1, min(_config.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
-
-
 def _winograd_plan(op: str, g: ConvGeometry) -> wino.Plan:
     """The :class:`fastconv._winograd.Plan` of one pass (the dispatcher has checked it fits)."""
-    p = wino.plan_for(op, g, _winograd_threads(g), _config.get_workspace_limit())
+    p = wino.plan_for(op, g, _threads(g), _config.get_workspace_limit())
     if isinstance(p, str):  # only a direct caller of the backend gets here
         raise ValueError(f"{op}(): algorithm 'winograd' needs {p}")
     return p
 
 
 
+
+
+#: the ``bias`` argument of :func:`_kernels.conv2d_im2col` for a layer without bias, by dtype
+_NO_BIAS = {np.dtype(t): np.empty(0, t) for t in (np.float32, np.float64)}
+
+#: the ``idx`` argument of :func:`_kernels.pool2d_flat` for average pooling (unused)
+_NO_INDICES = np.empty((1, 1, 1, 1), np.int64)
+
+
+def _is_flat_pool(p: PoolGeometry, dilation: tuple[int, int]) -> bool:
+    """Whether :func:`_kernels.pool2d_flat` covers the pooling ``p`` (with ``dilation``): W a
+    multiple of the column stride, no column padding, windows no wider than the plane and
+    no taller than the plane with its top padding, every tap offset within 32 bits."""
+    (kh, kw), (sh, sw), (dh, dw) = p.kernel, p.stride, dilation
+    reach_h, reach_w = (kh - 1) * dh, (kw - 1) * dw
+    return (p.padding[1] == 0 and p.w % sw == 0 and p.w > reach_w and p.h + p.padding[0] > reach_h
+            and reach_h * p.w + reach_w < 2**31 and p.n * p.c > 0 and p.out_h * p.out_w > 0)
+
+
+def _pool_workers(p: PoolGeometry) -> int:
+    """Workers of a pooling call: one for small calls (see :data:`_SERIAL_WORK`), else the
+    thread count, capped by the planes."""
+    if p.n * p.c * p.out_h * p.out_w * p.kernel[0] * p.kernel[1] < _SERIAL_WORK:
+        return 1
+    return max(1, min(_config.get_num_threads(), numba.config.NUMBA_NUM_THREADS, p.n * p.c))
 
 
 class NumbaBackend(Backend):
@@ -364,14 +428,10 @@ class NumbaBackend(Backend):
         if algorithm == "direct":
             _conv2d_direct(x, weight, b, out, *_conv_params(g), g.groups)
             return out
-        wmat = weight.reshape(g.k, -1)
-        out3 = out.reshape(g.n, g.k, -1)
-        for n0, nb in _chunks(g):
-            cols3 = _columns(x, g, n0, nb)
-            for cs, ks in _groups(g):
-                np.matmul(wmat[ks], cols3[:, cs], out=out3[n0:n0 + nb, ks])
-        if bias is not None:
-            out += bias[None, :, None, None]
+        plan = _ThreadPlan(g, "forward")
+        with plan.blas():
+            _conv2d_im2col(x, weight.reshape(g.k, -1), _NO_BIAS[g.dtype] if bias is None else bias, out,
+                           *plan.args(g), threads=plan.workers)
         return out
 
     def conv2d_backward_input(self, grad_out, weight, g, algorithm):
@@ -382,19 +442,9 @@ class NumbaBackend(Backend):
         if algorithm == "direct":
             _conv2d_backward_input_direct(grad_out, weight, gx, *_conv_params(g), g.groups)
             return gx
-        wmat = weight.reshape(g.k, -1)
-        gy3 = grad_out.reshape(g.n, g.k, -1)
-        pointwise = _is_pointwise(g)
-        for n0, nb in _chunks(g):
-            # the column gradients: straight into gx for 1x1 convs, else into the workspace
-            if pointwise:
-                cols, cols3 = None, gx.reshape(g.n, g.c, -1)[n0:n0 + nb]
-            else:
-                cols, cols3 = _workspace_columns(g, nb)
-            for cs, ks in _groups(g):
-                np.matmul(wmat[ks].T, gy3[n0:n0 + nb, ks], out=cols3[:, cs])
-            if cols is not None:
-                _col2im(cols, gx, n0, g.r, g.s, *_conv_params(g), g.out_h, g.out_w)
+        plan = _ThreadPlan(g, "input")
+        with plan.blas():
+            _conv2d_backward_input_im2col(grad_out, weight.reshape(g.k, -1), gx, *plan.args(g), threads=plan.workers)
         return gx
 
     def conv2d_backward_weight(self, grad_out, x, g, algorithm):
@@ -406,19 +456,13 @@ class NumbaBackend(Backend):
             _conv2d_backward_weight_direct(grad_out, x, gw, *_conv_params(g), g.groups)
             return gw
         crs = g.c_per_group * g.r * g.s
-        gy3 = grad_out.reshape(g.n, g.k, -1)
-        acc = np.zeros((g.groups, crs, g.k_per_group))  # float64 sum over the batch, transposed
-        for n0, nb in _chunks(g, extra_per_image=crs * g.k):
-            cols3 = _columns(x, g, n0, nb)
-            # one small GEMM per image (cols_n @ gy_n.T), summed over the chunk in float64: a
-            # single GEMM over the whole chunk would be a thin product with a very long
-            # inner dimension, which BLAS runs several times slower
-            part = _scratch("part", (nb, crs, g.k_per_group), g.dtype)
-            for grp, (cs, ks) in enumerate(_groups(g)):
-                np.matmul(cols3[:, cs], gy3[n0:n0 + nb, ks].transpose(0, 2, 1), out=part)
-                with np.errstate(invalid="ignore", over="ignore"):  # +Inf and -Inf images: NaN, no warning
-                    acc[grp] += part.sum(axis=0, dtype=np.float64)
-        gw[...] = acc.transpose(0, 2, 1).reshape(g.weight_shape)
+        plan = _ThreadPlan(g, "weight")
+        partial = np.zeros((plan.workers, g.k * crs))  # float64 sums, one row per worker
+        prods = _scratch("prods", (plan.workers, g.k_per_group, crs), g.dtype)
+        with plan.blas():
+            _conv2d_backward_weight_im2col(grad_out, x, partial, prods, *plan.args(g), threads=plan.workers)
+        with np.errstate(invalid="ignore", over="ignore"):  # +Inf and -Inf partial sums: NaN, no warning
+            gw[...] = partial.sum(axis=0).reshape(g.weight_shape)
         return gw
 
     def conv2d_backward_bias(self, grad_out, g):
@@ -430,22 +474,39 @@ class NumbaBackend(Backend):
     def max_pool2d(self, x, p):
         out = np.empty(p.output_shape, dtype=p.dtype)
         idx = np.empty(p.output_shape, dtype=np.int64)
-        _max_pool2d(x, out, idx, *p.kernel, *p.stride, *p.padding, *p.dilation)
+        if _is_flat_pool(p, p.dilation):
+            workers = _pool_workers(p)
+            _pool2d_flat(x, out, idx, *p.kernel, *p.stride, p.padding[0], *p.dilation, True, False, workers,
+                         np.zeros(1, np.int64), threads=workers)
+        else:
+            _max_pool2d(x, out, idx, *p.kernel, *p.stride, *p.padding, *p.dilation)
         return out, idx
 
     def max_pool2d_backward(self, grad_out, indices, p):
         gx = np.empty(p.input_shape, dtype=p.dtype)
-        _max_pool2d_backward(grad_out, np.ascontiguousarray(indices, dtype=np.int64), gx)
+        workers = _pool_workers(p)
+        _max_pool2d_backward(grad_out, np.ascontiguousarray(indices, dtype=np.int64), gx, p.kernel[0], p.stride[0],
+                             p.padding[0], p.dilation[0], workers, np.zeros(1, np.int64), threads=workers)
         return gx
 
     def avg_pool2d(self, x, p):
         out = np.empty(p.output_shape, dtype=p.dtype)
-        _avg_pool2d(x, out, *p.kernel, *p.stride, *p.padding, p.count_include_pad)
+        if _is_flat_pool(p, (1, 1)):
+            workers = _pool_workers(p)
+            _pool2d_flat(x, out, _NO_INDICES, *p.kernel, *p.stride, p.padding[0], 1, 1, False, p.count_include_pad,
+                         workers, np.zeros(1, np.int64), threads=workers)
+        else:
+            _avg_pool2d(x, out, *p.kernel, *p.stride, *p.padding, p.count_include_pad)
         return out
 
     def avg_pool2d_backward(self, grad_out, p):
         gx = np.empty(p.input_shape, dtype=p.dtype)
-        _avg_pool2d_backward(grad_out, gx, *p.kernel, *p.stride, *p.padding, p.count_include_pad)
+        if p.kernel[0] <= p.stride[0] and _is_flat_pool(p, (1, 1)):  # windows that do not overlap vertically
+            workers = _pool_workers(p)
+            _avg_pool2d_backward_flat(grad_out, gx, *p.kernel, *p.stride, p.padding[0], p.count_include_pad, workers,
+                                      np.zeros(1, np.int64), threads=workers)
+        else:
+            _avg_pool2d_backward(grad_out, gx, *p.kernel, *p.stride, *p.padding, p.count_include_pad)
         return gx
 
     # ------------------------------------------------------------------ info

@@ -11,11 +11,16 @@ Conventions
 * Padding is never materialised: for each kernel tap the kernels compute the range
   of output positions whose input position is in range (:func:`_span`).
 * Every ``prange`` iterates over work items that write disjoint memory (output rows,
-  input-gradient rows, weight-gradient entries, image planes), so there are no races.
-* Convolution kernels use ``fastmath={"contract", "reassoc"}``: fused multiply-add and
-  reordered sums (vectorised reductions) change only the rounding; no flag assumes
-  finite values, so NaN and inf propagate as IEEE says.  Pooling kernels use no
-  fastmath at all (max pooling's NaN rule depends on exact comparisons).
+  input-gradient rows, weight-gradient entries, image planes, per-worker buffers), so
+  there are no races.
+* Direct convolution kernels use ``fastmath={"contract", "reassoc"}``: fused multiply-add
+  and reordered sums (vectorised reductions) change only the rounding; no flag assumes
+  finite values, so NaN and inf propagate as IEEE says.  The im2col kernels (copies, BLAS
+  calls, exact adds) and the pooling kernels use no fastmath at all (max pooling's NaN
+  rule depends on exact comparisons).
+* The im2col kernels take their shared work counter from ``_winograd._next_block``.
+  numba's cache checks only the source file of the cached function, so a change to that
+  intrinsic must be followed by touching this file (or clearing ``__pycache__``).
 """
 
 from __future__ import annotations
@@ -23,10 +28,13 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from ._winograd import _next_block
+
 _CONV = dict(parallel=True, cache=True, nogil=True, fastmath={"contract", "reassoc"})
 _POOL = dict(parallel=True, cache=True, nogil=True)
 _SERIAL = dict(cache=True, nogil=True)
 _SERIAL_MATH = dict(cache=True, nogil=True, fastmath={"contract", "reassoc"})
+_IM2COL = dict(parallel=True, cache=True, nogil=True)
 
 
 @njit(**_SERIAL)
@@ -212,67 +220,306 @@ def conv2d_backward_bias(gy, gb):
         gb[kk] = total
 
 
-# --------------------------------------------------------------------------- im2col
-@njit(**_POOL)
-def im2col(x, n0, cols, nr, ns, sh, sw, top, left, dh, dw, ho, wo):
-    """Fill cols[(c*R + r)*S + s, j*L + oh*wo + ow] = x[n0 + j, c, ih, iw] (0 in the padding).
+# --------------------------------------------------------------------------- im2col + GEMM
+#
+# One parallel region per call.  Each of the ``cols.shape[0]`` workers (one ``prange``
+# iteration each) owns one row of every scratch buffer and takes work units from a shared
+# counter (``_next_block``: whichever worker is free takes the next unit).  A unit is
+# ``nb`` whole images (small planes, grouped so that each GEMM has enough columns) or, with
+# ``nb == 1``, a block of ``rb`` output rows of one image (so that the column block stays
+# in cache; the adapter's ``_ThreadPlan`` sizes the units).  The unit's GEMMs are ``np.dot`` calls on contiguous 2-D slices, which numba lowers
+# to BLAS (SciPy's OpenBLAS); the adapter pins BLAS to one thread while several workers call
+# it, so no BLAS thread pool ever competes with numba's threads.
+#
+# Unit layout: the column matrix of ``m`` images and output rows ``oh0 .. oh1-1`` is
+# (C*R*S, m*Q) with Q = (oh1 - oh0) * Wo, row (c, r, s) holding image after image; the
+# matching output (gradient) block is gathered / scattered as (K, m*Q) in ``tmps``.  1x1
+# stride-1 unpadded ("pointwise") layers need no lowering: each image is its own (C, H*W)
+# column matrix and every GEMM reads and writes the NCHW arrays directly.
 
-    ``cols`` has shape (C*R*S, nb*L) with L = ho*wo: one GEMM then covers nb images.
-    One work item per input plane (j, c), which it reads R*S times while it is in cache.
-    A pure copy, so no fastmath is needed.
-    """
-    _, c, h, wd = x.shape
-    ll = ho * wo
-    nb = cols.shape[1] // ll
-    xf, cf = x.reshape(x.size), cols.reshape(cols.size)
+
+@njit(inline="always", **_SERIAL)
+def _unit(u: int, per_image: int, nb: int, rb: int, n: int, ho: int) -> tuple[int, int, int, int]:
+    """(first image, image count, first output row, end output row) of work unit ``u``: chunk
+    ``u // per_image`` of ``nb`` images, row block ``u % per_image`` of ``rb`` rows."""
+    n0 = (u // per_image) * nb
+    oh0 = (u % per_image) * rb
+    return n0, min(nb, n - n0), oh0, min(oh0 + rb, ho)
+
+
+@njit(inline="always", **_SERIAL)
+def _unfold(xf: np.ndarray, n0: int, m: int, c: int, h: int, wd: int, cf: np.ndarray, nr: int, ns: int, sh: int,
+            sw: int, top: int, left: int, dh: int, dw: int, los: np.ndarray, his: np.ndarray, oh0: int, oh1: int,
+            wo: int) -> None:
+    """The unit's column matrix: cf[((c*R + r)*S + s)*m*Q + b*Q + (oh - oh0)*wo + ow] =
+    x[n0 + b, c, oh*sh - top + r*dh, ow*sw - left + s*dw] (0 in the padding) for b < m and
+    oh0 <= oh < oh1, Q = (oh1 - oh0)*wo.  A pure copy."""
+    q = (oh1 - oh0) * wo
+    ld = m * q
     zero = cf.dtype.type(0)
-    los, his = _spans(ns, dw, left, sw, wd, wo)
-    for t in prange(nb * c):
-        j = t // c
-        ca = t % c
-        p0 = ((n0 + j) * c + ca) * h * wd
-        for r in range(nr):
-            for s in range(ns):
-                lo, hi = los[s], his[s]
-                d0 = (((ca * nr + r) * ns + s) * nb + j) * ll
-                for oh in range(ho):
-                    ih = oh * sh - top + r * dh
-                    if ih < 0 or ih >= h:
-                        _fill(cf, d0, wo, zero)
-                    else:
-                        _fill(cf, d0, lo, zero)
-                        _copy(cf, d0 + lo, xf, p0 + ih * wd + lo * sw + s * dw - left, sw, hi - lo)
-                        _fill(cf, d0 + hi, wo - hi, zero)
-                    d0 += wo
+    for b in range(m):
+        for ca in range(c):
+            p0 = ((n0 + b) * c + ca) * h * wd
+            for r in range(nr):
+                for s in range(ns):
+                    lo, hi = los[s], his[s]
+                    d0 = ((ca * nr + r) * ns + s) * ld + b * q
+                    src = p0 + lo * sw + s * dw - left
+                    for oh in range(oh0, oh1):
+                        ih = oh * sh - top + r * dh
+                        if ih < 0 or ih >= h:
+                            _fill(cf, d0, wo, zero)
+                        else:
+                            _fill(cf, d0, lo, zero)
+                            _copy(cf, d0 + lo, xf, src + ih * wd, sw, hi - lo)
+                            _fill(cf, d0 + hi, wo - hi, zero)
+                        d0 += wo
 
 
-@njit(**_CONV)
-def col2im(cols, gx, n0, nr, ns, sh, sw, top, left, dh, dw, ho, wo):
-    """The adjoint of :func:`im2col`: gx[n0 + j, c] = scatter-add of the column rows of c.
-
-    One work item per image plane (j, c), so no two items write the same pixel.
-    """
-    _, c, h, wd = gx.shape
-    ll = ho * wo
-    nb = cols.shape[1] // ll
-    cf, xf = cols.reshape(cols.size), gx.reshape(gx.size)
-    los, his = _spans(ns, dw, left, sw, wd, wo)
-    one = gx.dtype.type(1)
-    for t in prange(nb * c):
-        j = t // c
-        ca = t % c
-        p0 = ((n0 + j) * c + ca) * h * wd
-        _fill(xf, p0, h * wd, xf.dtype.type(0))
-        for r in range(nr):
-            for s in range(ns):
-                src0 = (((ca * nr + r) * ns + s) * nb + j) * ll
-                lo = los[s]
-                for oh in range(ho):
-                    ih = oh * sh - top + r * dh
-                    if ih < 0 or ih >= h:
+@njit(inline="always", **_SERIAL)
+def _fold(cf: np.ndarray, gxf: np.ndarray, n0: int, m: int, c: int, h: int, wd: int, nr: int, ns: int, sh: int,
+          sw: int, top: int, left: int, dh: int, dw: int, los: np.ndarray, his: np.ndarray, oh0: int, oh1: int,
+          wo: int) -> None:
+    """The adjoint of :func:`_unfold` (col2im): add the unit's column matrix into gx, taps
+    in (c, r, s) order."""
+    q = (oh1 - oh0) * wo
+    ld = m * q
+    one = gxf.dtype.type(1)
+    for b in range(m):
+        for ca in range(c):
+            p0 = ((n0 + b) * c + ca) * h * wd
+            for r in range(nr):
+                for s in range(ns):
+                    lo, hi = los[s], his[s]
+                    if hi <= lo:
                         continue
-                    _axpy(xf, p0 + ih * wd + lo * sw + s * dw - left, sw, cf, src0 + oh * wo + lo, 1, one,
-                          his[s] - lo)
+                    s0 = ((ca * nr + r) * ns + s) * ld + b * q + lo
+                    dst = p0 + lo * sw + s * dw - left
+                    for oh in range(oh0, oh1):
+                        ih = oh * sh - top + r * dh
+                        if 0 <= ih < h:
+                            _axpy(gxf, dst + ih * wd, sw, cf, s0 + (oh - oh0) * wo, 1, one, hi - lo)
+
+
+@njit(inline="always", **_SERIAL)
+def _zero_rows(gxf: np.ndarray, n0: int, m: int, c: int, h: int, wd: int, r0: int, r1: int) -> None:
+    """Zero rows r0 .. r1-1 of every channel plane of images n0 .. n0+m-1."""
+    zero = gxf.dtype.type(0)
+    for plane in range(n0 * c, (n0 + m) * c):
+        _fill(gxf, (plane * h + r0) * wd, (r1 - r0) * wd, zero)
+
+
+@njit(inline="always", **_SERIAL)
+def _gather_rows(yf: np.ndarray, n0: int, m: int, k: int, p: int, o0: int, q: int, tmp: np.ndarray) -> None:
+    """tmp[(kk*m + b)*q + i] = y[n0 + b, kk].flat[o0 + i] for i < q: the unit's (K, m*Q) block."""
+    for b in range(m):
+        for kk in range(k):
+            _copy(tmp, (kk * m + b) * q, yf, ((n0 + b) * k + kk) * p + o0, 1, q)
+
+
+@njit(inline="always", **_SERIAL)
+def _scatter_rows(tmp: np.ndarray, of: np.ndarray, n0: int, m: int, k: int, p: int, o0: int, q: int,
+                  bias: np.ndarray) -> None:
+    """out[n0 + b, kk].flat[o0 + i] = tmp[(kk*m + b)*q + i] + bias[kk]: the inverse of
+    :func:`_gather_rows`, plus the bias (none when ``bias`` is empty: adding 0 would turn
+    -0 into +0)."""
+    for b in range(m):
+        for kk in range(k):
+            d, s = ((n0 + b) * k + kk) * p + o0, (kk * m + b) * q
+            if bias.shape[0] == 0:
+                _copy(of, d, tmp, s, 1, q)
+            else:
+                _add_row(of, d, tmp, s, bias[kk], q)
+
+
+@njit(inline="always", **_SERIAL)
+def _add_row(dst: np.ndarray, d0: int, src: np.ndarray, s0: int, value: float, n: int) -> None:
+    """dst[d0 + i] = src[s0 + i] + value for i < n."""
+    d, s = np.uint64(d0), np.uint64(s0)
+    for i in range(np.uint64(n)):
+        dst[d + i] = src[s + i] + value
+
+
+@njit(inline="always", **_SERIAL)
+def _add_bias(of: np.ndarray, o0: int, bias: np.ndarray, p: int) -> None:
+    """out.flat[o0 + kk*p + i] += bias[kk] for i < p: the bias of one image (nothing for an
+    empty ``bias``)."""
+    for kk in range(bias.shape[0]):
+        d, bk = np.uint64(o0 + kk * p), bias[kk]
+        for i in range(np.uint64(p)):
+            of[d + i] += bk
+
+
+@njit(inline="always", **_SERIAL)
+def _forward_gemms(w2: np.ndarray, src: np.ndarray, s0: int, dst: np.ndarray, d0: int, ncols: int,
+                   groups: int) -> None:
+    """dst[d0:] as (K, ncols) = W (K, Cg*R*S) @ src[s0:] as (C*R*S, ncols), group by group."""
+    kg, crsg = w2.shape[0] // groups, w2.shape[1]
+    for g in range(groups):
+        a, b = s0 + g * crsg * ncols, d0 + g * kg * ncols
+        np.dot(w2[g * kg:(g + 1) * kg], src[a:a + crsg * ncols].reshape((crsg, ncols)),
+               dst[b:b + kg * ncols].reshape((kg, ncols)))
+
+
+@njit(inline="always", **_SERIAL)
+def _input_gemms(w2: np.ndarray, src: np.ndarray, s0: int, dst: np.ndarray, d0: int, ncols: int,
+                 groups: int) -> None:
+    """dst[d0:] as (C*R*S, ncols) = W.T @ src[s0:] as (K, ncols), group by group."""
+    kg, crsg = w2.shape[0] // groups, w2.shape[1]
+    for g in range(groups):
+        a, b = s0 + g * kg * ncols, d0 + g * crsg * ncols
+        np.dot(w2[g * kg:(g + 1) * kg].T, src[a:a + kg * ncols].reshape((kg, ncols)),
+               dst[b:b + crsg * ncols].reshape((crsg, ncols)))
+
+
+@njit(inline="always", **_SERIAL)
+def _weight_gemms(gsrc: np.ndarray, g0: int, csrc: np.ndarray, c0: int, ncols: int, prod: np.ndarray,
+                  acc: np.ndarray, groups: int) -> None:
+    """acc (K*Cg*R*S, float64) += gsrc[g0:] as (K, ncols) @ (csrc[c0:] as (C*R*S, ncols)).T,
+    group by group, through the (Kg, Cg*R*S) scratch ``prod`` (``np.dot`` has no beta)."""
+    kg, crsg = prod.shape[0], prod.shape[1]
+    pf = prod.reshape(prod.size)
+    for g in range(groups):
+        a, b = g0 + g * kg * ncols, c0 + g * crsg * ncols
+        np.dot(gsrc[a:a + kg * ncols].reshape((kg, ncols)), csrc[b:b + crsg * ncols].reshape((crsg, ncols)).T, prod)
+        e0 = np.uint64(g * kg * crsg)
+        for i in range(np.uint64(kg * crsg)):
+            acc[e0 + i] += pf[i]
+
+
+@njit(**_IM2COL)
+def conv2d_im2col(x: np.ndarray, w2: np.ndarray, bias: np.ndarray, out: np.ndarray, cols: np.ndarray,
+                  tmps: np.ndarray, counter: np.ndarray, nb: int, rb: int, nr: int, ns: int, sh: int, sw: int,
+                  top: int, left: int, dh: int, dw: int, groups: int, pointwise: bool) -> None:
+    """Forward convolution, ``out = conv(x, w) + bias``, by im2col + BLAS on
+    ``cols.shape[0]`` workers.
+
+    Parameters
+    ----------
+    x : ndarray, (N, C, H, W)
+        Input.
+    w2 : ndarray, (K, Cg*R*S)
+        The weights as a matrix.
+    bias : ndarray, (K,) or (0,)
+        Added to every output of channel k; empty for none.
+    out : ndarray, (N, K, Ho, Wo)
+        Written in full.
+    cols, tmps : ndarray, (workers, >= C*R*S * U), (workers, >= K * U)
+        Per-worker column matrix and output block, U = nb*Ho*Wo if nb > 1 else rb*Wo
+        (unused, any size, when ``pointwise``).
+    counter : ndarray of int64, (1,)
+        The shared unit counter, zero on entry.
+    nb, rb : int
+        Images per unit; with nb == 1, output rows per unit (else rb == Ho).
+    nr, ns, sh, sw, top, left, dh, dw, groups : int
+        Kernel size, stride, top / left padding, dilation, groups.
+    pointwise : bool
+        A 1x1 stride-1 unpadded layer (then nb == 1 and rb == Ho).
+    """
+    n, c, h, wd = x.shape
+    k, ho, wo = out.shape[1], out.shape[2], out.shape[3]
+    p = ho * wo
+    xf, of = x.reshape(x.size), out.reshape(out.size)
+    los, his = _spans(ns, dw, left, sw, wd, wo)
+    per_image = -(-ho // rb)
+    units = -(-n // nb) * per_image
+    for t in prange(cols.shape[0]):
+        col, tmp = cols[t], tmps[t]
+        u = _next_block(counter)
+        while u < units:
+            n0, m, oh0, oh1 = _unit(u, per_image, nb, rb, n, ho)
+            q = (oh1 - oh0) * wo
+            if pointwise:
+                _forward_gemms(w2, xf, n0 * c * p, of, n0 * k * p, p, groups)
+                _add_bias(of, n0 * k * p, bias, p)
+            else:
+                _unfold(xf, n0, m, c, h, wd, col, nr, ns, sh, sw, top, left, dh, dw, los, his, oh0, oh1, wo)
+                _forward_gemms(w2, col, 0, tmp, 0, m * q, groups)
+                _scatter_rows(tmp, of, n0, m, k, p, oh0 * wo, q, bias)
+            u = _next_block(counter)
+
+
+@njit(**_IM2COL)
+def conv2d_backward_input_im2col(gy: np.ndarray, w2: np.ndarray, gx: np.ndarray, cols: np.ndarray,
+                                 tmps: np.ndarray, counter: np.ndarray, nb: int, rb: int, nr: int, ns: int, sh: int,
+                                 sw: int, top: int, left: int, dh: int, dw: int, groups: int,
+                                 pointwise: bool) -> None:
+    """Input gradient by GEMM + col2im on ``cols.shape[0]`` workers; ``gx`` (N, C, H, W) is
+    written in full.
+
+    A unit is ``nb`` whole images (the column blocks of one image's row blocks overlap in
+    the input rows they add to), processed ``rb`` output rows at a time when nb == 1; each
+    input row is zeroed just before the first block that adds to it.  The other arguments
+    are those of :func:`conv2d_im2col` (``gy`` in place of ``x``, ``tmps`` holding the
+    gathered output-gradient block).
+    """
+    n, c, h, wd = gx.shape
+    k, ho, wo = gy.shape[1], gy.shape[2], gy.shape[3]
+    p = ho * wo
+    yf, gxf = gy.reshape(gy.size), gx.reshape(gx.size)
+    los, his = _spans(ns, dw, left, sw, wd, wo)
+    units = -(-n // nb)
+    for t in prange(cols.shape[0]):
+        col, tmp = cols[t], tmps[t]
+        u = _next_block(counter)
+        while u < units:
+            n0 = u * nb
+            m = min(nb, n - n0)
+            if pointwise:
+                _input_gemms(w2, yf, n0 * k * p, gxf, n0 * c * p, p, groups)
+            else:
+                zeroed = 0  # input rows [0, zeroed) of the unit's planes are zero or summed into
+                for oh0 in range(0, ho, rb):
+                    oh1 = min(oh0 + rb, ho)
+                    q = (oh1 - oh0) * wo
+                    _gather_rows(yf, n0, m, k, p, oh0 * wo, q, tmp)
+                    _input_gemms(w2, tmp, 0, col, 0, m * q, groups)
+                    reach = min(h, (oh1 - 1) * sh - top + (nr - 1) * dh + 1)  # past the last row it adds to
+                    if reach > zeroed:
+                        _zero_rows(gxf, n0, m, c, h, wd, zeroed, reach)
+                        zeroed = reach
+                    _fold(col, gxf, n0, m, c, h, wd, nr, ns, sh, sw, top, left, dh, dw, los, his, oh0, oh1, wo)
+                _zero_rows(gxf, n0, m, c, h, wd, zeroed, h)  # rows no window reaches
+            u = _next_block(counter)
+
+
+@njit(**_IM2COL)
+def conv2d_backward_weight_im2col(gy: np.ndarray, x: np.ndarray, partial: np.ndarray, prods: np.ndarray,
+                                  cols: np.ndarray, tmps: np.ndarray, counter: np.ndarray, nb: int, rb: int, nr: int,
+                                  ns: int, sh: int, sw: int, top: int, left: int, dh: int, dw: int, groups: int,
+                                  pointwise: bool) -> None:
+    """Per-worker weight-gradient partial sums by im2col + BLAS.
+
+    Parameters
+    ----------
+    partial : ndarray of float64, (workers, K * Cg*R*S)
+        Zero on entry; worker t adds the products of its units into ``partial[t]`` (the
+        adapter sums over workers).  Each unit's GEMM sums in the compute dtype.
+    prods : ndarray, (workers, Kg, Cg*R*S)
+        Per-worker scratch for one GEMM's product.
+    gy, x, cols, tmps, counter, nb, rb, nr, ns, sh, sw, top, left, dh, dw, groups, pointwise
+        As for :func:`conv2d_im2col` (``tmps`` holds the gathered output-gradient block).
+    """
+    n, c, h, wd = x.shape
+    k, ho, wo = gy.shape[1], gy.shape[2], gy.shape[3]
+    p = ho * wo
+    yf, xf = gy.reshape(gy.size), x.reshape(x.size)
+    los, his = _spans(ns, dw, left, sw, wd, wo)
+    per_image = -(-ho // rb)
+    units = -(-n // nb) * per_image
+    for t in prange(cols.shape[0]):
+        col, tmp, prod, acc = cols[t], tmps[t], prods[t], partial[t]
+        u = _next_block(counter)
+        while u < units:
+            n0, m, oh0, oh1 = _unit(u, per_image, nb, rb, n, ho)
+            q = (oh1 - oh0) * wo
+            if pointwise:
+                _weight_gemms(yf, n0 * k * p, xf, n0 * c * p, p, prod, acc, groups)
+            else:
+                _unfold(xf, n0, m, c, h, wd, col, nr, ns, sh, sw, top, left, dh, dw, los, his, oh0, oh1, wo)
+                _gather_rows(yf, n0, m, k, p, oh0 * wo, q, tmp)
+                _weight_gemms(tmp, 0, col, 0, m * q, prod, acc, groups)
+            u = _next_block(counter)
 
 
 # --------------------------------------------------------------------------- pooling
@@ -404,23 +651,77 @@ def max_pool2d(x: np.ndarray, out: np.ndarray, idx: np.ndarray, kh: int, kw: int
                         _max_tap(xf, np.uint64(p0 + q0), np.uint64(sw), of, jf, o0 + lo, q0, sw, his[b] - lo)
 
 
-@njit(**_POOL)
-def max_pool2d_backward(gy, idx, gx):
-    """gx[n, c].flat[idx[n, c, o]] += gy[n, c, o]; one work item per (n, c) plane.
+@njit(inline="always", **_SERIAL)
+def _scatter_add(xf: np.ndarray, p0: int, yf: np.ndarray, jf: np.ndarray, o0: int, n: int, lo: int,
+                 span: int) -> int:
+    """xf[p0 + jf[o]] += yf[o] for o0 <= o < o0 + n in increasing o, skipping the indices
+    outside [lo, lo + span) (one unsigned test); returns how many were skipped."""
+    skipped = 0
+    base, u = np.uint64(p0 + lo), np.uint64(span)
+    for o in range(np.uint64(o0), np.uint64(o0 + n)):
+        i = np.uint64(jf[o] - lo)
+        if i < u:
+            xf[base + i] += yf[o]
+        else:
+            skipped += 1
+    return skipped
 
-    Indices outside the plane are skipped (the API validates them; this only
-    guarantees memory safety)."""
+
+#: max_pool2d_backward scatters planes larger than this (bytes) output row by output row
+_ROWWISE_BYTES = 16384
+
+
+@njit(inline="always", **_SERIAL)
+def _scatter_by_rows(xf: np.ndarray, p0: int, yf: np.ndarray, jf: np.ndarray, o0: int, h: int, wd: int, ho: int,
+                     wo: int, kh: int, sh: int, ph: int, dh: int) -> bool:
+    """Zero and scatter one plane output row by output row, each input row zeroed just before
+    the first window reaches it, so that the scatter finds its rows in L1 rather than L2.
+    Returns False (the plane half done) as soon as an index lies outside its window's rows;
+    the caller then redoes the plane whole."""
+    zero = xf.dtype.type(0)
+    done = 0  # input rows [0, done) are zeroed
+    for oh in range(ho):
+        lo = max(oh * sh - ph, 0)
+        hi = min(oh * sh - ph + (kh - 1) * dh + 1, h)
+        if hi > done:
+            _fill(xf, p0 + done * wd, (hi - done) * wd, zero)
+            done = hi
+        if _scatter_add(xf, p0, yf, jf, o0 + oh * wo, wo, lo * wd, max(hi - lo, 0) * wd):
+            return False
+    _fill(xf, p0 + done * wd, (h - done) * wd, zero)
+    return True
+
+
+@njit(**_POOL)
+def max_pool2d_backward(gy: np.ndarray, idx: np.ndarray, gx: np.ndarray, kh: int, sh: int, ph: int, dh: int,
+                        workers: int, counter: np.ndarray) -> None:
+    """gx[n, c].flat[idx[n, c, o]] += gy[n, c, o] onto zero, in increasing o.
+
+    Whole planes per work unit, ``workers`` workers taking chunks of planes from
+    ``counter`` (int64, (1,), zero on entry).  Each plane is zeroed while in cache just
+    before the scatter; planes over :data:`_ROWWISE_BYTES` go row by row
+    (:func:`_scatter_by_rows`; ``kh``, ``sh``, ``ph``, ``dh``: the pooling's kernel height,
+    row stride, top padding and row dilation, which give the input rows each output row's
+    windows span).  ``gx`` is written in full.  Indices outside the plane are skipped (the
+    API validates them; this only guarantees memory safety)."""
     n, c, h, wd = gx.shape
-    plane = h * wd
-    m = gy.shape[2] * gy.shape[3]
+    ho, wo = gy.shape[2], gy.shape[3]
+    plane_size, m = h * wd, ho * wo
+    planes = n * c
     xf, yf, jf = gx.reshape(gx.size), gy.reshape(gy.size), idx.reshape(idx.size)
-    for t in prange(n * c):
-        p0 = np.uint64(t * plane)
-        _fill(xf, p0, plane, xf.dtype.type(0))
-        for o in range(np.uint64(t * m), np.uint64((t + 1) * m)):
-            q = jf[o]
-            if 0 <= q < plane:
-                xf[p0 + np.uint64(q)] += yf[o]
+    rowwise = plane_size * gx.itemsize > _ROWWISE_BYTES
+    per = max(1, planes // (16 * workers))  # planes per unit: about 16 units per worker
+    units = -(-planes // per)
+    for t in prange(workers):
+        u = _next_block(counter)
+        while u < units:
+            for plane in range(u * per, min(planes, (u + 1) * per)):
+                p0, o0 = plane * plane_size, plane * m
+                if rowwise and _scatter_by_rows(xf, p0, yf, jf, o0, h, wd, ho, wo, kh, sh, ph, dh):
+                    continue
+                _fill(xf, p0, plane_size, xf.dtype.type(0))
+                _scatter_add(xf, p0, yf, jf, o0, m, 0, plane_size)
+            u = _next_block(counter)
 
 
 @njit(**_SERIAL)
@@ -518,8 +819,8 @@ def avg_pool2d_backward(gy, gx, kh, kw, sh, sw, ph, pw, include_pad):
         for oh in range(rlo[ih], rhi[ih]):
             for ow in range(wo):
                 divisor = hext[oh] * wext[ow]
-                if divisor > 0:
-                    v = yf[np.uint64(y0 + oh * wo + ow)] / divisor
+                if divisor > 0:  # divided in the compute dtype, as PyTorch does
+                    v = yf[np.uint64(y0 + oh * wo + ow)] / xf.dtype.type(divisor)
                     for iw in range(np.uint64(wa[ow]), np.uint64(wb[ow])):
                         xf[x0 + iw] += v
 
@@ -539,3 +840,298 @@ def _covering(nout, start, stop, size):
             o_hi += 1
         lo[i], hi[i] = o_lo, max(o_lo, o_hi)
     return lo, hi
+
+
+# --------------------------------------------------------------------------- pooling: the flat path
+#
+# The common geometry -- W a multiple of the column stride and no column padding, e.g.
+# 2x2/2 -- takes whole-plane work units and long loops, the design of the Cython kernels
+# (``fastconv/backends/cython/_pool.pyx``).  Pooled rows are short (14 outputs for a
+# 28-wide plane pooled 2x2), and loops per output row spend their time in set-up and
+# remainders.  Instead a band of input rows, read as one flat run, is split into its ``sw``
+# column phases by a single deinterleaving loop (phase b holds run[k*sw + b]); window tap
+# (i, j) of output (oh0 + r, ow) is then element ``r*sh*Wq + ow`` (the output's lane) of
+# phase ``j*dw % sw``, shifted by ``i*dh*Wq + j*dw // sw`` (Wq = W // sw), for every window
+# inside the plane.  So each tap is one unit-stride loop over all the lanes of the band,
+# three taps per pass with the running maximum (or sum) in registers; the lanes in between
+# (rows skipped when sh > 1, columns past the last window) are computed and thrown away.
+# Windows that reach into padding rows, or past the right edge (ceil_mode), are computed one
+# by one.  Semantics as in the general kernels: taps in row-major order, ``v > best or
+# v != v`` takes a tap, the window sum starts from +0 and adds tap by tap.
+
+#: the flat loops run over a multiple of this many lanes (a 512-bit vector of float32)
+_PAD = 16
+#: output lanes per band (about 16 KiB of float32 per phase)
+_BAND = 4096
+
+
+@njit(inline="always", **_SERIAL)
+def _padded(n: int) -> int:
+    """``n`` rounded up to a multiple of :data:`_PAD`."""
+    return (n + _PAD - 1) // _PAD * _PAD
+
+
+@njit(inline="always", **_SERIAL)
+def _max_pass(q: np.ndarray, s0: int, s1: int, s2: int, f0: np.int32, f1: np.int32, f2: np.int32,
+              best: np.ndarray, boff: np.ndarray, n: int, first: bool) -> None:
+    """Three taps, ``q[s + l]`` with tap offset ``f`` for (s, f) = (s0, f0), (s1, f1), (s2, f2),
+    into the running maxima ``best[l]`` / offsets ``boff[l]`` for l < n, in that order
+    (``first``: the window starts at tap s0).  A tap that reads a -inf lane (a spare tap of
+    the last pass) never wins, so every pass has three."""
+    a, b, c = np.uint64(s0), np.uint64(s1), np.uint64(s2)
+    if first:
+        for l in range(np.uint64(n)):
+            m, o = q[a + l], f0
+            v = q[b + l]
+            t = (v > m) | (v != v)
+            m, o = (v, f1) if t else (m, o)
+            v = q[c + l]
+            t = (v > m) | (v != v)
+            best[l], boff[l] = (v, f2) if t else (m, o)
+    else:
+        for l in range(np.uint64(n)):
+            m, o = best[l], boff[l]
+            v = q[a + l]
+            t = (v > m) | (v != v)
+            m, o = (v, f0) if t else (m, o)
+            v = q[b + l]
+            t = (v > m) | (v != v)
+            m, o = (v, f1) if t else (m, o)
+            v = q[c + l]
+            t = (v > m) | (v != v)
+            best[l], boff[l] = (v, f2) if t else (m, o)
+
+
+@njit(inline="always", **_SERIAL)
+def _sum_pass(q: np.ndarray, s0: int, s1: int, s2: int, acc: np.ndarray, n: int, first: bool) -> None:
+    """``acc[l] = ((acc[l] + q[s0 + l]) + q[s1 + l]) + q[s2 + l]`` for l < n, from +0 when
+    ``first``.  A spare tap reads a zero lane, and adding +0 changes no sum that started
+    from +0."""
+    a, b, c = np.uint64(s0), np.uint64(s1), np.uint64(s2)
+    zero = acc.dtype.type(0)
+    if first:
+        for l in range(np.uint64(n)):
+            acc[l] = ((zero + q[a + l]) + q[b + l]) + q[c + l]
+    else:
+        for l in range(np.uint64(n)):
+            acc[l] = ((acc[l] + q[a + l]) + q[b + l]) + q[c + l]
+
+
+@njit(inline="always", **_SERIAL)
+def _max_window(xf: np.ndarray, x0: int, h: int, wd: int, hs: int, ws: int, kh: int, kw: int, dh: int,
+                dw: int) -> tuple[float, int]:
+    """(maximum, flat index) of the window starting at (hs, ws) of the plane at ``x0``, every
+    tap bounds-checked: -inf padding, the first in-image tap when nothing beats -inf."""
+    best = xf.dtype.type(-np.inf)
+    at = _first_on_grid(hs, dh) * wd + _first_on_grid(ws, dw)
+    for i in range(kh):
+        ih = hs + i * dh
+        if 0 <= ih < h:
+            for j in range(kw):
+                iw = ws + j * dw
+                if 0 <= iw < wd:
+                    v = xf[np.uint64(x0 + ih * wd + iw)]
+                    if v > best or v != v:
+                        best, at = v, ih * wd + iw
+    return best, at
+
+
+@njit(**_POOL)
+def pool2d_flat(x: np.ndarray, out: np.ndarray, idx: np.ndarray, kh: int, kw: int, sh: int, sw: int, ph: int,
+                dh: int, dw: int, is_max: bool, include_pad: bool, workers: int, counter: np.ndarray) -> None:
+    """Max (``is_max``) or average pooling by the flat path (see above), whole planes per unit.
+
+    Parameters
+    ----------
+    x : ndarray, (N, C, H, W)
+        Input; W a multiple of ``sw``, and no column padding.
+    out : ndarray, (N, C, Ho, Wo)
+        Written in full; its shape carries ceil_mode.
+    idx : ndarray of int64, (N, C, Ho, Wo)
+        Max pooling: written in full with the flat index of each maximum in its (H, W)
+        plane.  Unused (any shape) for average pooling.
+    kh, kw, sh, sw, ph, dh, dw : int
+        Kernel size, stride, top padding (-inf for max, 0 for average; the bottom padding
+        is implied by ``out``), dilation (1 for average pooling).  Every tap offset
+        ``(kh-1)*dh*W + (kw-1)*dw`` fits in 32 bits.
+    is_max : bool
+        Max pooling; else average pooling with PyTorch's divisor rule.
+    include_pad : bool
+        Average pooling: whether padding counts in the divisor.
+    workers : int
+        Parallel workers, which take chunks of planes from ``counter`` (int64, (1,), zero
+        on entry).
+    """
+    n, c, h, wd = x.shape
+    ho, wo = out.shape[2], out.shape[3]
+    planes = n * c
+    xf, of, jf = x.reshape(x.size), out.reshape(out.size), idx.reshape(idx.size)
+    wq = wd // sw
+    reach = (kh - 1) * dh
+    ra = min((ph + sh - 1) // sh, ho)  # output rows ra <= oh < rb have their windows inside vertically
+    rb = max(min(ho, (h - 1 + ph - reach) // sh + 1) if h - 1 + ph >= reach else 0, ra)
+    ob = min(wo, (wd - 1 - (kw - 1) * dw) // sw + 1) if wd - 1 >= (kw - 1) * dw else 0  # ... and columns ow < ob
+    fband = max(1, min(rb - ra, _BAND // (sh * wq)))
+    m = _padded((fband - 1) * sh * wq + ob)
+    flen = m + (reach + 1) * wq + (kw - 1) * dw // sw + _PAD  # one phase of a band, with its lanes' reach
+    spare = sw * flen  # m lanes of padding after the phases, read by the spare taps
+    npass = (kh * kw + 2) // 3
+    shift = np.full(3 * npass, spare, np.int64)
+    offset = np.zeros(3 * npass, np.int32)
+    for i in range(kh):
+        for j in range(kw):
+            shift[i * kw + j] = (j * dw % sw) * flen + i * dh * wq + j * dw // sw
+            offset[i * kw + j] = i * dh * wd + j * dw
+    pad = xf.dtype.type(-np.inf) if is_max else xf.dtype.type(0)
+    divisor = xf.dtype.type(kh * kw)
+    ha, hb, hext = _avg_bounds(ho, sh, ph, kh, h, include_pad)
+    wa, wb, wext = _avg_bounds(wo, sw, 0, kw, wd, include_pad)
+    per = max(1, planes // (16 * workers))  # planes per unit: about 16 units per worker
+    units = -(-planes // per)
+    for t in prange(workers):
+        q = np.empty(spare + m, xf.dtype)
+        _fill(q, spare, m, pad)
+        acc = np.empty(m, xf.dtype)
+        boff = np.empty(m, np.int32)
+        u = _next_block(counter)
+        while u < units:
+            for plane in range(u * per, min(planes, (u + 1) * per)):
+                x0, o0 = plane * h * wd, plane * ho * wo
+                for oh0 in range(ra, rb, fband):
+                    nb = min(fband, rb - oh0)
+                    ih0 = oh0 * sh - ph
+                    _deinterleave(xf, x0 + ih0 * wd, min(h - ih0, (nb - 1) * sh + reach + 1) * wd, sw, q, flen)
+                    lanes = _padded((nb - 1) * sh * wq + ob)
+                    for p in range(0, 3 * npass, 3):
+                        if is_max:
+                            _max_pass(q, shift[p], shift[p + 1], shift[p + 2], offset[p], offset[p + 1],
+                                      offset[p + 2], acc, boff, lanes, p == 0)
+                        else:
+                            _sum_pass(q, shift[p], shift[p + 1], shift[p + 2], acc, lanes, p == 0)
+                    for r in range(nb):
+                        lane, d = np.uint64(r * sh * wq), np.uint64(o0 + (oh0 + r) * wo)
+                        if is_max:
+                            base = (ih0 + r * sh) * wd
+                            for ow in range(np.uint64(ob)):
+                                of[d + ow] = acc[lane + ow]
+                                jf[d + ow] = base + np.int64(ow) * sw + boff[lane + ow]
+                        else:
+                            for ow in range(np.uint64(ob)):
+                                of[d + ow] = acc[lane + ow] / divisor
+                for oh in range(ho):
+                    first_col = ob if ra <= oh < rb else 0  # the windows not done above
+                    for ow in range(first_col, wo):
+                        o = np.uint64(o0 + oh * wo + ow)
+                        if is_max:
+                            of[o], jf[o] = _max_window(xf, x0, h, wd, oh * sh - ph, ow * sw, kh, kw, dh, dw)
+                        else:
+                            total = xf.dtype.type(0)
+                            for ih in range(ha[oh], hb[oh]):
+                                for iw in range(wa[ow], wb[ow]):
+                                    total += xf[np.uint64(x0 + ih * wd + iw)]
+                            div = hext[oh] * wext[ow]
+                            of[o] = total / xf.dtype.type(div) if div > 0 else xf.dtype.type(0)
+            u = _next_block(counter)
+
+
+@njit(**_POOL)
+def avg_pool2d_backward_flat(gy: np.ndarray, gx: np.ndarray, kh: int, kw: int, sh: int, sw: int, ph: int,
+                             include_pad: bool, workers: int, counter: np.ndarray) -> None:
+    """The adjoint of average pooling by the flat layout of :func:`pool2d_flat`, for windows
+    that do not overlap vertically (``kh <= sh``), so that every input row takes
+    contributions from one output row only.
+
+    Per band, the scaled gradients ``gy / (kh*kw)`` of the interior windows are laid out on
+    the band's lanes (0 on the spare ones), added into zeroed phase rows tap by tap, taps in
+    decreasing shift, so that each input element sums its windows in increasing output order
+    (PyTorch's order; adding the spare lanes' zeros changes nothing), and the phases are
+    interleaved back into the gradient rows.  Border windows (padding rows, ceil_mode
+    columns) are added one by one afterwards.  ``gx`` is written in full.
+
+    Parameters
+    ----------
+    gy : ndarray, (N, C, Ho, Wo)
+        Output gradient.
+    gx : ndarray, (N, C, H, W)
+        Input gradient; W a multiple of ``sw``, no column padding.
+    kh, kw, sh, sw, ph : int
+        Kernel size, stride and top padding (``kh <= sh``).
+    include_pad : bool
+        Whether padding counts in the divisor.
+    workers, counter
+        As for :func:`pool2d_flat`.
+    """
+    n, c, h, wd = gx.shape
+    ho, wo = gy.shape[2], gy.shape[3]
+    planes = n * c
+    yf, xf = gy.reshape(gy.size), gx.reshape(gx.size)
+    wq = wd // sw
+    reach = kh - 1
+    ra = min((ph + sh - 1) // sh, ho)
+    rb = max(min(ho, (h - 1 + ph - reach) // sh + 1) if h - 1 + ph >= reach else 0, ra)
+    ob = min(wo, (wd - kw) // sw + 1) if wd >= kw else 0
+    fband = max(1, min(rb - ra, _BAND // (sh * wq)))
+    m = _padded((fband - 1) * sh * wq + ob)
+    flen = _padded(max(m + reach * wq + (kw - 1) // sw, fband * sh * wq)) + _PAD
+    ntaps = kh * kw
+    shift = np.empty(ntaps, np.int64)  # in decreasing order: taps (i, j) from the last
+    for t in range(ntaps):
+        i, j = (ntaps - 1 - t) // kw, (ntaps - 1 - t) % kw
+        shift[t] = (j % sw) * flen + i * wq + j // sw
+    zero = xf.dtype.type(0)
+    divisor = xf.dtype.type(kh * kw)
+    ha, hb, hext = _avg_bounds(ho, sh, ph, kh, h, include_pad)
+    wa, wb, wext = _avg_bounds(wo, sw, 0, kw, wd, include_pad)
+    top = min(h, max(0, ra * sh - ph))  # input rows [top, bottom) are the bands'
+    bottom = min(h, max(top, rb * sh - ph))
+    per = max(1, planes // (16 * workers))
+    units = -(-planes // per)
+    for t in prange(workers):
+        q = np.empty(sw * flen, xf.dtype)
+        v = np.empty(m, xf.dtype)
+        u = _next_block(counter)
+        while u < units:
+            for plane in range(u * per, min(planes, (u + 1) * per)):
+                x0, y0 = plane * h * wd, plane * ho * wo
+                _fill(xf, x0, top * wd, zero)
+                _fill(xf, x0 + bottom * wd, (h - bottom) * wd, zero)
+                for oh0 in range(ra, rb, fband):
+                    nb = min(fband, rb - oh0)
+                    lanes = _padded((nb - 1) * sh * wq + ob)
+                    _fill(v, 0, lanes, zero)
+                    for r in range(nb):
+                        lane, s = np.uint64(r * sh * wq), np.uint64(y0 + (oh0 + r) * wo)
+                        for ow in range(np.uint64(ob)):
+                            v[lane + ow] = yf[s + ow] / divisor
+                    _fill(q, 0, sw * flen, zero)
+                    for tap in range(ntaps):
+                        d = np.uint64(shift[tap])
+                        for l in range(np.uint64(lanes)):
+                            q[d + l] += v[l]
+                    ih0 = oh0 * sh - ph
+                    _interleave(q, flen, sw, xf, x0 + ih0 * wd, min(nb * sh, h - ih0) * wd)
+                for oh in range(ho):  # the border windows, after the interior ones of their rows
+                    for ow in range(ob if ra <= oh < rb else 0, wo):
+                        div = hext[oh] * wext[ow]
+                        if div > 0:
+                            g = yf[np.uint64(y0 + oh * wo + ow)] / xf.dtype.type(div)
+                            for ih in range(ha[oh], hb[oh]):
+                                for iw in range(wa[ow], wb[ow]):
+                                    xf[np.uint64(x0 + ih * wd + iw)] += g
+            u = _next_block(counter)
+
+
+@njit(inline="always", **_SERIAL)
+def _interleave(q: np.ndarray, flen: int, sw: int, xf: np.ndarray, x0: int, count: int) -> None:
+    """The inverse of :func:`_deinterleave`: xf[x0 + k*sw + b] = q[b*flen + k] for
+    k*sw + b < count (``count`` a multiple of ``sw``)."""
+    x, n = np.uint64(x0), np.uint64(count // sw)
+    if sw == 2:
+        f = np.uint64(flen)
+        for k in range(n):
+            xf[x + np.uint64(2) * k] = q[k]
+            xf[x + np.uint64(2) * k + np.uint64(1)] = q[f + k]
+    else:
+        for b in range(np.uint64(sw)):
+            for k in range(n):
+                xf[x + k * np.uint64(sw) + b] = q[b * np.uint64(flen) + k]
