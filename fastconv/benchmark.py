@@ -673,7 +673,7 @@ def run(args: argparse.Namespace) -> int:
     names = _names(args.backends, list(_dispatch.REGISTRY), "backend") or usable
     missing = [n for n in names if n not in usable]
     if missing:
-        print(f"fastconv bench: skipping unavailable backends: "
+        print("fastconv bench: skipping unavailable backends: "
               + "; ".join(f"{n} ({available[n]['reason']})" for n in missing), file=sys.stderr)
     backends = {n: _dispatch._load(n) for n in names if n in usable}
     if not backends:

@@ -8,7 +8,6 @@ from typing import Any, NamedTuple, Sequence, Union
 import numpy as np
 
 from . import _args, _dispatch
-from ._args import is_device_array
 
 ArrayLike = Any
 IntOrPair = Union[int, tuple[int, int]]

@@ -6,15 +6,15 @@ rows deinterleaved once, taps as long vector loops, border windows one by one) o
 general row-by-row kernels; the average-pooling gradient of windows that do not overlap
 vertically runs the flat layout in reverse (``avg_pool2d_backward_flat``), and the
 max-pooling gradient goes by whole planes or, for planes over 16 KiB, output row by output
-row (falling back to the whole plane when an index lies outside its window's rows).  The geometries, inputs and the guard-page script are those of
-the Cython pooling tests (``test_cython_pool.py``), which are chosen to drive the same
-distinctions; here they run on the numba backend.
+row (falling back to the whole plane when an index lies outside its window's rows).
+
+The geometries, inputs and the guard-page script are those of the Cython pooling tests
+(``test_cython_pool.py``), which are chosen to drive the same distinctions; here they run
+on the numba backend.
 """
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 
 import numpy as np
@@ -24,6 +24,7 @@ pytest.importorskip("numba")
 
 import fastconv  # noqa: E402
 from fastconv._args import PoolGeometry  # noqa: E402
+from conftest import python_child  # noqa: E402
 from test_cython_pool import GEOMETRIES, GUARD_SCRIPT, TOL, _kw, _num_threads, rel_err, special_input  # noqa: E402
 
 
@@ -177,6 +178,5 @@ def test_no_access_past_the_arrays():
     (the flat path reads whole bands of rows, the last one ending at the array's end)."""
     script = GUARD_SCRIPT.replace('backend="cython"', 'backend="numba"')
     assert 'backend="cython"' not in script
-    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
-                       env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+    r = python_child(["-c", script], timeout=600)
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), (r.returncode, r.stdout[-2000:], r.stderr[-4000:])

@@ -16,7 +16,6 @@ The result says which source it used (:attr:`MnistData.source`).
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import http.client
 import importlib.util

@@ -31,7 +31,7 @@ import numpy as np  # noqa: E402
 
 from ... import _config  # noqa: E402
 from ... import _winograd as wino  # noqa: E402
-from ..._args import ConvGeometry, PoolGeometry  # noqa: E402
+from ..._args import ConvGeometry  # noqa: E402
 from ..base import Backend, input_grad_kernel  # noqa: E402
 from . import _direct, _im2col, _pool, _winograd  # noqa: E402
 

@@ -295,7 +295,7 @@ def _is_flat_pool(p: PoolGeometry, dilation: tuple[int, int]) -> bool:
     """Whether :func:`_kernels.pool2d_flat` covers the pooling ``p`` (with ``dilation``): W a
     multiple of the column stride, no column padding, windows no wider than the plane and
     no taller than the plane with its top padding, every tap offset within 32 bits."""
-    (kh, kw), (sh, sw), (dh, dw) = p.kernel, p.stride, dilation
+    (kh, kw), (_, sw), (dh, dw) = p.kernel, p.stride, dilation
     reach_h, reach_w = (kh - 1) * dh, (kw - 1) * dw
     return (p.padding[1] == 0 and p.w % sw == 0 and p.w > reach_w and p.h + p.padding[0] > reach_h
             and reach_h * p.w + reach_w < 2**31 and p.n * p.c > 0 and p.out_h * p.out_w > 0)
