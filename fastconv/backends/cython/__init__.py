@@ -30,8 +30,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import numpy as np  # noqa: E402
 
 from ... import _config  # noqa: E402
-from ... import _winograd as wino  # noqa: E402
 from ..._args import ConvGeometry  # noqa: E402
+from .._winograd_passes import WinogradPasses  # noqa: E402
 from ..base import Backend, input_grad_kernel  # noqa: E402
 from . import _direct, _im2col, _pool, _winograd  # noqa: E402
 
@@ -142,7 +142,7 @@ def _flat3x3(out_h: int, out_w: int, g: ConvGeometry, cin: int, nt: int) -> tupl
     return np.empty((threads, cin * plane), g.dtype), np.empty((threads, stage), g.dtype)
 
 
-class CythonBackend(Backend):
+class CythonBackend(WinogradPasses, Backend):
     """Direct and im2col+BLAS convolutions, and pooling, compiled with Cython."""
 
     name = "cython"
@@ -166,57 +166,27 @@ class CythonBackend(Backend):
         return "threads" if nt == 1 or g.n >= nt else "batched"
 
     # ----------------------------------------------------------------- winograd
-    @staticmethod
-    def _winograd_plan(op: str, g: ConvGeometry) -> wino.Plan:
-        p = wino.plan_for(op, g, _threads(g.flops // 2), _config.get_workspace_limit())
-        if isinstance(p, str):  # the dispatcher checked; only a direct caller gets here
-            raise ValueError(f"{op}(): algorithm 'winograd' needs {p}")
-        return p
+    def _winograd_threads(self, g):
+        return _threads(g.flops // 2)
 
-    @staticmethod
-    def _winograd_forward(x, u, bias, out, p: wino.Plan, pt: int, pl: int) -> bool:
-        """The tiled forward pass (also the input gradient, with the rotated kernel).
-        Returns whether every output is finite.  The caller holds single-threaded BLAS."""
+    def _winograd_forward(self, x, u, bias, out, p, pt, pl):
         vb, mb, sc, ln = p.buffers(out.dtype)
         checks = np.zeros(p.threads, out.dtype)
         _winograd.forward(x, u, bias, out, vb, mb, sc, ln, checks, p.hs, p.ws, pt, pl, p.d, p.tb, p.vstride, p.mstride)
         return not checks.any()
 
-    def _winograd_conv2d(self, x, weight, bias, g):
-        p = self._winograd_plan("conv2d", g)
-        out = np.empty(g.output_shape, g.dtype)
-        u = wino.transform_weight(weight, p.t, g.groups, g.dtype)
-        if self._winograd_forward(x, u, bias, out, p, g.padding[0], g.padding[2]):
-            return out
-        return self.conv2d(x, weight, bias, g, "im2col")  # Inf/NaN: keep the direct semantics
-
-    def _winograd_backward_input(self, grad_out, weight, g):
-        p = self._winograd_plan("conv2d_backward_input", g)
-        gx = np.empty(g.input_shape, g.dtype)
-        u = wino.transform_weight(input_grad_kernel(weight, g.groups), p.t, g.groups, g.dtype)
-        reach = 2 * g.dilation[0]
-        if self._winograd_forward(grad_out, u, np.zeros(g.c, g.dtype), gx, p, reach - g.padding[0],
-                                  reach - g.padding[2]):
-            return gx
-        return self.conv2d_backward_input(grad_out, weight, g, "im2col")
-
-    def _winograd_backward_weight(self, grad_out, x, g):
-        p = self._winograd_plan("conv2d_backward_weight", g)
+    def _winograd_weight_sum(self, grad_out, x, p, g):
         vb, mb, sc, ln = p.buffers(g.dtype)
         partial = np.zeros((p.threads, g.groups, p.t.a**2, g.k_per_group, g.c_per_group), g.dtype)
         _winograd.backward_weight(grad_out, x, partial, vb, mb, sc, ln, p.hs, p.ws, g.padding[0], g.padding[2],
                                   p.d, p.tb, p.vstride, p.mstride)
-        gw = wino.weight_gradient(_sum_partials(partial, dtype=np.float64), p.t, g.dtype)
-        if np.isfinite(gw).all():
-            return gw
-        return self.conv2d_backward_weight(grad_out, x, g, "im2col")
+        return _sum_partials(partial, dtype=np.float64)
 
     # ----------------------------------------------------------------- conv
     def conv2d(self, x, weight, bias, g, algorithm):
+        if algorithm == "winograd":
+            return self.winograd_conv2d(x, weight, bias, g)
         b = np.zeros(g.k, g.dtype) if bias is None else bias
-        if algorithm == "winograd":  # BLAS stays single-threaded for the whole call (see _config)
-            with _config.single_threaded_blas():
-                return self._winograd_conv2d(x, weight, b, g)
         out = np.empty(g.output_shape, g.dtype)
         nt = _threads(g.flops // 2)
         w2 = weight.reshape(g.k, -1)
@@ -241,8 +211,7 @@ class CythonBackend(Backend):
 
     def conv2d_backward_input(self, grad_out, weight, g, algorithm):
         if algorithm == "winograd":
-            with _config.single_threaded_blas():
-                return self._winograd_backward_input(grad_out, weight, g)
+            return self.winograd_backward_input(grad_out, weight, g)
         gx = np.zeros(g.input_shape, g.dtype)
         nt = _threads(g.flops // 2)
         w2 = weight.reshape(g.k, -1)
@@ -270,8 +239,7 @@ class CythonBackend(Backend):
 
     def conv2d_backward_weight(self, grad_out, x, g, algorithm):
         if algorithm == "winograd":
-            with _config.single_threaded_blas():
-                return self._winograd_backward_weight(grad_out, x, g)
+            return self.winograd_backward_weight(grad_out, x, g)
         gw = np.zeros(g.weight_shape, g.dtype)
         nt = _threads(g.flops // 2)
         gw2 = gw.reshape(g.k, -1)
@@ -328,11 +296,6 @@ class CythonBackend(Backend):
         return gx
 
     # ----------------------------------------------------------------- selection
-    def unsupported(self, algorithm: str, op: str, g: ConvGeometry) -> str | None:
-        if algorithm == "winograd":
-            return wino.unsupported(op, g, _config.get_workspace_limit())
-        return None
-
     def default_algorithm(self, op: str, g: ConvGeometry) -> str:
         """Winograd for 3x3 stride-1 layers with at least 8 channels in and out per group, else
         im2col + GEMM unless the GEMM would be degenerate.

@@ -53,7 +53,8 @@ import numpy as np  # noqa: E402
 
 from ... import _config  # noqa: E402
 from ..._args import ConvGeometry, PoolGeometry  # noqa: E402
-from ..base import Backend, input_grad_kernel  # noqa: E402
+from .._winograd_passes import WinogradPasses  # noqa: E402
+from ..base import Backend  # noqa: E402
 from ... import _winograd as wino  # noqa: E402
 from . import _kernels  # noqa: E402
 from . import _winograd as _wk  # noqa: E402
@@ -273,14 +274,6 @@ WINOGRAD_MIN_CHANNELS = 8
 WINOGRAD_MIN_WIDE_INPUTS = 16
 WINOGRAD_MIN_OUTPUTS = 4
 
-def _winograd_plan(op: str, g: ConvGeometry) -> wino.Plan:
-    """The :class:`fastconv._winograd.Plan` of one pass (the dispatcher has checked it fits)."""
-    p = wino.plan_for(op, g, _threads(g), _config.get_workspace_limit())
-    if isinstance(p, str):  # only a direct caller of the backend gets here
-        raise ValueError(f"{op}(): algorithm 'winograd' needs {p}")
-    return p
-
-
 
 
 
@@ -309,19 +302,13 @@ def _pool_workers(p: PoolGeometry) -> int:
     return max(1, min(_config.get_num_threads(), numba.config.NUMBA_NUM_THREADS, p.n * p.c))
 
 
-class NumbaBackend(Backend):
+class NumbaBackend(WinogradPasses, Backend):
     """Numba kernels (see the module docstring)."""
 
     name = "numba"
     algorithms = ("direct", "im2col", "winograd")
 
     # ------------------------------------------------------------------ selection
-    def unsupported(self, algorithm: str, op: str, g: ConvGeometry) -> str | None:
-        """Winograd's limits (3x3, stride 1, equal dilations, workspace); None otherwise."""
-        if algorithm == "winograd":
-            return wino.unsupported(op, g, _config.get_workspace_limit())
-        return None
-
     def default_algorithm(self, op: str, g: ConvGeometry) -> str:
         """Winograd for the 3x3 stride-1 layers it can run with at least
         :data:`WINOGRAD_MIN_CHANNELS` channels per group in and out, or at least
@@ -349,32 +336,11 @@ class NumbaBackend(Backend):
         return "im2col"
 
     # ------------------------------------------------------------------ winograd
-    @staticmethod
-    def _winograd_forward(x: np.ndarray, u: np.ndarray, bias: np.ndarray, out: np.ndarray, p: wino.Plan,
+    def _winograd_threads(self, g: ConvGeometry) -> int:
+        return _threads(g)
+
+    def _winograd_forward(self, x: np.ndarray, u: np.ndarray, bias: np.ndarray, out: np.ndarray, p: wino.Plan,
                           pt: int, pl: int) -> bool:
-        """The tiled forward pass into ``out`` (also the input gradient, with the rotated
-        kernel and padding ``2*d - pad``).
-
-        Parameters
-        ----------
-        x : ndarray
-            The pass's input (the layer input, or ``grad_out`` for the input gradient).
-        u : ndarray, (groups, 36, cout, cin)
-            Transformed weights.
-        bias : ndarray
-            One value per output channel.
-        out : ndarray
-            Written in full.
-        p : fastconv._winograd.Plan
-            Tiles, block size, worker count and buffer strides.
-        pt, pl : int
-            Top / left padding of the pass (negative allowed).
-
-        Returns
-        -------
-        bool
-            Whether every output is finite (otherwise the caller recomputes with im2col).
-        """
         vb, mb, sc, ln = p.buffers(out.dtype)
         checks = np.zeros(p.threads, out.dtype)
         counter = np.zeros(1, np.int64)
@@ -382,28 +348,8 @@ class NumbaBackend(Backend):
                           p.vstride, p.mstride, threads=p.threads)
         return not checks.any()
 
-    def _winograd_conv2d(self, x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None,
-                         g: ConvGeometry) -> np.ndarray:
-        p = _winograd_plan("conv2d", g)
-        out = np.empty(g.output_shape, g.dtype)
-        u = wino.transform_weight(weight, p.t, g.groups, g.dtype)
-        b = np.zeros(g.k, g.dtype) if bias is None else bias
-        if self._winograd_forward(x, u, b, out, p, g.padding[0], g.padding[2]):
-            return out
-        return self.conv2d(x, weight, bias, g, "im2col")  # Inf/NaN: keep the direct semantics
-
-    def _winograd_backward_input(self, grad_out: np.ndarray, weight: np.ndarray, g: ConvGeometry) -> np.ndarray:
-        p = _winograd_plan("conv2d_backward_input", g)
-        gx = np.empty(g.input_shape, g.dtype)
-        u = wino.transform_weight(input_grad_kernel(weight, g.groups), p.t, g.groups, g.dtype)
-        reach = 2 * g.dilation[0]
-        if self._winograd_forward(grad_out, u, np.zeros(g.c, g.dtype), gx, p, reach - g.padding[0],
-                                  reach - g.padding[2]):
-            return gx
-        return self.conv2d_backward_input(grad_out, weight, g, "im2col")
-
-    def _winograd_backward_weight(self, grad_out: np.ndarray, x: np.ndarray, g: ConvGeometry) -> np.ndarray:
-        p = _winograd_plan("conv2d_backward_weight", g)
+    def _winograd_weight_sum(self, grad_out: np.ndarray, x: np.ndarray, p: wino.Plan,
+                             g: ConvGeometry) -> np.ndarray:
         vb, mb, sc, ln = p.buffers(g.dtype)
         kg, cg = g.k_per_group, g.c_per_group
         partial = np.zeros((p.threads, g.groups, p.t.a**2, kg, cg), g.dtype)
@@ -411,18 +357,13 @@ class NumbaBackend(Backend):
         counter = np.zeros(1, np.int64)
         _winograd_backward_weight(grad_out, x, partial, prod, vb, mb, sc, ln, counter, p.hs, p.ws, g.padding[0],
                                   g.padding[2], p.d, p.tb, p.vstride, p.mstride, threads=p.threads)
-        with np.errstate(invalid="ignore", over="ignore"):  # Inf/NaN input: recomputed below
-            du = partial.sum(axis=0, dtype=np.float64)
-        gw = wino.weight_gradient(du, p.t, g.dtype)
-        if np.isfinite(gw).all():
-            return gw
-        return self.conv2d_backward_weight(grad_out, x, g, "im2col")
+        with np.errstate(invalid="ignore", over="ignore"):  # Inf/NaN input: recomputed with im2col
+            return partial.sum(axis=0, dtype=np.float64)
 
     # ------------------------------------------------------------------ conv
     def conv2d(self, x, weight, bias, g, algorithm):
-        if algorithm == "winograd":  # BLAS stays single-threaded for the whole call (see _config)
-            with _config.single_threaded_blas():
-                return self._winograd_conv2d(x, weight, bias, g)
+        if algorithm == "winograd":
+            return self.winograd_conv2d(x, weight, bias, g)
         out = np.empty(g.output_shape, dtype=g.dtype)
         b = np.zeros(g.k, dtype=g.dtype) if bias is None else bias
         if algorithm == "direct":
@@ -435,9 +376,8 @@ class NumbaBackend(Backend):
         return out
 
     def conv2d_backward_input(self, grad_out, weight, g, algorithm):
-        if algorithm == "winograd":  # BLAS stays single-threaded for the whole call (see _config)
-            with _config.single_threaded_blas():
-                return self._winograd_backward_input(grad_out, weight, g)
+        if algorithm == "winograd":
+            return self.winograd_backward_input(grad_out, weight, g)
         gx = np.empty(g.input_shape, dtype=g.dtype)
         if algorithm == "direct":
             _conv2d_backward_input_direct(grad_out, weight, gx, *_conv_params(g), g.groups)
@@ -448,9 +388,8 @@ class NumbaBackend(Backend):
         return gx
 
     def conv2d_backward_weight(self, grad_out, x, g, algorithm):
-        if algorithm == "winograd":  # BLAS stays single-threaded for the whole call (see _config)
-            with _config.single_threaded_blas():
-                return self._winograd_backward_weight(grad_out, x, g)
+        if algorithm == "winograd":
+            return self.winograd_backward_weight(grad_out, x, g)
         gw = np.empty(g.weight_shape, dtype=g.dtype)
         if algorithm == "direct":
             _conv2d_backward_weight_direct(grad_out, x, gw, *_conv_params(g), g.groups)
