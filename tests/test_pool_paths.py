@@ -216,6 +216,80 @@ def test_max_backward_any_indices(h, w, backend):
     assert rel_err(gx, ref) <= 1e-12
 
 
+#: rows narrower than a window, windows wider than the padded row, one-row planes
+NARROW = [
+    ((4, 3), (2, 3), (1, 1), (1, 1), True, 8, 1),
+    ((3, 3), (3, 3), (1, 1), (1, 1), True, 5, 2),
+    ((2, 4), (1, 4), (1, 2), (1, 1), False, 1, 3),
+    ((3, 2), (2, 2), (1, 1), (1, 1), True, 2, 1),
+]
+
+
+class _GuardedNumpy:
+    """NumPy, except that ``empty`` and ``zeros`` return arrays with ``MARGIN`` guard elements
+    of a known byte pattern on both sides: any write past an output or a workspace the
+    backend allocates changes them."""
+
+    MARGIN = 64
+    PATTERN = 0xA5
+
+    def __init__(self):
+        self.buffers = []
+
+    def __getattr__(self, name):
+        return getattr(np, name)
+
+    def _guarded(self, shape, dtype=float, fill=None):
+        dtype = np.dtype(dtype)
+        size = int(np.prod(shape))
+        buf = np.empty(size + 2 * self.MARGIN, dtype)
+        buf.view(np.uint8)[:] = self.PATTERN
+        self.buffers.append(buf)
+        a = buf[self.MARGIN:self.MARGIN + size].reshape(shape)
+        if fill is not None:
+            a[...] = fill
+        return a
+
+    def empty(self, shape, dtype=float):
+        return self._guarded(shape, dtype)
+
+    def zeros(self, shape, dtype=float):
+        return self._guarded(shape, dtype, 0)
+
+    def untouched(self) -> bool:
+        m = self.MARGIN
+        return all((b[:m].view(np.uint8) == self.PATTERN).all() and (b[-m:].view(np.uint8) == self.PATTERN).all()
+                   for b in self.buffers)
+
+
+@pytest.mark.parametrize("g", GEOMETRIES + FLAT_BACKWARD + NARROW,
+                         ids=[f"g{i}" for i in range(len(GEOMETRIES) + len(FLAT_BACKWARD) + len(NARROW))])
+def test_no_writes_past_the_outputs(g, backend, monkeypatch):
+    """Every output and workspace the backend allocates is followed and preceded by guard
+    elements; no pass may change them (spare vector lanes stay inside the arrays)."""
+    import importlib
+
+    guarded = _GuardedNumpy()
+    monkeypatch.setattr(importlib.import_module(f"fastconv.backends.{backend}"), "np", guarded)
+    rng = np.random.default_rng(g[5] * 13 + g[6])
+    for dtype in (np.float32, np.float64):
+        x = rng.standard_normal((2, 3, g[5], g[6])).astype(dtype)
+        out, idx = fastconv.max_pool2d(x, **_kw(g), return_indices=True, backend=backend)
+        ref, ridx = fastconv.max_pool2d(x, **_kw(g), return_indices=True, backend="reference")
+        np.testing.assert_array_equal(out, ref)
+        gy = rng.standard_normal(out.shape).astype(dtype)
+        gx = fastconv.max_pool2d_backward(gy, x, **_kw(g), indices=idx, backend=backend)
+        assert rel_err(gx, fastconv.max_pool2d_backward(gy, x, **_kw(g), indices=ridx, backend="reference")) <= TOL[dtype]
+        if g[3] == (1, 1):
+            kw = dict(_kw(g), count_include_pad=True)
+            del kw["dilation"]
+            a = fastconv.avg_pool2d(x, **kw, backend=backend)
+            assert rel_err(a, fastconv.avg_pool2d(x, **kw, backend="reference")) <= TOL[dtype]
+            ga = fastconv.avg_pool2d_backward(gy, x.shape, **kw, backend=backend)
+            assert rel_err(ga, fastconv.avg_pool2d_backward(gy, x.shape, **kw, backend="reference")) <= TOL[dtype]
+    assert guarded.buffers and guarded.untouched()
+
+
 def _max_backward_kernel(backend: str):
     """The backend's max-pooling gradient kernel, called as ``(gy, idx, gx)`` for 2x2/2 pooling."""
     if backend == "cython":

@@ -227,7 +227,7 @@ cdef inline void _phases_to_row(const floating* src, floating* row, const _Plan*
         for b in range(sw):
             for q in range(run):
                 dst[q * sw + b] = src[b * stride + qa + q]
-    for iw in range(max(qa * sw - pw, 0)):
+    for iw in range(min(max(qa * sw - pw, 0), g.W)):  # qa*sw - pw exceeds W on rows narrower than a window
         q = (iw + pw) // sw
         row[iw] = src[(iw + pw - q * sw) * stride + q] if q < g.Wp else zero
     for iw in range(max(g.qb * sw - pw, 0), g.W):
