@@ -83,3 +83,51 @@ def python_child(args: list[str], **kwargs):
     kwargs.setdefault("capture_output", True)
     kwargs.setdefault("text", True)
     return subprocess.run([sys.executable, *args], cwd=package_parent, **kwargs)
+
+
+class GuardedNumpy:
+    """NumPy, except that ``empty`` and ``zeros`` return arrays with ``MARGIN`` guard elements
+    of a known byte pattern on both sides: any write past an output or a workspace the
+    backend allocates changes them."""
+
+    MARGIN = 64
+    PATTERN = 0xA5
+
+    def __init__(self):
+        self.buffers = []
+
+    def __getattr__(self, name):
+        return getattr(np, name)
+
+    def _guarded(self, shape, dtype=float, fill=None):
+        dtype = np.dtype(dtype)
+        size = int(np.prod(shape))
+        buf = np.empty(size + 2 * self.MARGIN, dtype)
+        buf.view(np.uint8)[:] = self.PATTERN
+        self.buffers.append(buf)
+        a = buf[self.MARGIN:self.MARGIN + size].reshape(shape)
+        if fill is not None:
+            a[...] = fill
+        return a
+
+    def empty(self, shape, dtype=float):
+        return self._guarded(shape, dtype)
+
+    def zeros(self, shape, dtype=float):
+        return self._guarded(shape, dtype, 0)
+
+    def untouched(self) -> bool:
+        m = self.MARGIN
+        return all((b[:m].view(np.uint8) == self.PATTERN).all() and (b[-m:].view(np.uint8) == self.PATTERN).all()
+                   for b in self.buffers)
+
+
+def guard_allocations(monkeypatch, backend: str) -> GuardedNumpy:
+    """Make ``backend``'s adapter (and the Winograd code it shares) allocate every output and
+    workspace through a :class:`GuardedNumpy`; check ``.untouched()`` after the calls."""
+    import importlib
+
+    guarded = GuardedNumpy()
+    for module in (f"fastconv.backends.{backend}", "fastconv.backends._winograd_passes", "fastconv._winograd"):
+        monkeypatch.setattr(importlib.import_module(module), "np", guarded)
+    return guarded

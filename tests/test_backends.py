@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import fastconv
-from conftest import LAYOUTS, assert_close, backend_algorithms, host_backends, layout, unsupported
+from conftest import LAYOUTS, assert_close, backend_algorithms, guard_allocations, host_backends, layout, unsupported
 
 # (n, c, h, w, k, r, s, stride, padding, dilation, groups)
 GRID = [
@@ -100,6 +100,23 @@ def test_conv2d_forward_backward(backend, algorithm, index, dtype):
     for name in ("input", "weight", "bias"):
         assert getattr(g, name).dtype == dtype
         assert_close(getattr(g, name), getattr(grads, name), dtype)
+
+
+@pytest.mark.parametrize("backend,algorithm", [(b, a) for b, a in BACKEND_ALGOS if b in ("cython", "numba")])
+def test_conv2d_writes_nothing_past_its_arrays(backend, algorithm, monkeypatch):
+    """Guard elements around every output and workspace the adapter allocates stay untouched
+    (vector loops with spare lanes, row blocks and tiles must stay inside their arrays)."""
+    guarded = guard_allocations(monkeypatch, backend)
+    for index in range(len(CONFIGS)):
+        x, weight, bias, params, out, grad_out, grads = _conv_case(index, "float32")
+        if unsupported(backend, algorithm, "conv2d", x.shape, weight.shape, **params):
+            continue
+        kw = dict(params, backend=backend, algorithm=algorithm)
+        assert_close(fastconv.conv2d(x, weight, bias, **kw), out, np.float32)
+        g = fastconv.conv2d_backward(grad_out, x, weight, **kw)
+        for name in ("input", "weight", "bias"):
+            assert_close(getattr(g, name), getattr(grads, name), np.float32)
+    assert guarded.buffers and guarded.untouched()
 
 
 @pytest.mark.parametrize("backend,algorithm", BACKEND_ALGOS)

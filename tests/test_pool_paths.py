@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 
 import fastconv
-from conftest import python_child
+from conftest import guard_allocations, python_child
 from fastconv._args import PoolGeometry
 
 TOL = {np.float32: 1e-5, np.float64: 1e-12}
@@ -225,52 +225,12 @@ NARROW = [
 ]
 
 
-class _GuardedNumpy:
-    """NumPy, except that ``empty`` and ``zeros`` return arrays with ``MARGIN`` guard elements
-    of a known byte pattern on both sides: any write past an output or a workspace the
-    backend allocates changes them."""
-
-    MARGIN = 64
-    PATTERN = 0xA5
-
-    def __init__(self):
-        self.buffers = []
-
-    def __getattr__(self, name):
-        return getattr(np, name)
-
-    def _guarded(self, shape, dtype=float, fill=None):
-        dtype = np.dtype(dtype)
-        size = int(np.prod(shape))
-        buf = np.empty(size + 2 * self.MARGIN, dtype)
-        buf.view(np.uint8)[:] = self.PATTERN
-        self.buffers.append(buf)
-        a = buf[self.MARGIN:self.MARGIN + size].reshape(shape)
-        if fill is not None:
-            a[...] = fill
-        return a
-
-    def empty(self, shape, dtype=float):
-        return self._guarded(shape, dtype)
-
-    def zeros(self, shape, dtype=float):
-        return self._guarded(shape, dtype, 0)
-
-    def untouched(self) -> bool:
-        m = self.MARGIN
-        return all((b[:m].view(np.uint8) == self.PATTERN).all() and (b[-m:].view(np.uint8) == self.PATTERN).all()
-                   for b in self.buffers)
-
-
 @pytest.mark.parametrize("g", GEOMETRIES + FLAT_BACKWARD + NARROW,
                          ids=[f"g{i}" for i in range(len(GEOMETRIES) + len(FLAT_BACKWARD) + len(NARROW))])
 def test_no_writes_past_the_outputs(g, backend, monkeypatch):
     """Every output and workspace the backend allocates is followed and preceded by guard
     elements; no pass may change them (spare vector lanes stay inside the arrays)."""
-    import importlib
-
-    guarded = _GuardedNumpy()
-    monkeypatch.setattr(importlib.import_module(f"fastconv.backends.{backend}"), "np", guarded)
+    guarded = guard_allocations(monkeypatch, backend)
     rng = np.random.default_rng(g[5] * 13 + g[6])
     for dtype in (np.float32, np.float64):
         x = rng.standard_normal((2, 3, g[5], g[6])).astype(dtype)
