@@ -7,6 +7,7 @@ specialisations), so the grids below reuse them across many configurations.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -85,6 +86,38 @@ def test_conv_matches_reference(dtype, algorithm):
             got, want = getattr(ng, name), getattr(rg, name)
             assert got.dtype == dtype and got.shape == want.shape and got.flags.c_contiguous
             assert rel_err(got, want) <= TOL[dtype], (name, cfg)
+
+
+@contextlib.contextmanager
+def _threads(n: int):
+    before = fc.get_num_threads()
+    fc.set_num_threads(n)
+    try:
+        yield
+    finally:
+        fc.set_num_threads(before)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_flat_3x3_kernel(dtype, threads):
+    """The flat-plane 3x3 stride-1 direct kernel (forward, and the input gradient through the
+    rotated kernel): planes of several segments, padding beyond the kernel's reach (the input
+    gradient then crops), dilation, groups, more work units than workers."""
+    rng = np.random.default_rng(11)
+    for (n, c, h, w, k, pad, dil, groups) in [(3, 1, 64, 80, 4, 1, 1, 1), (2, 3, 70, 90, 6, (3, 5), (1, 2), 3),
+                                               (5, 2, 9, 7, 4, (0, 2), (2, 1), 2), (1, 1, 5, 200, 8, 0, 1, 1)]:
+        x = rng.standard_normal((n, c, h, w)).astype(dtype)
+        wt = rng.standard_normal((k, c // groups, 3, 3)).astype(dtype)
+        b = rng.standard_normal(k).astype(dtype)
+        kw = dict(padding=pad, dilation=dil, groups=groups)
+        with _threads(threads):
+            out = fc.conv2d(x, wt, b, **kw, backend="numba", algorithm="direct")
+            gy = rng.standard_normal(out.shape).astype(dtype)
+            gx = fc.conv2d_backward(gy, x, wt, **kw, backend="numba", algorithm="direct", need_weight=False,
+                                    need_bias=False).input
+        assert rel_err(out, fc.conv2d(x, wt, b, **kw, backend="reference")) <= TOL[dtype]
+        assert rel_err(gx, fc.conv2d_backward(gy, x, wt, **kw, backend="reference").input) <= TOL[dtype]
 
 
 @pytest.mark.parametrize("algorithm", ["direct", "im2col"])
@@ -402,9 +435,9 @@ def test_second_process_loads_from_cache(tmp_path):
         import fastconv.backends.numba as nb
         x = np.ones((1, 2, 8, 8), np.float32)
         fc.max_pool2d(x, 2, backend="numba")  # the flat path
-        fc.conv2d(x, np.ones((3, 2, 3, 3), np.float32), backend="numba", algorithm="direct")
+        fc.conv2d(x, np.ones((3, 2, 3, 3), np.float32), backend="numba", algorithm="direct")  # flat 3x3
         fc.conv2d(x, np.ones((3, 2, 3, 3), np.float32), backend="numba", algorithm="winograd")
-        stats = [nb._kernels.pool2d_flat.stats, nb._kernels.conv2d_direct.stats, nb._wk.winograd_forward.stats]
+        stats = [nb._kernels.pool2d_flat.stats, nb._kernels.conv2d_direct3x3.stats, nb._wk.winograd_forward.stats]
         print(json.dumps({"times": nb.compile_times(),
                           "hits": sum(sum(s.cache_hits.values()) for s in stats),
                           "misses": sum(sum(s.cache_misses.values()) for s in stats)}))
@@ -414,5 +447,5 @@ def test_second_process_loads_from_cache(tmp_path):
     assert first["misses"] == 3 and first["hits"] == 0
     assert second["hits"] == 3 and second["misses"] == 0
     assert (set(first["times"]) == set(second["times"])
-            == {"pool2d_flat[float32]", "conv2d_direct[float32]", "winograd_forward[float32]"})
+            == {"pool2d_flat[float32]", "conv2d_direct3x3[float32]", "winograd_forward[float32]"})
     assert sum(second["times"].values()) < sum(first["times"].values())

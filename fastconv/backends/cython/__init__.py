@@ -32,7 +32,7 @@ import numpy as np  # noqa: E402
 from ... import _config  # noqa: E402
 from ..._args import ConvGeometry  # noqa: E402
 from .._winograd_passes import WinogradPasses  # noqa: E402
-from ..base import Backend, input_grad_kernel  # noqa: E402
+from ..base import Backend, flat3x3_buffers, flat3x3_preferred, input_grad_kernel  # noqa: E402
 from . import _direct, _im2col, _pool, _winograd  # noqa: E402
 
 import scipy.linalg  # noqa: E402,F401  (loads the BLAS behind cython_blas, so the thread limit reaches it)
@@ -128,18 +128,8 @@ class _Workspace:
 
 
 def _flat3x3(out_h: int, out_w: int, g: ConvGeometry, cin: int, nt: int) -> tuple[np.ndarray, np.ndarray] | None:
-    """Per-thread (xpad, stage) buffers of ``_direct.forward3x3`` for a pass producing out_h x out_w
-    planes from ``cin`` channels per group, or None when that kernel should not run: not 3x3
-    stride 1, fewer (image, group) work units than threads (the row kernels split finer), or
-    buffers over the workspace limit."""
-    if (g.r, g.s) != (3, 3) or g.stride != (1, 1) or (g.n * g.groups < nt and nt > 1):
-        return None
-    hp, wp, plane = _direct.flat_plane(out_h, out_w, *g.dilation)
-    stage = max(_direct.FLAT_SEGMENT, wp)
-    threads = min(nt, g.n * g.groups)
-    if threads * (cin * plane + stage) * g.dtype.itemsize > _config.get_workspace_limit():
-        return None
-    return np.empty((threads, cin * plane), g.dtype), np.empty((threads, stage), g.dtype)
+    """The buffers of ``_direct.forward3x3`` (see :func:`fastconv.backends.base.flat3x3_buffers`)."""
+    return flat3x3_buffers(out_h, out_w, g, cin, nt, _direct.FLAT_SEGMENT, _config.get_workspace_limit())
 
 
 class CythonBackend(WinogradPasses, Backend):
@@ -317,9 +307,8 @@ class CythonBackend(WinogradPasses, Backend):
             return "winograd"
         if g.c_per_group == 1 and g.k_per_group <= 4:
             return "direct"
-        if (op != "conv2d_backward_weight" and g.c_per_group == 1 and g.k_per_group <= 8
-                and (g.r, g.s) == (3, 3) and g.stride == (1, 1)):
-            return "direct"  # the flat 3x3 kernel (stripe-c1: 0.54 vs 0.68 ms forward, one thread)
+        if flat3x3_preferred(op, g):
+            return "direct"  # the flat 3x3 kernel
         return "im2col"
 
     def info(self) -> dict[str, Any]:

@@ -239,19 +239,12 @@ cdef inline void _taps3x3(floating* acc, const floating* xp, const floating* wk,
                        + w5 * x1[f + 2 * b] + w6 * x2[f] + w7 * x2[f + b] + w8 * x2[f + 2 * b])
 
 
-def flat_plane(Py_ssize_t Ho, Py_ssize_t Wo, Py_ssize_t dh, Py_ssize_t dw):
-    """(Hp, Wp, plane): padded rows and row length of a 3x3 stride-1 pass producing Ho x Wo, and the
-    floats per padded plane including the slack that the last row's extra columns read."""
-    cdef Py_ssize_t Hp = Ho + 2 * dh, Wp = Wo + 2 * dw
-    return Hp, Wp, Hp * Wp + 2 * dw
-
-
 def forward3x3(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] w, const floating[::1] bias,
                floating[:, :, :, ::1] out, floating[:, ::1] xpad, floating[:, ::1] stage,
                Py_ssize_t pt, Py_ssize_t pl, Py_ssize_t dh, Py_ssize_t dw, Py_ssize_t groups):
     """3x3 stride-1 convolution on ``xpad.shape[0]`` threads, one (image, group) per work unit.
 
-    Per thread: ``xpad`` holds the group's Cg padded planes (``flat_plane`` floats each),
+    Per thread: ``xpad`` holds the group's Cg padded planes (sizes: ``fastconv.backends.base.flat3x3_buffers``),
     ``stage`` at least max(SEGMENT, Wp) accumulators.  ``pt`` / ``pl`` may be negative (the
     input gradient runs this with padding 2*dil - pad).
     """

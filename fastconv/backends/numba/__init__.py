@@ -54,7 +54,7 @@ import numpy as np  # noqa: E402
 from ... import _config  # noqa: E402
 from ..._args import ConvGeometry, PoolGeometry  # noqa: E402
 from .._winograd_passes import WinogradPasses  # noqa: E402
-from ..base import Backend  # noqa: E402
+from ..base import Backend, flat3x3_buffers, flat3x3_preferred, input_grad_kernel  # noqa: E402
 from ... import _winograd as wino  # noqa: E402
 from . import _kernels  # noqa: E402
 from . import _winograd as _wk  # noqa: E402
@@ -137,6 +137,7 @@ def _threadsafe() -> bool:
 
 
 _conv2d_direct = _kernel("conv2d_direct", 3)
+_conv2d_direct3x3 = _kernel("conv2d_direct3x3", 3)
 _conv2d_backward_input_direct = _kernel("conv2d_backward_input_direct", 2)
 _conv2d_backward_weight_direct = _kernel("conv2d_backward_weight_direct", 2)
 _conv2d_backward_bias = _kernel("conv2d_backward_bias", 1)
@@ -210,6 +211,11 @@ def _threads(g: ConvGeometry) -> int:
     if g.flops // 2 < _SERIAL_WORK:
         return 1
     return max(1, min(_config.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+
+
+def _flat3x3(out_h: int, out_w: int, g: ConvGeometry, cin: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """The buffers of ``_kernels.conv2d_direct3x3`` (see :func:`fastconv.backends.base.flat3x3_buffers`)."""
+    return flat3x3_buffers(out_h, out_w, g, cin, _threads(g), _kernels.FLAT_SEGMENT, _config.get_workspace_limit())
 
 
 class _ThreadPlan:
@@ -323,7 +329,9 @@ class NumbaBackend(WinogradPasses, Backend):
         400x8x8x8 and 2.3 on the stripe-c2 layer, 0.85-1.0 on 14x14 and 32x32 planes), 12 in
         and out 1.0-3.0, 16 in and out 1.2-3.3; with 4 outputs 16 inputs give 1.04-1.37, 32
         inputs 2-3, 8 or 12 inputs 0.74-1.17; 4 or 6 inputs lose (0.5-0.99) whatever the
-        outputs.  (The Cython backend uses the first rule alone.)  im2col beat direct on every
+        outputs.  (The Cython backend uses the first rule alone.)  One-channel 3x3 stride-1
+        layers with few outputs run the flat-plane direct kernel
+        (:func:`fastconv.backends.base.flat3x3_preferred`); im2col beat direct on every
         other layer of the benchmark suite, C = 1 or 3 first layers included.
         """
         cin, cout = g.c_per_group, g.k_per_group
@@ -331,7 +339,7 @@ class NumbaBackend(WinogradPasses, Backend):
                                                           and cout >= WINOGRAD_MIN_OUTPUTS)
         if wide and self.unsupported("winograd", op, g) is None:
             return "winograd"
-        if cin == 1 and cout <= 4:
+        if cin == 1 and cout <= 4 or flat3x3_preferred(op, g):
             return "direct"
         return "im2col"
 
@@ -367,7 +375,11 @@ class NumbaBackend(WinogradPasses, Backend):
         out = np.empty(g.output_shape, dtype=g.dtype)
         b = np.zeros(g.k, dtype=g.dtype) if bias is None else bias
         if algorithm == "direct":
-            _conv2d_direct(x, weight, b, out, *_conv_params(g), g.groups)
+            if (flat := _flat3x3(g.out_h, g.out_w, g, g.c_per_group)) is not None:
+                _conv2d_direct3x3(x, weight, b, out, *flat, np.zeros(1, np.int64), g.padding[0], g.padding[2],
+                                  *g.dilation, g.groups, threads=flat[0].shape[0])
+            else:
+                _conv2d_direct(x, weight, b, out, *_conv_params(g), g.groups)
             return out
         plan = _ThreadPlan(g, "forward")
         with plan.blas():
@@ -380,7 +392,13 @@ class NumbaBackend(WinogradPasses, Backend):
             return self.winograd_backward_input(grad_out, weight, g)
         gx = np.empty(g.input_shape, dtype=g.dtype)
         if algorithm == "direct":
-            _conv2d_backward_input_direct(grad_out, weight, gx, *_conv_params(g), g.groups)
+            if (flat := _flat3x3(g.h, g.w, g, g.k_per_group)) is not None:
+                # the input gradient is the forward pass of grad_out with the rotated kernel
+                _conv2d_direct3x3(grad_out, input_grad_kernel(weight, g.groups), np.zeros(g.c, g.dtype), gx, *flat,
+                                  np.zeros(1, np.int64), 2 * g.dilation[0] - g.padding[0],
+                                  2 * g.dilation[1] - g.padding[2], *g.dilation, g.groups, threads=flat[0].shape[0])
+            else:
+                _conv2d_backward_input_direct(grad_out, weight, gx, *_conv_params(g), g.groups)
             return gx
         plan = _ThreadPlan(g, "input")
         with plan.blas():

@@ -133,6 +133,94 @@ def conv2d_direct(x, w, bias, out, sh, sw, top, left, dh, dw, groups):
                     _axpy(of, o0 + lo, 1, xf, x0 + lo * sw + s * dw - left, sw, wf[w0 + s], his[s] - lo)
 
 
+# --------------------------------------------------------------------------- 3x3, stride 1
+# The common 3x3 stride-1 case on flat planes, as in the Cython backend: with the input
+# zero-padded to rows of Wp = Wo + 2*dw, output (oh, ow) is flat f = oh*Wp + ow and tap (r, s)
+# reads input f + r*dh*Wp + s*dw, a constant offset, so the nine taps are one straight-line
+# expression per output that LLVM vectorises with the sum in a register.  The 2*dw extra
+# columns per row are computed and dropped; outputs go in L1-sized segments of whole rows.
+
+#: flat outputs accumulated at a time (16 KiB of float32); a worker's stage holds at least
+#: this many and at least one padded row
+FLAT_SEGMENT = 4096
+
+
+@njit(inline="always", **_SERIAL)
+def _pad_planes(xf, s0, planes, h, wd, pt, pl, hp, wp, plane, dst):
+    """dst[p*plane + i*wp + j] = x[s0 + (p*h + i - pt)*wd + j - pl] (0 outside the h x wd
+    planes), zeros in the slack after each plane; ``pt`` / ``pl`` may be negative."""
+    zero = dst.dtype.type(0)
+    lo = min(max(pl, 0), wp)
+    hi = max(min(wd + pl, wp), lo)
+    for p in range(planes):
+        for i in range(hp):
+            d0 = p * plane + i * wp
+            ih = i - pt
+            if ih < 0 or ih >= h:
+                _fill(dst, d0, wp, zero)
+                continue
+            _fill(dst, d0, lo, zero)
+            _copy(dst, d0 + lo, xf, s0 + (p * h + ih) * wd + lo - pl, 1, hi - lo)
+            _fill(dst, d0 + hi, wp - hi, zero)
+        _fill(dst, p * plane + hp * wp, plane - hp * wp, zero)
+
+
+@njit(inline="always", **_SERIAL_MATH)
+def _taps3x3(acc, xp, x0, wf, w0, a, b, n, first, add):
+    """acc[f] = add + (or +=) the sum of the nine wf[w0 + r*3 + s] * xp[x0 + f + r*a + s*b], f < n
+    (unsigned indices: no wrap-around branch, so the loop vectorises)."""
+    w_0, w_1, w_2 = wf[w0], wf[w0 + 1], wf[w0 + 2]
+    w_3, w_4, w_5 = wf[w0 + 3], wf[w0 + 4], wf[w0 + 5]
+    w_6, w_7, w_8 = wf[w0 + 6], wf[w0 + 7], wf[w0 + 8]
+    p0, ua, ub = np.uint64(x0), np.uint64(a), np.uint64(b)
+    p1 = p0 + ua
+    p2, b2 = p1 + ua, ub + ub
+    if first:
+        for f in range(np.uint64(n)):
+            acc[f] = (add + w_0 * xp[p0 + f] + w_1 * xp[p0 + f + ub] + w_2 * xp[p0 + f + b2]
+                      + w_3 * xp[p1 + f] + w_4 * xp[p1 + f + ub] + w_5 * xp[p1 + f + b2]
+                      + w_6 * xp[p2 + f] + w_7 * xp[p2 + f + ub] + w_8 * xp[p2 + f + b2])
+    else:
+        for f in range(np.uint64(n)):
+            acc[f] += (w_0 * xp[p0 + f] + w_1 * xp[p0 + f + ub] + w_2 * xp[p0 + f + b2]
+                       + w_3 * xp[p1 + f] + w_4 * xp[p1 + f + ub] + w_5 * xp[p1 + f + b2]
+                       + w_6 * xp[p2 + f] + w_7 * xp[p2 + f + ub] + w_8 * xp[p2 + f + b2])
+
+
+@njit(**_CONV)
+def conv2d_direct3x3(x, w, bias, out, xpad, stage, counter, pt, pl, dh, dw, groups):
+    """3x3 stride-1 convolution on ``xpad.shape[0]`` workers, one (image, group) per work unit
+    taken from the shared ``counter``.  Per worker: ``xpad`` holds the group's Cg padded
+    planes of (Ho + 2*dh) * (Wo + 2*dw) + 2*dw floats, ``stage`` at least
+    max(FLAT_SEGMENT, Wo + 2*dw) accumulators.  ``pt`` / ``pl`` may be negative (the input
+    gradient runs this with padding 2*dil - pad and the rotated kernel)."""
+    n, c, h, wd = x.shape
+    k, cg = w.shape[0], w.shape[1]
+    ho, wo = out.shape[2], out.shape[3]
+    kg = k // groups
+    hp, wp = ho + 2 * dh, wo + 2 * dw
+    plane = hp * wp + 2 * dw
+    rows = max(1, FLAT_SEGMENT // wp)
+    xf, of, wf = x.reshape(x.size), out.reshape(out.size), w.reshape(w.size)
+    units = n * groups
+    for t in prange(xpad.shape[0]):
+        xp, st = xpad[t], stage[t]
+        u = _next_block(counter)
+        while u < units:
+            i, g = u // groups, u % groups
+            _pad_planes(xf, (i * c + g * cg) * h * wd, cg, h, wd, pt, pl, hp, wp, plane, xp)
+            for kk in range(g * kg, (g + 1) * kg):
+                o0 = (i * k + kk) * ho * wo
+                for oh0 in range(0, ho, rows):
+                    oh1 = min(oh0 + rows, ho)
+                    for cc in range(cg):
+                        _taps3x3(st, xp, cc * plane + oh0 * wp, wf, (kk * cg + cc) * 9, dh * wp, dw,
+                                 (oh1 - oh0) * wp, cc == 0, bias[kk])
+                    for oh in range(oh0, oh1):  # keep the wo real columns of every row
+                        _copy(of, o0 + oh * wo, st, (oh - oh0) * wp, 1, wo)
+            u = _next_block(counter)
+
+
 @njit(**_CONV)
 def conv2d_backward_input_direct(gy, w, gx, sh, sw, top, left, dh, dw, groups):
     """gx[n, c, ih, iw] = sum over the (k, r, s) taps that read input pixel (ih, iw).
