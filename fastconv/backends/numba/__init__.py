@@ -10,6 +10,9 @@ Algorithms
 direct
     Loops over output rows (forward), input rows (backward-input) or filter planes
     (backward-weight) with the padding handled by index ranges, never materialised.
+    3x3 stride-1 forward and input-gradient passes run on zero-padded flat planes instead
+    (``conv2d_direct3x3``, one (image, group) per work unit), where the nine taps are
+    fixed offsets and vectorise as one expression.
 im2col
     One parallel kernel per pass (the Cython backend's "threads" design): each numba worker
     takes work units from a shared counter -- chunks of small images, or blocks of output
