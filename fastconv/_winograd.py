@@ -128,7 +128,7 @@ def _kron(m: int) -> np.ndarray:
 
 @lru_cache(maxsize=None)
 def matrices(m: int) -> Transforms:
-    """The transform matrices of F(m x m, 3 x 3), ``m`` in :data:`TILE_SIZES`.
+    """The transform matrices of F(m x m, 3 x 3), ``m`` a key of :data:`POINTS`.
 
     Verified exactly: ``A^T[(G g) * (B^T d)]`` equals the 1-D correlation of ``d``
     with ``g`` as polynomials in the entries (checked on the coefficient identity).

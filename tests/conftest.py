@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 
@@ -70,6 +72,17 @@ LAYOUTS = ("c", "fortran", "strided", "reversed", "readonly")
 @pytest.fixture(params=[np.float32, np.float64], ids=["f32", "f64"])
 def dtype(request):
     return np.dtype(request.param)
+
+
+@contextlib.contextmanager
+def num_threads(n: int):
+    """Run the block with ``fastconv.set_num_threads(n)``, restoring the previous count."""
+    before = fastconv.get_num_threads()
+    fastconv.set_num_threads(n)
+    try:
+        yield
+    finally:
+        fastconv.set_num_threads(before)
 
 
 def python_child(args: list[str], **kwargs):

@@ -70,7 +70,7 @@ def _draw_conv(rng, seed: int):
 @pytest.fixture(autouse=True)
 def always_parallel(monkeypatch):
     """Tiny test shapes would run single-threaded; force the OpenMP paths."""
-    monkeypatch.setattr("fastconv.backends.cython._SERIAL_WORK", 0)
+    monkeypatch.setattr("fastconv.backends.cython.SERIAL_WORK", 0)
 
 
 @pytest.fixture(params=[("direct", "auto"), ("im2col", "threads"), ("im2col", "batched")],

@@ -7,7 +7,6 @@ specialisations), so the grids below reuse them across many configurations.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import subprocess
@@ -22,6 +21,7 @@ import pytest
 pytest.importorskip("numba")
 
 import fastconv as fc  # noqa: E402
+from conftest import num_threads  # noqa: E402
 
 #: the directory holding the fastconv this process imported (installed, or the source tree)
 PACKAGE_PARENT = Path(fc.__file__).resolve().parents[1]
@@ -88,16 +88,6 @@ def test_conv_matches_reference(dtype, algorithm):
             assert rel_err(got, want) <= TOL[dtype], (name, cfg)
 
 
-@contextlib.contextmanager
-def _threads(n: int):
-    before = fc.get_num_threads()
-    fc.set_num_threads(n)
-    try:
-        yield
-    finally:
-        fc.set_num_threads(before)
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("threads", [1, 2])
 def test_flat_3x3_kernel(dtype, threads):
@@ -111,7 +101,7 @@ def test_flat_3x3_kernel(dtype, threads):
         wt = rng.standard_normal((k, c // groups, 3, 3)).astype(dtype)
         b = rng.standard_normal(k).astype(dtype)
         kw = dict(padding=pad, dilation=dil, groups=groups)
-        with _threads(threads):
+        with num_threads(threads):
             out = fc.conv2d(x, wt, b, **kw, backend="numba", algorithm="direct")
             gy = rng.standard_normal(out.shape).astype(dtype)
             gx = fc.conv2d_backward(gy, x, wt, **kw, backend="numba", algorithm="direct", need_weight=False,

@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 
 import fastconv
-from conftest import guard_allocations, python_child
+from conftest import guard_allocations, num_threads, python_child
 from fastconv._args import PoolGeometry
 
 TOL = {np.float32: 1e-5, np.float64: 1e-12}
@@ -178,7 +178,7 @@ def test_results_do_not_depend_on_threads(backend):
         x = special_input(rng, shape, np.float32)
         results = []
         for nt in (1, 2, 3):
-            with _num_threads(nt):
+            with num_threads(nt):
                 out, idx = fastconv.max_pool2d(x, k, s, p, return_indices=True, backend=backend)
                 gy = np.random.default_rng(0).standard_normal(out.shape).astype(np.float32)
                 results.append((out, idx, fastconv.max_pool2d_backward(gy, x, k, s, p, indices=idx, backend=backend),
@@ -187,18 +187,6 @@ def test_results_do_not_depend_on_threads(backend):
         for other in results[1:]:
             for a, b in zip(results[0], other):
                 np.testing.assert_array_equal(a, b)
-
-
-class _num_threads:
-    def __init__(self, n):
-        self.n = n
-
-    def __enter__(self):
-        self.old = fastconv.get_num_threads()
-        fastconv.set_num_threads(self.n)
-
-    def __exit__(self, *exc):
-        fastconv.set_num_threads(self.old)
 
 
 @pytest.mark.parametrize("h, w", [(10, 12), (70, 72)])  # whole planes; large planes row by row

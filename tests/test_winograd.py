@@ -28,9 +28,9 @@ pytestmark = pytest.mark.skipif(not WINOGRAD_BACKENDS, reason="no backend with W
 def always_parallel(monkeypatch):
     """Tiny test shapes would run on one thread; force the multi-threaded paths of the Cython
     (OpenMP) and numba (prange workers) backends."""
-    monkeypatch.setattr("fastconv.backends.cython._SERIAL_WORK", 0, raising=False)
+    monkeypatch.setattr("fastconv.backends.cython.SERIAL_WORK", 0, raising=False)
     if "numba" in WINOGRAD_BACKENDS:
-        monkeypatch.setattr("fastconv.backends.numba._SERIAL_WORK", 0)
+        monkeypatch.setattr("fastconv.backends.numba.SERIAL_WORK", 0)
 
 
 # --------------------------------------------------------------------------- the transforms

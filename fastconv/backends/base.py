@@ -79,6 +79,18 @@ class Backend:
         return {}
 
 
+#: below this many multiply-adds (or pooled taps) a compiled kernel runs on one thread:
+#: starting and joining a team of threads costs more than it saves
+SERIAL_WORK = 1 << 17
+
+
+def sum_partials(partial: np.ndarray, out: np.ndarray | None = None, dtype: Any = None) -> np.ndarray:
+    """The sum over axis 0 of per-thread partial sums.  Partials of +Inf and -Inf give NaN, as
+    IEEE arithmetic says; NumPy's warning about it is silenced, as PyTorch gives none."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        return np.sum(partial, axis=0, out=out, dtype=dtype)
+
+
 def input_grad_kernel(w: np.ndarray, groups: int) -> np.ndarray:
     """The kernel that turns the input gradient of a stride-1 convolution into a forward one:
     ``w`` rotated by 180 degrees with its channel axes swapped per group, (K, C/g, R, S) ->

@@ -32,7 +32,8 @@ import numpy as np  # noqa: E402
 from ... import _config  # noqa: E402
 from ..._args import ConvGeometry  # noqa: E402
 from .._winograd_passes import WinogradPasses  # noqa: E402
-from ..base import Backend, flat3x3_buffers, flat3x3_preferred, input_grad_kernel  # noqa: E402
+from ..base import (SERIAL_WORK, Backend, flat3x3_buffers, flat3x3_preferred, input_grad_kernel,  # noqa: E402
+                    sum_partials)
 from . import _direct, _im2col, _pool, _winograd  # noqa: E402
 
 import scipy.linalg  # noqa: E402,F401  (loads the BLAS behind cython_blas, so the thread limit reaches it)
@@ -43,21 +44,9 @@ _config.apply_blas_limit()
 _INT32_MAX = 2**31 - 1
 
 
-#: below this many multiply-adds (or pooled taps) a call runs on one thread: starting and
-#: joining an OpenMP team costs more than it saves
-_SERIAL_WORK = 1 << 17
-
-
 def _threads(work: int) -> int:
     """The OpenMP thread count for a kernel doing about ``work`` elementary operations."""
-    return 1 if work < _SERIAL_WORK else _config.get_num_threads()
-
-
-def _sum_partials(partial: np.ndarray, out: np.ndarray | None = None, dtype: Any = None) -> np.ndarray:
-    """The sum over axis 0 of per-thread partial sums.  Partials of +Inf and -Inf give NaN, as
-    IEEE arithmetic says; NumPy's warning about it is silenced, as PyTorch gives none."""
-    with np.errstate(invalid="ignore", over="ignore"):
-        return np.sum(partial, axis=0, out=out, dtype=dtype)
+    return 1 if work < SERIAL_WORK else _config.get_num_threads()
 
 
 def _conv_args(g: ConvGeometry) -> tuple[int, ...]:
@@ -170,7 +159,7 @@ class CythonBackend(WinogradPasses, Backend):
         partial = np.zeros((p.threads, g.groups, p.t.a**2, g.k_per_group, g.c_per_group), g.dtype)
         _winograd.backward_weight(grad_out, x, partial, vb, mb, sc, ln, p.hs, p.ws, g.padding[0], g.padding[2],
                                   p.d, p.tb, p.vstride, p.mstride)
-        return _sum_partials(partial, dtype=np.float64)
+        return sum_partials(partial, dtype=np.float64)
 
     # ----------------------------------------------------------------- conv
     def conv2d(self, x, weight, bias, g, algorithm):
@@ -202,10 +191,12 @@ class CythonBackend(WinogradPasses, Backend):
     def conv2d_backward_input(self, grad_out, weight, g, algorithm):
         if algorithm == "winograd":
             return self.winograd_backward_input(grad_out, weight, g)
-        gx = np.zeros(g.input_shape, g.dtype)
         nt = _threads(g.flops // 2)
         w2 = weight.reshape(g.k, -1)
         plan = self._plan(g, algorithm, nt)
+        flat = _flat3x3(g.h, g.w, g, g.k_per_group, nt) if plan == "direct" else None
+        # the flat kernel writes every element; the others add into gx
+        gx = np.empty(g.input_shape, g.dtype) if flat is not None else np.zeros(g.input_shape, g.dtype)
         if plan == "pointwise":
             with _blas_for(nt, g.n) as threads:
                 _im2col.pointwise_backward_input(grad_out, w2, gx, g.groups, threads)
@@ -218,7 +209,7 @@ class CythonBackend(WinogradPasses, Backend):
             ws = _Workspace(g)
             for n0, nb in ws.chunks(g.n):
                 _im2col.backward_input(grad_out, w2, gx, ws.col, ws.tmp, n0, nb, g.r, g.s, *_conv_args(g), 1)
-        elif (flat := _flat3x3(g.h, g.w, g, g.k_per_group, nt)) is not None:
+        elif flat is not None:
             # the input gradient is the forward pass of grad_out with the rotated kernel
             _direct.forward3x3(grad_out, input_grad_kernel(weight, g.groups), np.zeros(g.c, g.dtype), gx, *flat,
                                2 * g.dilation[0] - g.padding[0], 2 * g.dilation[1] - g.padding[2], *g.dilation,
@@ -238,14 +229,14 @@ class CythonBackend(WinogradPasses, Backend):
             with _blas_for(nt, g.n) as threads:
                 partial = np.zeros((threads,) + gw2.shape, g.dtype)
                 _im2col.pointwise_backward_weight(grad_out, x, partial, g.groups)
-            _sum_partials(partial, out=gw2)
+            sum_partials(partial, out=gw2)
         elif plan == "threads":
             buf = _ThreadBuffers(g, nt)
             partial = np.zeros((buf.threads,) + gw2.shape, g.dtype)
             with _config.single_threaded_blas():
                 _im2col.backward_weight_threads(grad_out, x, partial, buf.cols, buf.tmps, buf.chunk, buf.rows, g.r,
                                                 g.s, *_conv_args(g))
-            _sum_partials(partial, out=gw2)
+            sum_partials(partial, out=gw2)
         elif plan == "batched":
             ws = _Workspace(g)
             for n0, nb in ws.chunks(g.n):

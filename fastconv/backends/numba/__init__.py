@@ -57,7 +57,8 @@ import numpy as np  # noqa: E402
 from ... import _config  # noqa: E402
 from ..._args import ConvGeometry, PoolGeometry  # noqa: E402
 from .._winograd_passes import WinogradPasses  # noqa: E402
-from ..base import Backend, flat3x3_buffers, flat3x3_preferred, input_grad_kernel  # noqa: E402
+from ..base import (SERIAL_WORK, Backend, flat3x3_buffers, flat3x3_preferred, input_grad_kernel,  # noqa: E402
+                    sum_partials)
 from ... import _winograd as wino  # noqa: E402
 from . import _kernels  # noqa: E402
 from . import _winograd as _wk  # noqa: E402
@@ -204,14 +205,9 @@ _BLOCK_BYTES = 1 << 21
 #: weight gradient's (Kg x rows*Wo) @ (rows*Wo x Cg*R*S) gained nothing from it (0.9x)
 _SMALL_GEMM = 1_000_000
 
-#: below this many multiply-adds a call runs on one thread: starting the workers and
-#: pinning BLAS costs more than it saves
-_SERIAL_WORK = 1 << 17
-
-
 def _threads(g: ConvGeometry) -> int:
     """The numba thread count for a conv pass of layer ``g`` (1 for small layers)."""
-    if g.flops // 2 < _SERIAL_WORK:
+    if g.flops // 2 < SERIAL_WORK:
         return 1
     return max(1, min(_config.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
 
@@ -284,8 +280,6 @@ WINOGRAD_MIN_WIDE_INPUTS = 16
 WINOGRAD_MIN_OUTPUTS = 4
 
 
-
-
 #: the ``bias`` argument of :func:`_kernels.conv2d_im2col` for a layer without bias, by dtype
 _NO_BIAS = {np.dtype(t): np.empty(0, t) for t in (np.float32, np.float64)}
 
@@ -304,9 +298,9 @@ def _is_flat_pool(p: PoolGeometry, dilation: tuple[int, int]) -> bool:
 
 
 def _pool_workers(p: PoolGeometry) -> int:
-    """Workers of a pooling call: one for small calls (see :data:`_SERIAL_WORK`), else the
+    """Workers of a pooling call: one for small calls (see :data:`SERIAL_WORK`), else the
     thread count, capped by the planes."""
-    if p.n * p.c * p.out_h * p.out_w * p.kernel[0] * p.kernel[1] < _SERIAL_WORK:
+    if p.n * p.c * p.out_h * p.out_w * p.kernel[0] * p.kernel[1] < SERIAL_WORK:
         return 1
     return max(1, min(_config.get_num_threads(), numba.config.NUMBA_NUM_THREADS, p.n * p.c))
 
@@ -368,8 +362,7 @@ class NumbaBackend(WinogradPasses, Backend):
         counter = np.zeros(1, np.int64)
         _winograd_backward_weight(grad_out, x, partial, prod, vb, mb, sc, ln, counter, p.hs, p.ws, g.padding[0],
                                   g.padding[2], p.d, p.tb, p.vstride, p.mstride, threads=p.threads)
-        with np.errstate(invalid="ignore", over="ignore"):  # Inf/NaN input: recomputed with im2col
-            return partial.sum(axis=0, dtype=np.float64)
+        return sum_partials(partial, dtype=np.float64)  # Inf/NaN input: recomputed with im2col
 
     # ------------------------------------------------------------------ conv
     def conv2d(self, x, weight, bias, g, algorithm):
@@ -421,8 +414,7 @@ class NumbaBackend(WinogradPasses, Backend):
         prods = _scratch("prods", (plan.workers, g.k_per_group, crs), g.dtype)
         with plan.blas():
             _conv2d_backward_weight_im2col(grad_out, x, partial, prods, *plan.args(g), threads=plan.workers)
-        with np.errstate(invalid="ignore", over="ignore"):  # +Inf and -Inf partial sums: NaN, no warning
-            gw[...] = partial.sum(axis=0).reshape(g.weight_shape)
+        gw[...] = sum_partials(partial).reshape(g.weight_shape)
         return gw
 
     def conv2d_backward_bias(self, grad_out, g):
