@@ -141,6 +141,7 @@ def guard_allocations(monkeypatch, backend: str) -> GuardedNumpy:
     import importlib
 
     guarded = GuardedNumpy()
-    for module in (f"fastconv.backends.{backend}", "fastconv.backends._winograd_passes", "fastconv._winograd"):
+    for module in (f"fastconv.backends.{backend}", "fastconv.backends.base", "fastconv.backends._winograd_passes",
+                   "fastconv._winograd"):
         monkeypatch.setattr(importlib.import_module(module), "np", guarded)
     return guarded

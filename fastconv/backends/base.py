@@ -125,6 +125,47 @@ def flat3x3_buffers(out_h: int, out_w: int, g: ConvGeometry, cin: int, nt: int, 
     return np.empty((threads, cin * plane), g.dtype), np.empty((threads, stage), g.dtype)
 
 
+#: a channel-blocked direct kernel runs only for at least this many outputs per group (its
+#: register tile spans 8 output channels: below 4 most of it would be wasted)
+BLOCKED_MIN_OUTPUTS = 4
+
+
+def blocked_plane(out_h: int, out_w: int, r: int, dh: int, tile: int) -> int:
+    """Elements per unfolded plane of a channel-blocked direct kernel: ``out_h + (r-1)*dh``
+    input rows of ``out_w``, plus the slack that the last, partial tile of ``tile`` flat
+    outputs reads past the ``out_h * out_w`` outputs."""
+    return (out_h + (r - 1) * dh) * out_w + (-(out_h * out_w)) % tile
+
+
+def blocked_buffers(out_h: int, out_w: int, g: ConvGeometry, cin: int, nt: int, tile: int,
+                    limit: int) -> tuple[np.ndarray, int] | None:
+    """Per-worker unfolded-input buffer ``(threads, cin * S * plane)`` and the plane size of a
+    channel-blocked stride-1 direct kernel producing ``out_h`` x ``out_w`` planes from ``cin``
+    channels per group, or None when that kernel should not run: stride not 1, fewer
+    (image, group) work units than threads (the row-parallel kernels split finer), or a buffer
+    over ``limit`` bytes."""
+    if g.stride != (1, 1) or (g.n * g.groups < nt and nt > 1):
+        return None
+    plane = blocked_plane(out_h, out_w, g.r, g.dilation[0], tile)
+    threads = min(nt, g.n * g.groups)
+    if threads * cin * g.s * plane * g.dtype.itemsize > limit:
+        return None
+    return np.empty((threads, cin * g.s * plane), g.dtype), plane
+
+
+def blocked_weights(w: np.ndarray, groups: int, kblock: int) -> np.ndarray:
+    """``w`` (K, C/g, R, S) in the order a channel-blocked kernel reads it, (groups, blocks * T,
+    kblock) with T = C/g * R * S: entry ``[g, b*T + t, j]`` is the weight of output channel
+    ``g*K/g + b*kblock + j`` at tap t = (c*R + r)*S + s, zero past the group's last channel."""
+    k, cg, r, s = w.shape
+    kg, taps = k // groups, cg * r * s
+    blocks = -(-kg // kblock)
+    padded = np.zeros((groups, blocks * kblock, taps), w.dtype)
+    padded[:, :kg] = w.reshape(groups, kg, taps)
+    return np.ascontiguousarray(padded.reshape(groups, blocks, kblock, taps).transpose(0, 1, 3, 2)
+                                .reshape(groups, blocks * taps, kblock))
+
+
 #: up to this many outputs per group, a one-channel 3x3 stride-1 layer runs the flat-plane
 #: direct kernel faster than im2col (forward and input gradient; im2col wins from 16 outputs)
 FLAT3X3_MAX_OUTPUTS = 8

@@ -32,8 +32,8 @@ import numpy as np  # noqa: E402
 from ... import _config  # noqa: E402
 from ..._args import ConvGeometry  # noqa: E402
 from .._winograd_passes import WinogradPasses  # noqa: E402
-from ..base import (SERIAL_WORK, Backend, flat3x3_buffers, flat3x3_preferred, input_grad_kernel,  # noqa: E402
-                    sum_partials)
+from ..base import (BLOCKED_MIN_OUTPUTS, SERIAL_WORK, Backend, blocked_buffers, blocked_weights,  # noqa: E402
+                    flat3x3_buffers, flat3x3_preferred, input_grad_kernel, sum_partials)
 from . import _direct, _im2col, _pool, _winograd  # noqa: E402
 
 import scipy.linalg  # noqa: E402,F401  (loads the BLAS behind cython_blas, so the thread limit reaches it)
@@ -121,6 +121,15 @@ def _flat3x3(out_h: int, out_w: int, g: ConvGeometry, cin: int, nt: int) -> tupl
     return flat3x3_buffers(out_h, out_w, g, cin, nt, _direct.FLAT_SEGMENT, _config.get_workspace_limit())
 
 
+def _blocked(out_h: int, out_w: int, g: ConvGeometry, cin: int, cout: int,
+             nt: int) -> tuple[np.ndarray, int] | None:
+    """The unfolded-input buffers of ``_direct.forward_blocked`` producing ``cout`` channels per
+    group, or None when it should not run (see :func:`fastconv.backends.base.blocked_buffers`)."""
+    if cout < BLOCKED_MIN_OUTPUTS:
+        return None
+    return blocked_buffers(out_h, out_w, g, cin, nt, _direct.BLOCKED_TILE[1], _config.get_workspace_limit())
+
+
 class CythonBackend(WinogradPasses, Backend):
     """Direct and im2col+BLAS convolutions, and pooling, compiled with Cython."""
 
@@ -182,6 +191,9 @@ class CythonBackend(WinogradPasses, Backend):
             ws = _Workspace(g)
             for n0, nb in ws.chunks(g.n):
                 _im2col.forward(x, w2, b, out, ws.col, ws.tmp, n0, nb, g.r, g.s, *_conv_args(g), 1)
+        elif (blk := _blocked(g.out_h, g.out_w, g, g.c_per_group, g.k_per_group, nt)) is not None:
+            _direct.forward_blocked(x, blocked_weights(weight, g.groups, _direct.BLOCKED_TILE[0]), b, out, *blk,
+                                    g.r, g.s, g.padding[0], g.padding[2], *g.dilation, g.groups)
         elif (flat := _flat3x3(g.out_h, g.out_w, g, g.c_per_group, nt)) is not None:
             _direct.forward3x3(x, weight, b, out, *flat, g.padding[0], g.padding[2], *g.dilation, g.groups)
         else:
@@ -194,9 +206,13 @@ class CythonBackend(WinogradPasses, Backend):
         nt = _threads(g.flops // 2)
         w2 = weight.reshape(g.k, -1)
         plan = self._plan(g, algorithm, nt)
-        flat = _flat3x3(g.h, g.w, g, g.k_per_group, nt) if plan == "direct" else None
-        # the flat kernel writes every element; the others add into gx
-        gx = np.empty(g.input_shape, g.dtype) if flat is not None else np.zeros(g.input_shape, g.dtype)
+        blk = _blocked(g.h, g.w, g, g.k_per_group, g.c_per_group, nt) if plan == "direct" else None
+        flat = _flat3x3(g.h, g.w, g, g.k_per_group, nt) if plan == "direct" and blk is None else None
+        # the blocked and flat kernels write every element; the others add into gx
+        gx = (np.empty if blk is not None or flat is not None else np.zeros)(g.input_shape, g.dtype)
+        # the input gradient of a stride-1 conv is the forward pass of grad_out with the
+        # rotated kernel and padding dil*(R-1) - pad
+        pads = (g.dilation[0] * (g.r - 1) - g.padding[0], g.dilation[1] * (g.s - 1) - g.padding[2])
         if plan == "pointwise":
             with _blas_for(nt, g.n) as threads:
                 _im2col.pointwise_backward_input(grad_out, w2, gx, g.groups, threads)
@@ -209,11 +225,13 @@ class CythonBackend(WinogradPasses, Backend):
             ws = _Workspace(g)
             for n0, nb in ws.chunks(g.n):
                 _im2col.backward_input(grad_out, w2, gx, ws.col, ws.tmp, n0, nb, g.r, g.s, *_conv_args(g), 1)
+        elif blk is not None:
+            wt = blocked_weights(input_grad_kernel(weight, g.groups), g.groups, _direct.BLOCKED_TILE[0])
+            _direct.forward_blocked(grad_out, wt, np.zeros(g.c, g.dtype), gx, *blk, g.r, g.s, *pads, *g.dilation,
+                                    g.groups)
         elif flat is not None:
-            # the input gradient is the forward pass of grad_out with the rotated kernel
             _direct.forward3x3(grad_out, input_grad_kernel(weight, g.groups), np.zeros(g.c, g.dtype), gx, *flat,
-                               2 * g.dilation[0] - g.padding[0], 2 * g.dilation[1] - g.padding[2], *g.dilation,
-                               g.groups)
+                               *pads, *g.dilation, g.groups)
         else:
             _direct.backward_input(grad_out, weight, gx, *_conv_args(g), nt)
         return gx

@@ -16,7 +16,7 @@ from libc.string cimport memcpy
 
 import numpy as np
 
-from ._loops cimport _rows_per_chunk, axpy, axpy_scatter, fill, mul_acc, tap_ranges
+from ._loops cimport _rows_per_chunk, axpy, axpy_scatter, end_in, fill, first_in, mul_acc, tap_ranges
 
 
 def forward(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] w,
@@ -274,6 +274,138 @@ def forward3x3(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] w, c
                                  c == 0, bias[k])
                     for oh in range(oh0, oh1):  # keep the Wo real columns of every row
                         memcpy(orow + oh * Wo, st + (oh - oh0) * Wp, Wo * sizeof(floating))
+
+
+# --------------------------------------------------------------------------- channel-blocked, stride 1
+#
+# Layers with many output channels on small planes (8x8 .. 28x28).  Each image's padded
+# input is unfolded along the kernel's columns only: ``xs[(c*S + s)*plane + i*Wo + o]`` =
+# padded input (i, o + s*dw).  Output (oh, ow) is flat f = oh*Wo + ow of its plane, and tap
+# (c, r, s) then reads xs at the constant offset (c*S + s)*plane + r*dh*Wo: no wasted
+# columns, an S-fold copy instead of im2col's R*S-fold one.  A register tile of KBLOCK output
+# channels by VBLOCK flat outputs accumulates over every tap (one vector load of the input
+# and KBLOCK broadcast weights feed KBLOCK vector FMAs), then goes straight to the output.
+
+cdef extern from "_tile.h" nogil:
+    enum:
+        KBLOCK "FC_KBLOCK"  # output channels per register tile
+        VBLOCK "FC_VBLOCK"  # flat outputs per register tile
+    void fc_tile_f(const float* xs, const float* wt, const Py_ssize_t* offs, Py_ssize_t taps, const float* b,
+                   float* out, Py_ssize_t ldo, Py_ssize_t nk)
+    void fc_tile_d(const double* xs, const double* wt, const Py_ssize_t* offs, Py_ssize_t taps, const double* b,
+                   double* out, Py_ssize_t ldo, Py_ssize_t nk)
+
+
+cdef inline void _unfold_columns(const floating* src, Py_ssize_t C, Py_ssize_t H, Py_ssize_t W, Py_ssize_t S,
+                                 Py_ssize_t dw, Py_ssize_t pt, Py_ssize_t pl, Py_ssize_t Hp, Py_ssize_t Wo,
+                                 Py_ssize_t plane, floating* dst) noexcept nogil:
+    """dst[(c*S + s)*plane + i*Wo + o] = src[c, i - pt, o + s*dw - pl] (0 outside the H x W input),
+    zeros in the ``plane - Hp*Wo`` slack after each plane.  ``pt`` / ``pl`` may be negative.
+
+    When W == Wo (stride 1, "same"-style padding) source and destination rows have the same
+    pitch, so a plane's valid rows are one flat copy at a constant offset; the few columns
+    it wraps in from the neighbouring rows are zeroed after.  Otherwise row by row.
+    """
+    cdef Py_ssize_t c, s, i, o, off, lo, hi, i0 = min(max(pt, 0), Hp), i1 = max(min(H + pt, Hp), i0)
+    cdef const floating* row
+    cdef floating* base
+    cdef floating* orow
+    for c in range(C):
+        for s in range(S):
+            base = dst + (c * S + s) * plane
+            off = s * dw - pl
+            lo = min(first_in(off, 1), Wo)
+            hi = max(end_in(off, 1, W, Wo), lo)
+            fill(base, 0, i0 * Wo)
+            if W == Wo and hi > lo and i1 > i0:
+                row = src + (c * H + i0 - pt) * W + off  # row i0 of the plane, shifted by the tap
+                memcpy(base + i0 * Wo + lo, row + lo, ((i1 - i0 - 1) * Wo + hi - lo) * sizeof(floating))
+                if lo > 0 or hi < Wo:
+                    for i in range(i0, i1):
+                        for o in range(lo):
+                            base[i * Wo + o] = 0
+                        for o in range(hi, Wo):
+                            base[i * Wo + o] = 0
+            else:
+                for i in range(i0, i1):
+                    orow = base + i * Wo
+                    row = src + (c * H + i - pt) * W + off
+                    fill(orow, 0, lo)
+                    memcpy(orow + lo, row + lo, (hi - lo) * sizeof(floating))
+                    fill(orow + hi, 0, Wo - hi)
+            fill(base + i1 * Wo, 0, plane - i1 * Wo)
+
+
+cdef inline void _tile(const floating* xs, const floating* wt, const Py_ssize_t* offs, Py_ssize_t T,
+                       const floating* b, floating* out, Py_ssize_t ldo, Py_ssize_t nk) noexcept nogil:
+    """out[j*ldo + v] = b[j] + sum over taps t of wt[t*KBLOCK + j] * xs[offs[t] + v], j < nk, v < VBLOCK."""
+    if floating is float:
+        fc_tile_f(xs, wt, offs, T, b, out, ldo, nk)
+    else:
+        fc_tile_d(xs, wt, offs, T, b, out, ldo, nk)
+
+
+cdef void _blocked_unit(const floating* x, const floating* wt, const floating* bias, floating* out,
+                        const Py_ssize_t* offs, floating* xs, Py_ssize_t Cg, Py_ssize_t H, Py_ssize_t W,
+                        Py_ssize_t Kg, Py_ssize_t Ho, Py_ssize_t Wo, Py_ssize_t R, Py_ssize_t S, Py_ssize_t dh,
+                        Py_ssize_t dw, Py_ssize_t pt, Py_ssize_t pl, Py_ssize_t plane) noexcept nogil:
+    """One (image, group): out[k, f] for k < Kg, f < Ho*Wo, from x[c] for c < Cg (see above)."""
+    cdef floating acc[KBLOCK * VBLOCK]
+    cdef floating b[KBLOCK]
+    cdef Py_ssize_t T = Cg * R * S, F = Ho * Wo, kb, k0, nk, i, j, f0
+    _unfold_columns(x, Cg, H, W, S, dw, pt, pl, Ho + (R - 1) * dh, Wo, plane, xs)
+    for kb in range((Kg + KBLOCK - 1) // KBLOCK):
+        k0 = kb * KBLOCK
+        nk = min(<Py_ssize_t> KBLOCK, Kg - k0)
+        for j in range(KBLOCK):
+            b[j] = bias[k0 + j] if j < nk else 0
+        for i in range((F + VBLOCK - 1) // VBLOCK):
+            f0 = i * VBLOCK
+            if f0 + VBLOCK <= F:
+                _tile(xs + f0, wt + kb * T * KBLOCK, offs, T, b, out + k0 * F + f0, F, nk)
+            else:  # the last, partial tile goes through a buffer
+                _tile(xs + f0, wt + kb * T * KBLOCK, offs, T, b, acc, VBLOCK, nk)
+                for j in range(nk):
+                    memcpy(out + (k0 + j) * F + f0, acc + j * VBLOCK, (F - f0) * sizeof(floating))
+
+
+def forward_blocked(const floating[:, :, :, ::1] x, const floating[:, :, ::1] wt, const floating[::1] bias,
+                    floating[:, :, :, ::1] out, floating[:, ::1] xs, Py_ssize_t plane, Py_ssize_t R, Py_ssize_t S,
+                    Py_ssize_t pt, Py_ssize_t pl, Py_ssize_t dh, Py_ssize_t dw, Py_ssize_t groups):
+    """Stride-1 convolution with channel-blocked register tiles on ``xs.shape[0]`` threads, one
+    (image, group) per work unit.
+
+    ``wt[g, kb*T + t, j]`` is weight (g*Kg + kb*KBLOCK + j, c, r, s) for tap t = (c*R + r)*S + s
+    (zero past Kg: ``fastconv.backends.base.blocked_weights``); ``xs`` holds a thread's unfolded
+    input, Cg*S planes of ``plane`` elements (``fastconv.backends.base.blocked_buffers``).
+    ``pt`` / ``pl`` may be negative (the input gradient runs this with padding dil*(R-1) - pad).
+    """
+    cdef Py_ssize_t N = x.shape[0], H = x.shape[2], W = x.shape[3], Cg = x.shape[1] // groups
+    cdef Py_ssize_t K = out.shape[1], Ho = out.shape[2], Wo = out.shape[3], Kg = K // groups
+    cdef Py_ssize_t T = Cg * R * S, t, n, g, c, r, s
+    cdef int nt = <int> xs.shape[0], tid
+    cdef Py_ssize_t[::1] offsets = np.empty(T, np.intp)
+    cdef Py_ssize_t* offs = &offsets[0]
+    cdef floating* xsp
+    for c in range(Cg):
+        for r in range(R):
+            for s in range(S):
+                offs[(c * R + r) * S + s] = (c * S + s) * plane + r * dh * Wo
+    bias_pad = np.zeros(K + KBLOCK, np.asarray(bias).dtype)
+    bias_pad[:K] = bias
+    cdef const floating[::1] bp = bias_pad
+    with nogil, parallel(num_threads=nt):
+        tid = threadid()
+        xsp = &xs[tid, 0]
+        for t in prange(N * groups, schedule="dynamic"):
+            n = t // groups
+            g = t % groups
+            _blocked_unit(&x[n, g * Cg, 0, 0], &wt[g, 0, 0], &bp[g * Kg], &out[n, g * Kg, 0, 0], offs, xsp,
+                          Cg, H, W, Kg, Ho, Wo, R, S, dh, dw, pt, pl, plane)
+
+
+#: (output channels, flat outputs) of one ``forward_blocked`` register tile
+BLOCKED_TILE = (KBLOCK, VBLOCK)
 
 
 #: flat outputs ``forward3x3`` accumulates at a time (its per-thread ``stage`` holds at least

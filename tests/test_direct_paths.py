@@ -1,0 +1,114 @@
+"""The channel-blocked stride-1 direct kernels of the compiled backends against the reference.
+
+``algorithm="direct"`` runs them for stride-1 layers with at least
+``BLOCKED_MIN_OUTPUTS`` outputs per group, forward and (through the rotated kernel) input
+gradient.  The random grid of the other tests draws few channels; here every draw reaches
+the blocked kernel, and a spy on it makes sure it ran.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import numpy as np
+import pytest
+
+import fastconv
+from fastconv.backends.base import BLOCKED_MIN_OUTPUTS
+
+from conftest import assert_close, guard_allocations, num_threads
+
+#: backend -> (module, function) of its blocked kernel
+KERNELS = {"cython": ("fastconv.backends.cython._direct", "forward_blocked"),
+           "numba": ("fastconv.backends.numba._kernels", "conv2d_blocked")}
+BACKENDS = [b for b in KERNELS if fastconv.available_backends()[b]["available"]]
+
+
+def spy(monkeypatch, backend: str) -> list:
+    """Record every call of ``backend``'s blocked kernel (the adapter looks it up per call)."""
+    module, name = KERNELS[backend]
+    module = importlib.import_module(module)
+    real, calls = getattr(module, name), []
+
+    def recording(*args, **kwargs):
+        calls.append(args[0].shape)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, recording)
+    return calls
+
+
+def draw(seed: int):
+    """A random stride-1 conv with 4-20 outputs and 4-9 inputs per group (so both the forward
+    pass and the input gradient qualify), kernels 1-5 x 1-5, dilation, every kind of padding
+    ("same" with even kernels is asymmetric), planes down to one pixel."""
+    rng = np.random.default_rng(seed)
+    while True:
+        groups = int(rng.choice([1, 1, 2, 3]))
+        cg, kg = int(rng.integers(BLOCKED_MIN_OUTPUTS, 10)), int(rng.integers(BLOCKED_MIN_OUTPUTS, 21))
+        r, s = int(rng.integers(1, 6)), int(rng.integers(1, 6))
+        dil = (int(rng.integers(1, 3)), int(rng.integers(1, 3)))
+        padding = ["same", "valid", (int(rng.integers(0, 4)), int(rng.integers(0, 4)))][seed % 3]
+        n, h, w = int(rng.integers(2, 5)), int(rng.integers(1, 21)), int(rng.integers(1, 21))
+        dtype = np.float32 if seed % 2 else np.float64
+        x = rng.standard_normal((n, groups * cg, h, w)).astype(dtype)
+        weight = rng.standard_normal((groups * kg, cg, r, s)).astype(dtype)
+        bias = rng.standard_normal(groups * kg).astype(dtype)
+        kw = dict(padding=padding, dilation=dil, groups=groups)
+        try:
+            out = fastconv.conv2d(x, weight, bias, **kw, backend="reference")
+        except ValueError:  # kernel larger than the padded image
+            continue
+        return x, weight, bias, kw, out, rng.standard_normal(out.shape).astype(dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("seed", range(24))
+def test_blocked_kernel_matches_reference(backend, threads, seed, monkeypatch):
+    monkeypatch.setattr(f"fastconv.backends.{backend}.SERIAL_WORK", 0)  # tiny shapes still use the threads
+    calls = spy(monkeypatch, backend)
+    x, weight, bias, kw, out, gy = draw(seed)
+    with num_threads(threads):
+        got = fastconv.conv2d(x, weight, bias, **kw, backend=backend, algorithm="direct")
+        gx = fastconv.conv2d_backward(gy, x, weight, **kw, backend=backend, algorithm="direct",
+                                      need_weight=False, need_bias=False).input
+    assert len(calls) == 2, "the blocked kernel did not run for both passes"
+    assert_close(got, out, x.dtype)
+    assert_close(gx, fastconv.conv2d_backward(gy, x, weight, **kw, backend="reference").input, x.dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_blocked_kernel_writes_nothing_past_its_arrays(backend, monkeypatch):
+    """Guard elements around the outputs and the unfolded-input buffers stay untouched: the
+    last register tile of a plane is partial, and its spare lanes must not be stored."""
+    monkeypatch.setattr(f"fastconv.backends.{backend}.SERIAL_WORK", 0)
+    calls = spy(monkeypatch, backend)
+    guarded = guard_allocations(monkeypatch, backend)
+    for seed in range(12):
+        x, weight, bias, kw, out, gy = draw(seed)
+        with num_threads(2):
+            got = fastconv.conv2d(x, weight, bias, **kw, backend=backend, algorithm="direct")
+            gx = fastconv.conv2d_backward(gy, x, weight, **kw, backend=backend, algorithm="direct",
+                                          need_weight=False, need_bias=False).input
+        assert_close(got, out, x.dtype)
+        assert_close(gx, fastconv.conv2d_backward(gy, x, weight, **kw, backend="reference").input, x.dtype)
+    assert len(calls) == 24 and guarded.buffers and guarded.untouched()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_blocked_kernel_on_large_planes(backend):
+    """Planes of many register tiles, with rows wider and narrower than the output (padding
+    beyond the kernel's reach, "valid"), and a one-row plane."""
+    rng = np.random.default_rng(3)
+    for (n, c, h, w, k, r, s, pad, dil) in [(2, 5, 60, 70, 12, 3, 3, 1, 1), (2, 4, 33, 47, 9, 5, 3, (4, 0), (1, 2)),
+                                            (3, 6, 30, 41, 8, 3, 5, 0, 1), (2, 4, 1, 300, 16, 1, 7, (0, 3), 1)]:
+        x = rng.standard_normal((n, c, h, w)).astype(np.float32)
+        weight = rng.standard_normal((k, c, r, s)).astype(np.float32)
+        kw = dict(padding=pad, dilation=dil)
+        out = fastconv.conv2d(x, weight, **kw, backend=backend, algorithm="direct")
+        assert_close(out, fastconv.conv2d(x, weight, **kw, backend="reference"), np.float32)
+        gy = rng.standard_normal(out.shape).astype(np.float32)
+        gx = fastconv.conv2d_backward(gy, x, weight, **kw, backend=backend, algorithm="direct",
+                                      need_weight=False, need_bias=False).input
+        assert_close(gx, fastconv.conv2d_backward(gy, x, weight, **kw, backend="reference").input, np.float32)
