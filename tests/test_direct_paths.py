@@ -20,7 +20,7 @@ from conftest import assert_close, guard_allocations, num_threads
 
 #: backend -> (module, function) of its blocked kernel
 KERNELS = {"cython": ("fastconv.backends.cython._direct", "forward_blocked"),
-           "numba": ("fastconv.backends.numba._kernels", "conv2d_blocked")}
+           "numba": ("fastconv.backends.numba", "_conv2d_blocked")}
 BACKENDS = [b for b in KERNELS if fastconv.available_backends()[b]["available"]]
 
 

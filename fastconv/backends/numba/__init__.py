@@ -57,10 +57,10 @@ import numpy as np  # noqa: E402
 from ... import _config  # noqa: E402
 from ..._args import ConvGeometry, PoolGeometry  # noqa: E402
 from .._winograd_passes import WinogradPasses  # noqa: E402
-from ..base import (SERIAL_WORK, Backend, flat3x3_buffers, flat3x3_preferred, input_grad_kernel,  # noqa: E402
-                    sum_partials)
+from ..base import (BLOCKED_MIN_OUTPUTS, SERIAL_WORK, Backend, blocked_buffers, blocked_weights,  # noqa: E402
+                    flat3x3_buffers, flat3x3_preferred, input_grad_kernel, sum_partials)
 from ... import _winograd as wino  # noqa: E402
-from . import _kernels  # noqa: E402
+from . import _blocked, _kernels  # noqa: E402
 from . import _winograd as _wk  # noqa: E402
 
 _lock = threading.Lock()
@@ -142,6 +142,7 @@ def _threadsafe() -> bool:
 
 _conv2d_direct = _kernel("conv2d_direct", 3)
 _conv2d_direct3x3 = _kernel("conv2d_direct3x3", 3)
+_conv2d_blocked = _kernel("conv2d_blocked", 3, _blocked)
 _conv2d_backward_input_direct = _kernel("conv2d_backward_input_direct", 2)
 _conv2d_backward_weight_direct = _kernel("conv2d_backward_weight_direct", 2)
 _conv2d_backward_bias = _kernel("conv2d_backward_bias", 1)
@@ -215,6 +216,23 @@ def _threads(g: ConvGeometry) -> int:
 def _flat3x3(out_h: int, out_w: int, g: ConvGeometry, cin: int) -> tuple[np.ndarray, np.ndarray] | None:
     """The buffers of ``_kernels.conv2d_direct3x3`` (see :func:`fastconv.backends.base.flat3x3_buffers`)."""
     return flat3x3_buffers(out_h, out_w, g, cin, _threads(g), _kernels.FLAT_SEGMENT, _config.get_workspace_limit())
+
+
+def _blocked_conv(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, out: np.ndarray, g: ConvGeometry,
+                  pads: tuple[int, int]) -> bool:
+    """Run ``_blocked.conv2d_blocked`` (``weight`` as the forward pass sees it, (Kout, Cin/g, R, S))
+    when it should (see :func:`fastconv.backends.base.blocked_buffers`); False if it should not."""
+    cin, cout = x.shape[1] // g.groups, out.shape[1] // g.groups
+    if cout < BLOCKED_MIN_OUTPUTS:
+        return False
+    buffers = blocked_buffers(out.shape[2], out.shape[3], g, cin, _threads(g), _blocked.VBLOCK,
+                              _config.get_workspace_limit())
+    if buffers is None:
+        return False
+    xs, plane = buffers
+    _conv2d_blocked(x, blocked_weights(weight, g.groups, _blocked.KBLOCK), bias, out, xs, np.zeros(1, np.int64),
+                    plane, g.r, g.s, *pads, *g.dilation, g.groups, threads=xs.shape[0])
+    return True
 
 
 class _ThreadPlan:
@@ -371,7 +389,9 @@ class NumbaBackend(WinogradPasses, Backend):
         out = np.empty(g.output_shape, dtype=g.dtype)
         b = np.zeros(g.k, dtype=g.dtype) if bias is None else bias
         if algorithm == "direct":
-            if (flat := _flat3x3(g.out_h, g.out_w, g, g.c_per_group)) is not None:
+            if _blocked_conv(x, weight, b, out, g, (g.padding[0], g.padding[2])):
+                pass
+            elif (flat := _flat3x3(g.out_h, g.out_w, g, g.c_per_group)) is not None:
                 _conv2d_direct3x3(x, weight, b, out, *flat, np.zeros(1, np.int64), g.padding[0], g.padding[2],
                                   *g.dilation, g.groups, threads=flat[0].shape[0])
             else:
@@ -388,11 +408,15 @@ class NumbaBackend(WinogradPasses, Backend):
             return self.winograd_backward_input(grad_out, weight, g)
         gx = np.empty(g.input_shape, dtype=g.dtype)
         if algorithm == "direct":
-            if (flat := _flat3x3(g.h, g.w, g, g.k_per_group)) is not None:
-                # the input gradient is the forward pass of grad_out with the rotated kernel
-                _conv2d_direct3x3(grad_out, input_grad_kernel(weight, g.groups), np.zeros(g.c, g.dtype), gx, *flat,
-                                  np.zeros(1, np.int64), 2 * g.dilation[0] - g.padding[0],
-                                  2 * g.dilation[1] - g.padding[2], *g.dilation, g.groups, threads=flat[0].shape[0])
+            # the input gradient of a stride-1 conv is the forward pass of grad_out with the
+            # rotated kernel and padding dil*(R-1) - pad
+            pads = (g.dilation[0] * (g.r - 1) - g.padding[0], g.dilation[1] * (g.s - 1) - g.padding[2])
+            rotated = input_grad_kernel(weight, g.groups) if g.stride == (1, 1) else None
+            if rotated is not None and _blocked_conv(grad_out, rotated, np.zeros(g.c, g.dtype), gx, g, pads):
+                pass
+            elif (flat := _flat3x3(g.h, g.w, g, g.k_per_group)) is not None:
+                _conv2d_direct3x3(grad_out, rotated, np.zeros(g.c, g.dtype), gx, *flat, np.zeros(1, np.int64), *pads,
+                                  *g.dilation, g.groups, threads=flat[0].shape[0])
             else:
                 _conv2d_backward_input_direct(grad_out, weight, gx, *_conv_params(g), g.groups)
             return gx
