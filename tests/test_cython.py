@@ -10,6 +10,9 @@ import pytest
 
 import fastconv
 from fastconv import _config
+from fastconv.backends.base import CONV_OPS
+
+from conftest import num_threads
 
 pytestmark = pytest.mark.skipif(not fastconv.available_backends()["cython"]["available"],
                                 reason="Cython extensions not built")
@@ -337,8 +340,15 @@ def test_info_and_algorithm_choice():
         assert be.default_algorithm(op, depthwise) == "direct"
         assert be.default_algorithm(op, signal) == "direct"
         assert be.default_algorithm(op, wide) == "winograd"
-        assert be.default_algorithm(op, few_channels) == "im2col"
         assert be.default_algorithm(op, strided) == "im2col"
+    # 3 -> 64 channels: the blocked direct kernel forward; its input gradient has 3 outputs
+    assert [be.default_algorithm(op, few_channels) for op in CONV_OPS] == ["direct", "im2col", "im2col"]
+    # 8 -> 16 channels: blocked where it runs, else Winograd; not for a single image on 2 threads
+    eight = ConvGeometry(400, 8, 8, 8, 16, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1, f32)
+    one_image = ConvGeometry(1, 8, 64, 64, 16, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1, f32)
+    with num_threads(2):
+        assert [be.default_algorithm(op, eight) for op in CONV_OPS] == ["direct", "direct", "winograd"]
+        assert [be.default_algorithm(op, one_image) for op in CONV_OPS] == ["winograd"] * 3
     first_layer = ConvGeometry(400, 1, 16, 16, 8, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1, f32)
     assert be.default_algorithm("conv2d", first_layer) == "direct"
     assert be.default_algorithm("conv2d_backward_input", first_layer) == "direct"

@@ -137,20 +137,28 @@ def blocked_plane(out_h: int, out_w: int, r: int, dh: int, tile: int) -> int:
     return (out_h + (r - 1) * dh) * out_w + (-(out_h * out_w)) % tile
 
 
-def blocked_buffers(out_h: int, out_w: int, g: ConvGeometry, cin: int, nt: int, tile: int,
-                    limit: int) -> tuple[np.ndarray, int] | None:
-    """Per-worker unfolded-input buffer ``(threads, cin * S * plane)`` and the plane size of a
-    channel-blocked stride-1 direct kernel producing ``out_h`` x ``out_w`` planes from ``cin``
-    channels per group, or None when that kernel should not run: stride not 1, fewer
-    (image, group) work units than threads (the row-parallel kernels split finer), or a buffer
-    over ``limit`` bytes."""
-    if g.stride != (1, 1) or (g.n * g.groups < nt and nt > 1):
+def blocked_layout(op: str, g: ConvGeometry, nt: int, tile: int, limit: int) -> tuple[int, int, int] | None:
+    """(workers, buffer elements per worker, plane) of a channel-blocked stride-1 direct kernel
+    running ``op`` ("conv2d" or "conv2d_backward_input", which is the forward pass of grad_out
+    with the rotated kernel), or None when it should not run: another op or stride, fewer than
+    :data:`BLOCKED_MIN_OUTPUTS` outputs per group, fewer (image, group) work units than
+    threads (the row-parallel kernels split finer), or buffers over ``limit`` bytes.
+
+    A worker's buffer holds its unit's input unfolded along the kernel's columns: C/g * S
+    planes of ``plane`` elements (:func:`blocked_plane`)."""
+    if op == "conv2d":
+        (out_h, out_w), cin, cout = (g.out_h, g.out_w), g.c_per_group, g.k_per_group
+    elif op == "conv2d_backward_input":
+        (out_h, out_w), cin, cout = (g.h, g.w), g.k_per_group, g.c_per_group
+    else:
+        return None
+    if cout < BLOCKED_MIN_OUTPUTS or g.stride != (1, 1) or (g.n * g.groups < nt and nt > 1):
         return None
     plane = blocked_plane(out_h, out_w, g.r, g.dilation[0], tile)
-    threads = min(nt, g.n * g.groups)
-    if threads * cin * g.s * plane * g.dtype.itemsize > limit:
+    workers, width = min(nt, g.n * g.groups), cin * g.s * plane
+    if workers * width * g.dtype.itemsize > limit:
         return None
-    return np.empty((threads, cin * g.s * plane), g.dtype), plane
+    return workers, width, plane
 
 
 def blocked_weights(w: np.ndarray, groups: int, kblock: int) -> np.ndarray:

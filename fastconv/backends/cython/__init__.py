@@ -32,7 +32,7 @@ import numpy as np  # noqa: E402
 from ... import _config  # noqa: E402
 from ..._args import ConvGeometry  # noqa: E402
 from .._winograd_passes import WinogradPasses  # noqa: E402
-from ..base import (BLOCKED_MIN_OUTPUTS, SERIAL_WORK, Backend, blocked_buffers, blocked_weights,  # noqa: E402
+from ..base import (SERIAL_WORK, Backend, blocked_layout, blocked_weights,  # noqa: E402
                     flat3x3_buffers, flat3x3_preferred, input_grad_kernel, sum_partials)
 from . import _direct, _im2col, _pool, _winograd  # noqa: E402
 
@@ -65,8 +65,11 @@ def _blas_for(nt: int, n: int):
         yield 1
 
 
-#: "auto" picks Winograd from this many channels per group, in and out (see default_algorithm)
+#: "auto" picks Winograd from this many channels per group, in and out, where the blocked
+#: direct kernel does not run, and from WINOGRAD_MIN_CHANNELS_BLOCKED where it does
+#: (see default_algorithm)
 WINOGRAD_MIN_CHANNELS = 8
+WINOGRAD_MIN_CHANNELS_BLOCKED = 16
 
 #: a thread's GEMM should have at least this many columns (images are grouped until it does)
 _MIN_GEMM_COLUMNS = 1024
@@ -121,13 +124,19 @@ def _flat3x3(out_h: int, out_w: int, g: ConvGeometry, cin: int, nt: int) -> tupl
     return flat3x3_buffers(out_h, out_w, g, cin, nt, _direct.FLAT_SEGMENT, _config.get_workspace_limit())
 
 
-def _blocked(out_h: int, out_w: int, g: ConvGeometry, cin: int, cout: int,
-             nt: int) -> tuple[np.ndarray, int] | None:
-    """The unfolded-input buffers of ``_direct.forward_blocked`` producing ``cout`` channels per
-    group, or None when it should not run (see :func:`fastconv.backends.base.blocked_buffers`)."""
-    if cout < BLOCKED_MIN_OUTPUTS:
+def _blocked_layout(op: str, g: ConvGeometry) -> tuple[int, int, int] | None:
+    """See :func:`fastconv.backends.base.blocked_layout`."""
+    return blocked_layout(op, g, _threads(g.flops // 2), _direct.BLOCKED_TILE[1], _config.get_workspace_limit())
+
+
+def _blocked(op: str, g: ConvGeometry) -> tuple[np.ndarray, int] | None:
+    """The unfolded-input buffers and plane size of ``_direct.forward_blocked`` running ``op``, or
+    None when it should not run."""
+    layout = _blocked_layout(op, g)
+    if layout is None:
         return None
-    return blocked_buffers(out_h, out_w, g, cin, nt, _direct.BLOCKED_TILE[1], _config.get_workspace_limit())
+    workers, width, plane = layout
+    return np.empty((workers, width), g.dtype), plane
 
 
 class CythonBackend(WinogradPasses, Backend):
@@ -191,7 +200,7 @@ class CythonBackend(WinogradPasses, Backend):
             ws = _Workspace(g)
             for n0, nb in ws.chunks(g.n):
                 _im2col.forward(x, w2, b, out, ws.col, ws.tmp, n0, nb, g.r, g.s, *_conv_args(g), 1)
-        elif (blk := _blocked(g.out_h, g.out_w, g, g.c_per_group, g.k_per_group, nt)) is not None:
+        elif (blk := _blocked("conv2d", g)) is not None:
             _direct.forward_blocked(x, blocked_weights(weight, g.groups, _direct.BLOCKED_TILE[0]), b, out, *blk,
                                     g.r, g.s, g.padding[0], g.padding[2], *g.dilation, g.groups)
         elif (flat := _flat3x3(g.out_h, g.out_w, g, g.c_per_group, nt)) is not None:
@@ -206,7 +215,7 @@ class CythonBackend(WinogradPasses, Backend):
         nt = _threads(g.flops // 2)
         w2 = weight.reshape(g.k, -1)
         plan = self._plan(g, algorithm, nt)
-        blk = _blocked(g.h, g.w, g, g.k_per_group, g.c_per_group, nt) if plan == "direct" else None
+        blk = _blocked("conv2d_backward_input", g) if plan == "direct" else None
         flat = _flat3x3(g.h, g.w, g, g.k_per_group, nt) if plan == "direct" and blk is None else None
         # the blocked and flat kernels write every element; the others add into gx
         gx = (np.empty if blk is not None or flat is not None else np.zeros)(g.input_shape, g.dtype)
@@ -296,28 +305,29 @@ class CythonBackend(WinogradPasses, Backend):
 
     # ----------------------------------------------------------------- selection
     def default_algorithm(self, op: str, g: ConvGeometry) -> str:
-        """Winograd for 3x3 stride-1 layers with at least 8 channels in and out per group, else
-        im2col + GEMM unless the GEMM would be degenerate.
+        """Winograd for 3x3 stride-1 layers with at least 16 channels per group in and out;
+        the channel-blocked direct kernel wherever it runs (stride 1, at least 4 outputs per
+        group, forward and input gradient); Winograd from 8 channels in and out for the weight
+        gradient; else im2col + GEMM unless the GEMM would be degenerate.
 
-        One-channel 3x3 stride-1 layers with up to 8 outputs run the flat direct kernel in the
-        forward and input-gradient passes (about 1.25x faster than im2col there; im2col wins
-        from 16 outputs on).
-
-        Measured on the 2-core box (float32, 2 threads, forward and both backward passes):
-        Winograd F(4x4, 3x3) beats im2col from 8 channels in and out per group (1.0-1.5x at 8,
-        1.4-2x at 16, 2x and more at 64) and loses below (0.2-0.8x with 1 to 4 input
-        channels).  im2col beat direct on every other layer of the benchmark suite, first
-        layers with C = 1 or 3 included, except depthwise convs (C/groups = 1: each GEMM is a
-        1-row product).  Single-channel, single-output convs (the ``correlate2d`` path) also
-        stay direct: the column matrix would be R*S times the image.
+        Measured on the 2-core box (float32, 2 threads): the blocked kernel runs at 65-95% of
+        the sgemm peak on 8 to 64 channels and beat im2col on every stride-1 layer of the
+        benchmark suite it runs on (1.2-4x; pw-1x1 1.2-1.5x), and Winograd on the 8-channel
+        stripe-c2 layer (1.6x forward and input gradient).  Winograd F(4x4, 3x3) stays ahead
+        from 16 channels (mnist-c2 1.05-1.1x, cifar-64 1.8x) and, where no blocked kernel
+        runs, beats im2col from 8 channels (1.0-1.5x at 8) and loses below (0.2-0.8x with 1 to
+        4 input channels).  Depthwise convs (C/groups = 1: each GEMM is a 1-row product) and
+        single-channel, single-output convs (the ``correlate2d`` path, whose column matrix
+        would be R*S times the image) stay direct, as do one-channel 3x3 stride-1 layers with
+        up to 8 outputs (the flat-plane kernel).
         """
-        if (min(g.c_per_group, g.k_per_group) >= WINOGRAD_MIN_CHANNELS
+        width = min(g.c_per_group, g.k_per_group)
+        blocked = _blocked_layout(op, g) is not None
+        if ((width >= WINOGRAD_MIN_CHANNELS_BLOCKED or width >= WINOGRAD_MIN_CHANNELS and not blocked)
                 and self.unsupported("winograd", op, g) is None):
             return "winograd"
-        if g.c_per_group == 1 and g.k_per_group <= 4:
+        if blocked or g.c_per_group == 1 and g.k_per_group <= 4 or flat3x3_preferred(op, g):
             return "direct"
-        if flat3x3_preferred(op, g):
-            return "direct"  # the flat 3x3 kernel
         return "im2col"
 
     def info(self) -> dict[str, Any]:

@@ -57,7 +57,7 @@ import numpy as np  # noqa: E402
 from ... import _config  # noqa: E402
 from ..._args import ConvGeometry, PoolGeometry  # noqa: E402
 from .._winograd_passes import WinogradPasses  # noqa: E402
-from ..base import (BLOCKED_MIN_OUTPUTS, SERIAL_WORK, Backend, blocked_buffers, blocked_weights,  # noqa: E402
+from ..base import (SERIAL_WORK, Backend, blocked_layout, blocked_weights,  # noqa: E402
                     flat3x3_buffers, flat3x3_preferred, input_grad_kernel, sum_partials)
 from ... import _winograd as wino  # noqa: E402
 from . import _blocked, _kernels  # noqa: E402
@@ -218,20 +218,21 @@ def _flat3x3(out_h: int, out_w: int, g: ConvGeometry, cin: int) -> tuple[np.ndar
     return flat3x3_buffers(out_h, out_w, g, cin, _threads(g), _kernels.FLAT_SEGMENT, _config.get_workspace_limit())
 
 
-def _blocked_conv(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, out: np.ndarray, g: ConvGeometry,
+def _blocked_layout(op: str, g: ConvGeometry) -> tuple[int, int, int] | None:
+    """See :func:`fastconv.backends.base.blocked_layout`."""
+    return blocked_layout(op, g, _threads(g), _blocked.VBLOCK, _config.get_workspace_limit())
+
+
+def _blocked_conv(op: str, x: np.ndarray, weight: np.ndarray, bias: np.ndarray, out: np.ndarray, g: ConvGeometry,
                   pads: tuple[int, int]) -> bool:
-    """Run ``_blocked.conv2d_blocked`` (``weight`` as the forward pass sees it, (Kout, Cin/g, R, S))
-    when it should (see :func:`fastconv.backends.base.blocked_buffers`); False if it should not."""
-    cin, cout = x.shape[1] // g.groups, out.shape[1] // g.groups
-    if cout < BLOCKED_MIN_OUTPUTS:
+    """Run ``op`` with ``_blocked.conv2d_blocked`` (``weight`` as its forward pass sees it,
+    (Kout, Cin/g, R, S)) if it should run; whether it did."""
+    layout = _blocked_layout(op, g)
+    if layout is None:
         return False
-    buffers = blocked_buffers(out.shape[2], out.shape[3], g, cin, _threads(g), _blocked.VBLOCK,
-                              _config.get_workspace_limit())
-    if buffers is None:
-        return False
-    xs, plane = buffers
-    _conv2d_blocked(x, blocked_weights(weight, g.groups, _blocked.KBLOCK), bias, out, xs, np.zeros(1, np.int64),
-                    plane, g.r, g.s, *pads, *g.dilation, g.groups, threads=xs.shape[0])
+    workers, width, plane = layout
+    _conv2d_blocked(x, blocked_weights(weight, g.groups, _blocked.KBLOCK), bias, out, np.empty((workers, width), g.dtype),
+                    np.zeros(1, np.int64), plane, g.r, g.s, *pads, *g.dilation, g.groups, threads=workers)
     return True
 
 
@@ -291,8 +292,11 @@ class _ThreadPlan:
         return _config.single_threaded_blas() if self.workers > 1 else contextlib.nullcontext()
 
 
-#: "auto" picks Winograd from this many channels per group, in and out (see default_algorithm)
+#: "auto" picks Winograd from this many channels per group, in and out, where the blocked
+#: direct kernel does not run, and from WINOGRAD_MIN_CHANNELS_BLOCKED where it does
+#: (see default_algorithm)
 WINOGRAD_MIN_CHANNELS = 8
+WINOGRAD_MIN_CHANNELS_BLOCKED = 16
 #: ... or from this many input channels per group with at least WINOGRAD_MIN_OUTPUTS outputs
 WINOGRAD_MIN_WIDE_INPUTS = 16
 WINOGRAD_MIN_OUTPUTS = 4
@@ -331,7 +335,12 @@ class NumbaBackend(WinogradPasses, Backend):
 
     # ------------------------------------------------------------------ selection
     def default_algorithm(self, op: str, g: ConvGeometry) -> str:
-        """Winograd for the 3x3 stride-1 layers it can run with at least
+        """Winograd for 3x3 stride-1 layers with at least :data:`WINOGRAD_MIN_CHANNELS_BLOCKED`
+        channels per group in and out; else the channel-blocked direct kernel wherever it
+        runs (stride 1, at least 4 outputs per group, forward and input gradient: 1.1-2.4x
+        faster than im2col on the suite's stride-1 layers, 1.3x faster than Winograd on the
+        8-channel stripe-c2 layer, 0.9-1.1x on 32 to 64 channels); else, as before it existed,
+        Winograd for the 3x3 stride-1 layers it can run with at least
         :data:`WINOGRAD_MIN_CHANNELS` channels per group in and out, or at least
         :data:`WINOGRAD_MIN_WIDE_INPUTS` in and :data:`WINOGRAD_MIN_OUTPUTS` out; else
         im2col + GEMM unless the GEMM would be degenerate: depthwise-like convs (one input
@@ -344,17 +353,18 @@ class NumbaBackend(WinogradPasses, Backend):
         400x8x8x8 and 2.3 on the stripe-c2 layer, 0.85-1.0 on 14x14 and 32x32 planes), 12 in
         and out 1.0-3.0, 16 in and out 1.2-3.3; with 4 outputs 16 inputs give 1.04-1.37, 32
         inputs 2-3, 8 or 12 inputs 0.74-1.17; 4 or 6 inputs lose (0.5-0.99) whatever the
-        outputs.  (The Cython backend uses the first rule alone.)  One-channel 3x3 stride-1
-        layers with few outputs run the flat-plane direct kernel
-        (:func:`fastconv.backends.base.flat3x3_preferred`); im2col beat direct on every
-        other layer of the benchmark suite, C = 1 or 3 first layers included.
+        outputs.  (The Cython backend uses the first of these rules alone.)  One-channel 3x3
+        stride-1 layers with few outputs run the flat-plane direct kernel
+        (:func:`fastconv.backends.base.flat3x3_preferred`); elsewhere im2col beat the row-wise
+        direct kernel on every layer of the benchmark suite.
         """
         cin, cout = g.c_per_group, g.k_per_group
-        wide = min(cin, cout) >= WINOGRAD_MIN_CHANNELS or (cin >= WINOGRAD_MIN_WIDE_INPUTS
-                                                          and cout >= WINOGRAD_MIN_OUTPUTS)
+        blocked = _blocked_layout(op, g) is not None
+        wide = min(cin, cout) >= WINOGRAD_MIN_CHANNELS_BLOCKED or not blocked and (
+            min(cin, cout) >= WINOGRAD_MIN_CHANNELS or cin >= WINOGRAD_MIN_WIDE_INPUTS and cout >= WINOGRAD_MIN_OUTPUTS)
         if wide and self.unsupported("winograd", op, g) is None:
             return "winograd"
-        if cin == 1 and cout <= 4 or flat3x3_preferred(op, g):
+        if blocked or cin == 1 and cout <= 4 or flat3x3_preferred(op, g):
             return "direct"
         return "im2col"
 
@@ -389,7 +399,7 @@ class NumbaBackend(WinogradPasses, Backend):
         out = np.empty(g.output_shape, dtype=g.dtype)
         b = np.zeros(g.k, dtype=g.dtype) if bias is None else bias
         if algorithm == "direct":
-            if _blocked_conv(x, weight, b, out, g, (g.padding[0], g.padding[2])):
+            if _blocked_conv("conv2d", x, weight, b, out, g, (g.padding[0], g.padding[2])):
                 pass
             elif (flat := _flat3x3(g.out_h, g.out_w, g, g.c_per_group)) is not None:
                 _conv2d_direct3x3(x, weight, b, out, *flat, np.zeros(1, np.int64), g.padding[0], g.padding[2],
@@ -412,7 +422,8 @@ class NumbaBackend(WinogradPasses, Backend):
             # rotated kernel and padding dil*(R-1) - pad
             pads = (g.dilation[0] * (g.r - 1) - g.padding[0], g.dilation[1] * (g.s - 1) - g.padding[2])
             rotated = input_grad_kernel(weight, g.groups) if g.stride == (1, 1) else None
-            if rotated is not None and _blocked_conv(grad_out, rotated, np.zeros(g.c, g.dtype), gx, g, pads):
+            if rotated is not None and _blocked_conv("conv2d_backward_input", grad_out, rotated, np.zeros(g.c, g.dtype), gx,
+                                                     g, pads):
                 pass
             elif (flat := _flat3x3(g.h, g.w, g, g.k_per_group)) is not None:
                 _conv2d_direct3x3(grad_out, rotated, np.zeros(g.c, g.dtype), gx, *flat, np.zeros(1, np.int64), *pads,
