@@ -1,8 +1,8 @@
 """The channel-blocked stride-1 direct kernels of the compiled backends against the reference.
 
-``algorithm="direct"`` runs them for stride-1 layers with at least
-``BLOCKED_MIN_OUTPUTS`` outputs per group, forward and (through the rotated kernel) input
-gradient.  The random grid of the other tests draws few channels; here every draw reaches
+``algorithm="direct"`` runs them for layers with at least ``BLOCKED_MIN_OUTPUTS`` outputs per
+group: the forward pass at any stride, the input gradient (the forward pass of grad_out with
+the rotated kernel) at stride 1.  The random grid of the other tests draws few channels; here every draw reaches
 the blocked kernel, and a spy on it makes sure it ran.
 """
 
@@ -39,9 +39,10 @@ def spy(monkeypatch, backend: str) -> list:
 
 
 def draw(seed: int):
-    """A random stride-1 conv with 4-20 outputs and 4-9 inputs per group (so both the forward
-    pass and the input gradient qualify), kernels 1-5 x 1-5, dilation, every kind of padding
-    ("same" with even kernels is asymmetric), planes down to one pixel."""
+    """A random conv with 4-20 outputs and 4-9 inputs per group (so both the forward pass and
+    the input gradient qualify), kernels 1-5 x 1-5, strides 1-3 (every other draw stride 1),
+    dilation, every kind of padding ("same" with even kernels is asymmetric), planes down to
+    one pixel."""
     rng = np.random.default_rng(seed)
     while True:
         groups = int(rng.choice([1, 1, 2, 3]))
@@ -49,12 +50,13 @@ def draw(seed: int):
         r, s = int(rng.integers(1, 6)), int(rng.integers(1, 6))
         dil = (int(rng.integers(1, 3)), int(rng.integers(1, 3)))
         padding = ["same", "valid", (int(rng.integers(0, 4)), int(rng.integers(0, 4)))][seed % 3]
+        stride = (1, 1) if seed % 2 or padding == "same" else (int(rng.integers(1, 4)), int(rng.integers(1, 4)))
         n, h, w = int(rng.integers(2, 5)), int(rng.integers(1, 21)), int(rng.integers(1, 21))
         dtype = np.float32 if seed % 2 else np.float64
         x = rng.standard_normal((n, groups * cg, h, w)).astype(dtype)
         weight = rng.standard_normal((groups * kg, cg, r, s)).astype(dtype)
         bias = rng.standard_normal(groups * kg).astype(dtype)
-        kw = dict(padding=padding, dilation=dil, groups=groups)
+        kw = dict(stride=stride, padding=padding, dilation=dil, groups=groups)
         try:
             out = fastconv.conv2d(x, weight, bias, **kw, backend="reference")
         except ValueError:  # kernel larger than the padded image
@@ -73,7 +75,7 @@ def test_blocked_kernel_matches_reference(backend, threads, seed, monkeypatch):
         got = fastconv.conv2d(x, weight, bias, **kw, backend=backend, algorithm="direct")
         gx = fastconv.conv2d_backward(gy, x, weight, **kw, backend=backend, algorithm="direct",
                                       need_weight=False, need_bias=False).input
-    assert len(calls) == 2, "the blocked kernel did not run for both passes"
+    assert len(calls) == (2 if kw["stride"] == (1, 1) else 1), "the blocked kernel did not run"
     assert_close(got, out, x.dtype)
     assert_close(gx, fastconv.conv2d_backward(gy, x, weight, **kw, backend="reference").input, x.dtype)
 
@@ -93,19 +95,22 @@ def test_blocked_kernel_writes_nothing_past_its_arrays(backend, monkeypatch):
                                           need_weight=False, need_bias=False).input
         assert_close(got, out, x.dtype)
         assert_close(gx, fastconv.conv2d_backward(gy, x, weight, **kw, backend="reference").input, x.dtype)
-    assert len(calls) == 24 and guarded.buffers and guarded.untouched()
+    assert len(calls) >= 18 and guarded.buffers and guarded.untouched()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_blocked_kernel_on_large_planes(backend):
     """Planes of many register tiles, with rows wider and narrower than the output (padding
-    beyond the kernel's reach, "valid"), and a one-row plane."""
+    beyond the kernel's reach, "valid"), a one-row plane, strided layers."""
     rng = np.random.default_rng(3)
-    for (n, c, h, w, k, r, s, pad, dil) in [(2, 5, 60, 70, 12, 3, 3, 1, 1), (2, 4, 33, 47, 9, 5, 3, (4, 0), (1, 2)),
-                                            (3, 6, 30, 41, 8, 3, 5, 0, 1), (2, 4, 1, 300, 16, 1, 7, (0, 3), 1)]:
+    for (n, c, h, w, k, r, s, stride, pad, dil) in [(2, 5, 60, 70, 12, 3, 3, 1, 1, 1),
+                                                    (2, 4, 33, 47, 9, 5, 3, 1, (4, 0), (1, 2)),
+                                                    (3, 6, 30, 41, 8, 3, 5, 1, 0, 1), (2, 4, 1, 300, 16, 1, 7, 1, (0, 3), 1),
+                                                    (2, 3, 61, 58, 16, 7, 7, 2, 3, 1),  # a ResNet stem
+                                                    (2, 3, 40, 45, 8, 4, 5, (3, 2), (2, 1), (2, 1))]:
         x = rng.standard_normal((n, c, h, w)).astype(np.float32)
         weight = rng.standard_normal((k, c, r, s)).astype(np.float32)
-        kw = dict(padding=pad, dilation=dil)
+        kw = dict(stride=stride, padding=pad, dilation=dil)
         out = fastconv.conv2d(x, weight, **kw, backend=backend, algorithm="direct")
         assert_close(out, fastconv.conv2d(x, weight, **kw, backend="reference"), np.float32)
         gy = rng.standard_normal(out.shape).astype(np.float32)

@@ -130,35 +130,47 @@ def flat3x3_buffers(out_h: int, out_w: int, g: ConvGeometry, cin: int, nt: int, 
 BLOCKED_MIN_OUTPUTS = 4
 
 
-def blocked_plane(out_h: int, out_w: int, r: int, dh: int, tile: int) -> int:
-    """Elements per unfolded plane of a channel-blocked direct kernel: ``out_h + (r-1)*dh``
-    input rows of ``out_w``, plus the slack that the last, partial tile of ``tile`` flat
-    outputs reads past the ``out_h * out_w`` outputs."""
-    return (out_h + (r - 1) * dh) * out_w + (-(out_h * out_w)) % tile
+def blocked_plane(out_h: int, out_w: int, r: int, dh: int, sh: int, tile: int) -> int:
+    """Elements per unfolded plane of a channel-blocked direct kernel: ``out_h + (r-1)*dh // sh``
+    rows (of one row phase) of ``out_w``, plus the slack that the last, partial tile of ``tile``
+    flat outputs reads past the ``out_h * out_w`` outputs."""
+    return (out_h + (r - 1) * dh // sh) * out_w + (-(out_h * out_w)) % tile
 
 
 def blocked_layout(op: str, g: ConvGeometry, nt: int, tile: int, limit: int) -> tuple[int, int, int] | None:
-    """(workers, buffer elements per worker, plane) of a channel-blocked stride-1 direct kernel
-    running ``op`` ("conv2d" or "conv2d_backward_input", which is the forward pass of grad_out
-    with the rotated kernel), or None when it should not run: another op or stride, fewer than
-    :data:`BLOCKED_MIN_OUTPUTS` outputs per group, fewer (image, group) work units than
+    """(workers, buffer elements per worker, plane) of a channel-blocked direct kernel running
+    ``op`` ("conv2d", any stride, or "conv2d_backward_input", stride 1: the forward pass of
+    grad_out with the rotated kernel), or None when it should not run: another op, fewer
+    than :data:`BLOCKED_MIN_OUTPUTS` outputs per group, fewer (image, group) work units than
     threads (the row-parallel kernels split finer), or buffers over ``limit`` bytes.
 
-    A worker's buffer holds its unit's input unfolded along the kernel's columns: C/g * S
-    planes of ``plane`` elements (:func:`blocked_plane`)."""
+    A worker's buffer holds its unit's input unfolded along the kernel's columns and split
+    into the vertical stride's row phases: C/g * S * sh planes of ``plane`` elements
+    (:func:`blocked_plane`)."""
     if op == "conv2d":
         (out_h, out_w), cin, cout = (g.out_h, g.out_w), g.c_per_group, g.k_per_group
-    elif op == "conv2d_backward_input":
+    elif op == "conv2d_backward_input" and g.stride == (1, 1):
         (out_h, out_w), cin, cout = (g.h, g.w), g.k_per_group, g.c_per_group
     else:
         return None
-    if cout < BLOCKED_MIN_OUTPUTS or g.stride != (1, 1) or (g.n * g.groups < nt and nt > 1):
+    if cout < BLOCKED_MIN_OUTPUTS or (g.n * g.groups < nt and nt > 1):
         return None
-    plane = blocked_plane(out_h, out_w, g.r, g.dilation[0], tile)
-    workers, width = min(nt, g.n * g.groups), cin * g.s * plane
+    sh = g.stride[0] if op == "conv2d" else 1
+    plane = blocked_plane(out_h, out_w, g.r, g.dilation[0], sh, tile)
+    workers, width = min(nt, g.n * g.groups), cin * g.s * sh * plane
     if workers * width * g.dtype.itemsize > limit:
         return None
     return workers, width, plane
+
+
+def blocked_offsets(cin: int, g: ConvGeometry, sh: int, out_w: int, plane: int) -> np.ndarray:
+    """Where tap t = (c*R + r)*S + s of a channel-blocked kernel reads its unfolded input, for
+    ``cin`` channels per group and vertical stride ``sh``: ((c*S + s)*sh + (r*dh) % sh)*plane +
+    ((r*dh) // sh)*out_w (row phase (r*dh) % sh, shifted by whole phase rows)."""
+    c, r, s = np.meshgrid(np.arange(cin), np.arange(g.r), np.arange(g.s), indexing="ij")
+    rows = r * g.dilation[0]
+    return np.ascontiguousarray((((c * g.s + s) * sh + rows % sh) * plane + rows // sh * out_w).reshape(-1),
+                                dtype=np.intp)
 
 
 def blocked_weights(w: np.ndarray, groups: int, kblock: int) -> np.ndarray:

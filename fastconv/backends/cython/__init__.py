@@ -32,7 +32,7 @@ import numpy as np  # noqa: E402
 from ... import _config  # noqa: E402
 from ..._args import ConvGeometry  # noqa: E402
 from .._winograd_passes import WinogradPasses  # noqa: E402
-from ..base import (SERIAL_WORK, Backend, blocked_layout, blocked_weights,  # noqa: E402
+from ..base import (SERIAL_WORK, Backend, blocked_layout, blocked_offsets, blocked_weights,  # noqa: E402
                     flat3x3_buffers, flat3x3_preferred, input_grad_kernel, sum_partials)
 from . import _direct, _im2col, _pool, _winograd  # noqa: E402
 
@@ -129,14 +129,17 @@ def _blocked_layout(op: str, g: ConvGeometry) -> tuple[int, int, int] | None:
     return blocked_layout(op, g, _threads(g.flops // 2), _direct.BLOCKED_TILE[1], _config.get_workspace_limit())
 
 
-def _blocked(op: str, g: ConvGeometry) -> tuple[np.ndarray, int] | None:
-    """The unfolded-input buffers and plane size of ``_direct.forward_blocked`` running ``op``, or
-    None when it should not run."""
+def _blocked(op: str, g: ConvGeometry) -> tuple[np.ndarray, np.ndarray, int] | None:
+    """The unfolded-input buffers, tap offsets and plane size of ``_direct.forward_blocked``
+    running ``op``, or None when it should not run."""
     layout = _blocked_layout(op, g)
     if layout is None:
         return None
     workers, width, plane = layout
-    return np.empty((workers, width), g.dtype), plane
+    forward = op == "conv2d"
+    offsets = blocked_offsets(g.c_per_group if forward else g.k_per_group, g, g.stride[0] if forward else 1,
+                              g.out_w if forward else g.w, plane)
+    return np.empty((workers, width), g.dtype), offsets, plane
 
 
 class CythonBackend(WinogradPasses, Backend):
@@ -202,7 +205,7 @@ class CythonBackend(WinogradPasses, Backend):
                 _im2col.forward(x, w2, b, out, ws.col, ws.tmp, n0, nb, g.r, g.s, *_conv_args(g), 1)
         elif (blk := _blocked("conv2d", g)) is not None:
             _direct.forward_blocked(x, blocked_weights(weight, g.groups, _direct.BLOCKED_TILE[0]), b, out, *blk,
-                                    g.r, g.s, g.padding[0], g.padding[2], *g.dilation, g.groups)
+                                    g.r, g.s, *g.stride, g.padding[0], g.padding[2], *g.dilation, g.groups)
         elif (flat := _flat3x3(g.out_h, g.out_w, g, g.c_per_group, nt)) is not None:
             _direct.forward3x3(x, weight, b, out, *flat, g.padding[0], g.padding[2], *g.dilation, g.groups)
         else:
@@ -236,8 +239,8 @@ class CythonBackend(WinogradPasses, Backend):
                 _im2col.backward_input(grad_out, w2, gx, ws.col, ws.tmp, n0, nb, g.r, g.s, *_conv_args(g), 1)
         elif blk is not None:
             wt = blocked_weights(input_grad_kernel(weight, g.groups), g.groups, _direct.BLOCKED_TILE[0])
-            _direct.forward_blocked(grad_out, wt, np.zeros(g.c, g.dtype), gx, *blk, g.r, g.s, *pads, *g.dilation,
-                                    g.groups)
+            _direct.forward_blocked(grad_out, wt, np.zeros(g.c, g.dtype), gx, *blk, g.r, g.s, 1, 1, *pads,
+                                    *g.dilation, g.groups)
         elif flat is not None:
             _direct.forward3x3(grad_out, input_grad_kernel(weight, g.groups), np.zeros(g.c, g.dtype), gx, *flat,
                                *pads, *g.dilation, g.groups)

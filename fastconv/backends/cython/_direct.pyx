@@ -278,13 +278,15 @@ def forward3x3(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] w, c
 
 # --------------------------------------------------------------------------- channel-blocked, stride 1
 #
-# Layers with many output channels on small planes (8x8 .. 28x28).  Each image's padded
-# input is unfolded along the kernel's columns only: ``xs[(c*S + s)*plane + i*Wo + o]`` =
-# padded input (i, o + s*dw).  Output (oh, ow) is flat f = oh*Wo + ow of its plane, and tap
-# (c, r, s) then reads xs at the constant offset (c*S + s)*plane + r*dh*Wo: no wasted
-# columns, an S-fold copy instead of im2col's R*S-fold one.  A register tile of KBLOCK output
-# channels by VBLOCK flat outputs accumulates over every tap (one vector load of the input
-# and KBLOCK broadcast weights feed KBLOCK vector FMAs), then goes straight to the output.
+# Layers with many output channels on small planes (8x8 .. 28x28) and first layers.  Each
+# image's padded input is unfolded along the kernel's columns only, and split into row phases
+# for a vertical stride: ``xs[((c*S + s)*sh + p)*plane + q*Wo + o]`` = padded input
+# (q*sh + p, o*sw + s*dw).  Output (oh, ow) is flat f = oh*Wo + ow of a plane, and tap
+# (c, r, s) then reads xs at the constant offset ((c*S + s)*sh + (r*dh) % sh)*plane +
+# ((r*dh) // sh)*Wo (``fastconv.backends.base.blocked_offsets``): no wasted columns, an S-fold
+# copy instead of im2col's R*S-fold one.  A register tile of KBLOCK output channels by
+# VBLOCK flat outputs accumulates over every tap (one vector load of the input and KBLOCK
+# broadcast weights feed KBLOCK vector FMAs), then goes straight to the output.
 
 cdef extern from "_tile.h" nogil:
     enum:
@@ -297,43 +299,45 @@ cdef extern from "_tile.h" nogil:
 
 
 cdef inline void _unfold_columns(const floating* src, Py_ssize_t C, Py_ssize_t H, Py_ssize_t W, Py_ssize_t S,
-                                 Py_ssize_t dw, Py_ssize_t pt, Py_ssize_t pl, Py_ssize_t Hp, Py_ssize_t Wo,
-                                 Py_ssize_t plane, floating* dst) noexcept nogil:
-    """dst[(c*S + s)*plane + i*Wo + o] = src[c, i - pt, o + s*dw - pl] (0 outside the H x W input),
-    zeros in the ``plane - Hp*Wo`` slack after each plane.  ``pt`` / ``pl`` may be negative.
+                                 Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t dw, Py_ssize_t pt, Py_ssize_t pl,
+                                 Py_ssize_t Hq, Py_ssize_t Wo, Py_ssize_t plane, floating* dst) noexcept nogil:
+    """dst[((c*S + s)*sh + p)*plane + q*Wo + o] = src[c, q*sh + p - pt, o*sw + s*dw - pl] (0 outside the
+    H x W input) for q < Hq, zeros in the ``plane - Hq*Wo`` slack after each plane.  ``pt`` /
+    ``pl`` may be negative.
 
-    When W == Wo (stride 1, "same"-style padding) source and destination rows have the same
-    pitch, so a plane's valid rows are one flat copy at a constant offset; the few columns
-    it wraps in from the neighbouring rows are zeroed after.  Otherwise row by row.
+    With stride 1 and W == Wo ("same"-style padding) source and destination rows have the
+    same pitch, so a plane's valid rows are one flat copy at a constant offset; the few
+    columns it wraps in from the neighbouring rows are zeroed after.  Otherwise row by row.
     """
-    cdef Py_ssize_t c, s, i, o, off, lo, hi, i0 = min(max(pt, 0), Hp), i1 = max(min(H + pt, Hp), i0)
+    cdef Py_ssize_t c, s, p, q, o, off, lo, hi, q0, q1
     cdef const floating* row
     cdef floating* base
-    cdef floating* orow
     for c in range(C):
         for s in range(S):
-            base = dst + (c * S + s) * plane
             off = s * dw - pl
-            lo = min(first_in(off, 1), Wo)
-            hi = max(end_in(off, 1, W, Wo), lo)
-            fill(base, 0, i0 * Wo)
-            if W == Wo and hi > lo and i1 > i0:
-                row = src + (c * H + i0 - pt) * W + off  # row i0 of the plane, shifted by the tap
-                memcpy(base + i0 * Wo + lo, row + lo, ((i1 - i0 - 1) * Wo + hi - lo) * sizeof(floating))
-                if lo > 0 or hi < Wo:
-                    for i in range(i0, i1):
-                        for o in range(lo):
-                            base[i * Wo + o] = 0
-                        for o in range(hi, Wo):
-                            base[i * Wo + o] = 0
-            else:
-                for i in range(i0, i1):
-                    orow = base + i * Wo
-                    row = src + (c * H + i - pt) * W + off
-                    fill(orow, 0, lo)
-                    memcpy(orow + lo, row + lo, (hi - lo) * sizeof(floating))
-                    fill(orow + hi, 0, Wo - hi)
-            fill(base + i1 * Wo, 0, plane - i1 * Wo)
+            lo = min(first_in(off, sw), Wo)
+            hi = max(end_in(off, sw, W, Wo), lo)
+            for p in range(sh):
+                base = dst + ((c * S + s) * sh + p) * plane
+                q0 = min(first_in(p - pt, sh), Hq)         # rows q with 0 <= q*sh + p - pt < H
+                q1 = max(end_in(p - pt, sh, H, Hq), q0)
+                fill(base, 0, q0 * Wo)
+                row = src + (c * H + q0 * sh + p - pt) * W + off  # row q0, shifted by the tap
+                if sh == 1 and sw == 1 and W == Wo and hi > lo and q1 > q0:
+                    memcpy(base + q0 * Wo + lo, row + lo, ((q1 - q0 - 1) * Wo + hi - lo) * sizeof(floating))
+                    if lo > 0 or hi < Wo:
+                        for q in range(q0, q1):
+                            for o in range(lo):
+                                base[q * Wo + o] = 0
+                            for o in range(hi, Wo):
+                                base[q * Wo + o] = 0
+                else:
+                    for q in range(q0, q1):
+                        fill(base + q * Wo, 0, lo)
+                        for o in range(lo, hi):
+                            base[q * Wo + o] = row[(q - q0) * sh * W + o * sw]
+                        fill(base + q * Wo + hi, 0, Wo - hi)
+                fill(base + q1 * Wo, 0, plane - q1 * Wo)
 
 
 cdef inline void _tile(const floating* xs, const floating* wt, const Py_ssize_t* offs, Py_ssize_t T,
@@ -346,14 +350,15 @@ cdef inline void _tile(const floating* xs, const floating* wt, const Py_ssize_t*
 
 
 cdef void _blocked_unit(const floating* x, const floating* wt, const floating* bias, floating* out,
-                        const Py_ssize_t* offs, floating* xs, Py_ssize_t Cg, Py_ssize_t H, Py_ssize_t W,
-                        Py_ssize_t Kg, Py_ssize_t Ho, Py_ssize_t Wo, Py_ssize_t R, Py_ssize_t S, Py_ssize_t dh,
-                        Py_ssize_t dw, Py_ssize_t pt, Py_ssize_t pl, Py_ssize_t plane) noexcept nogil:
+                        const Py_ssize_t* offs, Py_ssize_t T, floating* xs, Py_ssize_t Cg, Py_ssize_t H,
+                        Py_ssize_t W, Py_ssize_t Kg, Py_ssize_t Ho, Py_ssize_t Wo, Py_ssize_t R, Py_ssize_t S,
+                        Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t dh, Py_ssize_t dw, Py_ssize_t pt, Py_ssize_t pl,
+                        Py_ssize_t plane) noexcept nogil:
     """One (image, group): out[k, f] for k < Kg, f < Ho*Wo, from x[c] for c < Cg (see above)."""
     cdef floating acc[KBLOCK * VBLOCK]
     cdef floating b[KBLOCK]
-    cdef Py_ssize_t T = Cg * R * S, F = Ho * Wo, kb, k0, nk, i, j, f0
-    _unfold_columns(x, Cg, H, W, S, dw, pt, pl, Ho + (R - 1) * dh, Wo, plane, xs)
+    cdef Py_ssize_t F = Ho * Wo, kb, k0, nk, i, j, f0
+    _unfold_columns(x, Cg, H, W, S, sh, sw, dw, pt, pl, Ho + (R - 1) * dh // sh, Wo, plane, xs)
     for kb in range((Kg + KBLOCK - 1) // KBLOCK):
         k0 = kb * KBLOCK
         nk = min(<Py_ssize_t> KBLOCK, Kg - k0)
@@ -370,27 +375,23 @@ cdef void _blocked_unit(const floating* x, const floating* wt, const floating* b
 
 
 def forward_blocked(const floating[:, :, :, ::1] x, const floating[:, :, ::1] wt, const floating[::1] bias,
-                    floating[:, :, :, ::1] out, floating[:, ::1] xs, Py_ssize_t plane, Py_ssize_t R, Py_ssize_t S,
-                    Py_ssize_t pt, Py_ssize_t pl, Py_ssize_t dh, Py_ssize_t dw, Py_ssize_t groups):
-    """Stride-1 convolution with channel-blocked register tiles on ``xs.shape[0]`` threads, one
-    (image, group) per work unit.
+                    floating[:, :, :, ::1] out, floating[:, ::1] xs, const Py_ssize_t[::1] offs, Py_ssize_t plane,
+                    Py_ssize_t R, Py_ssize_t S, Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t pt, Py_ssize_t pl,
+                    Py_ssize_t dh, Py_ssize_t dw, Py_ssize_t groups):
+    """Convolution with channel-blocked register tiles on ``xs.shape[0]`` threads, one (image,
+    group) per work unit.
 
     ``wt[g, kb*T + t, j]`` is weight (g*Kg + kb*KBLOCK + j, c, r, s) for tap t = (c*R + r)*S + s
-    (zero past Kg: ``fastconv.backends.base.blocked_weights``); ``xs`` holds a thread's unfolded
-    input, Cg*S planes of ``plane`` elements (``fastconv.backends.base.blocked_buffers``).
-    ``pt`` / ``pl`` may be negative (the input gradient runs this with padding dil*(R-1) - pad).
+    (zero past Kg: ``fastconv.backends.base.blocked_weights``); ``offs[t]`` is where tap t reads
+    ``xs``, which holds a thread's unfolded input, Cg*S*sh planes of ``plane`` elements
+    (``fastconv.backends.base.blocked_layout`` and ``blocked_offsets``).  ``pt`` / ``pl`` may be
+    negative (the input gradient runs this with padding dil*(R-1) - pad).
     """
     cdef Py_ssize_t N = x.shape[0], H = x.shape[2], W = x.shape[3], Cg = x.shape[1] // groups
     cdef Py_ssize_t K = out.shape[1], Ho = out.shape[2], Wo = out.shape[3], Kg = K // groups
-    cdef Py_ssize_t T = Cg * R * S, t, n, g, c, r, s
+    cdef Py_ssize_t T = offs.shape[0], t, n, g
     cdef int nt = <int> xs.shape[0], tid
-    cdef Py_ssize_t[::1] offsets = np.empty(T, np.intp)
-    cdef Py_ssize_t* offs = &offsets[0]
     cdef floating* xsp
-    for c in range(Cg):
-        for r in range(R):
-            for s in range(S):
-                offs[(c * R + r) * S + s] = (c * S + s) * plane + r * dh * Wo
     bias_pad = np.zeros(K + KBLOCK, np.asarray(bias).dtype)
     bias_pad[:K] = bias
     cdef const floating[::1] bp = bias_pad
@@ -400,8 +401,8 @@ def forward_blocked(const floating[:, :, :, ::1] x, const floating[:, :, ::1] wt
         for t in prange(N * groups, schedule="dynamic"):
             n = t // groups
             g = t % groups
-            _blocked_unit(&x[n, g * Cg, 0, 0], &wt[g, 0, 0], &bp[g * Kg], &out[n, g * Kg, 0, 0], offs, xsp,
-                          Cg, H, W, Kg, Ho, Wo, R, S, dh, dw, pt, pl, plane)
+            _blocked_unit(&x[n, g * Cg, 0, 0], &wt[g, 0, 0], &bp[g * Kg], &out[n, g * Kg, 0, 0], &offs[0], T, xsp,
+                          Cg, H, W, Kg, Ho, Wo, R, S, sh, sw, dh, dw, pt, pl, plane)
 
 
 #: (output channels, flat outputs) of one ``forward_blocked`` register tile

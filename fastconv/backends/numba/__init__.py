@@ -57,7 +57,7 @@ import numpy as np  # noqa: E402
 from ... import _config  # noqa: E402
 from ..._args import ConvGeometry, PoolGeometry  # noqa: E402
 from .._winograd_passes import WinogradPasses  # noqa: E402
-from ..base import (SERIAL_WORK, Backend, blocked_layout, blocked_weights,  # noqa: E402
+from ..base import (SERIAL_WORK, Backend, blocked_layout, blocked_offsets, blocked_weights,  # noqa: E402
                     flat3x3_buffers, flat3x3_preferred, input_grad_kernel, sum_partials)
 from ... import _winograd as wino  # noqa: E402
 from . import _blocked, _kernels  # noqa: E402
@@ -231,8 +231,11 @@ def _blocked_conv(op: str, x: np.ndarray, weight: np.ndarray, bias: np.ndarray, 
     if layout is None:
         return False
     workers, width, plane = layout
+    sh = g.stride[0] if op == "conv2d" else 1
+    offsets = blocked_offsets(x.shape[1] // g.groups, g, sh, out.shape[3], plane).astype(np.int64)
     _conv2d_blocked(x, blocked_weights(weight, g.groups, _blocked.KBLOCK), bias, out, np.empty((workers, width), g.dtype),
-                    np.zeros(1, np.int64), plane, g.r, g.s, *pads, *g.dilation, g.groups, threads=workers)
+                    offsets, np.zeros(1, np.int64), plane, g.r, g.s, sh, g.stride[1] if op == "conv2d" else 1, *pads,
+                    *g.dilation, g.groups, threads=workers)
     return True
 
 

@@ -101,44 +101,59 @@ def _tile(typingctx, xs, x0, wt, w0, offs, taps, b, out, o0, ldo, nk):
                       types.int64), codegen
 
 
+@njit(inline="always", **_SER)
+def _first(offset, stride):
+    """Smallest o >= 0 with o*stride + offset >= 0."""
+    return 0 if offset >= 0 else (stride - 1 - offset) // stride
+
+
+@njit(inline="always", **_SER)
+def _end(offset, stride, size, n_out):
+    """One past the largest o < n_out with o*stride + offset < size (0 if none)."""
+    last = size - 1 - offset
+    return min(last // stride + 1, n_out) if last >= 0 else 0
+
+
 @njit(**_INL)
-def _unfold_columns(xf, s0, planes, h, wd, ns, dw, pt, pl, hp, wo, plane, dst, d0):
-    """dst[d0 + (c*ns + s)*plane + i*wo + o] = x[s0 + (c*h + i - pt)*wd + o + s*dw - pl] (0 outside
-    the h x wd planes), zeros in the slack after each plane; ``pt`` / ``pl`` may be negative.
-    With wd == wo a plane's valid rows are one flat copy, the wrapped-in columns zeroed after."""
+def _unfold_columns(xf, s0, planes, h, wd, ns, sh, sw, dw, pt, pl, hq, wo, plane, dst):
+    """dst[((c*ns + s)*sh + p)*plane + q*wo + o] = x[s0 + (c*h + q*sh + p - pt)*wd + o*sw + s*dw - pl]
+    (0 outside the h x wd planes) for q < hq, zeros in the slack after each plane; ``pt`` /
+    ``pl`` may be negative.  With stride 1 and wd == wo a plane's valid rows are one flat
+    copy, the wrapped-in columns zeroed after."""
     zero = dst.dtype.type(0)
-    i0 = min(max(pt, 0), hp)
-    i1 = max(min(h + pt, hp), i0)
     for c in range(planes):
         for s in range(ns):
-            base = d0 + (c * ns + s) * plane
             off = s * dw - pl
-            lo = min(max(-off, 0), wo)
-            hi = max(min(wd - off, wo), lo)
-            _fill(dst, base, i0 * wo, zero)
-            src = s0 + (c * h + i0 - pt) * wd + off  # row i0 of the plane, shifted by the tap
-            if wd == wo and hi > lo and i1 > i0:
-                _copy(dst, base + i0 * wo + lo, xf, src + lo, 1, (i1 - i0 - 1) * wo + hi - lo)
-                if lo > 0 or hi < wo:
-                    for i in range(i0, i1):
-                        _fill(dst, base + i * wo, lo, zero)
-                        _fill(dst, base + i * wo + hi, wo - hi, zero)
-            else:
-                for i in range(i0, i1):
-                    _fill(dst, base + i * wo, lo, zero)
-                    _copy(dst, base + i * wo + lo, xf, src + (i - i0) * wd + lo, 1, hi - lo)
-                    _fill(dst, base + i * wo + hi, wo - hi, zero)
-            _fill(dst, base + i1 * wo, plane - i1 * wo, zero)
+            lo = min(_first(off, sw), wo)
+            hi = max(_end(off, sw, wd, wo), lo)
+            for p in range(sh):
+                base = ((c * ns + s) * sh + p) * plane
+                q0 = min(_first(p - pt, sh), hq)
+                q1 = max(_end(p - pt, sh, h, hq), q0)
+                _fill(dst, base, q0 * wo, zero)
+                src = s0 + (c * h + q0 * sh + p - pt) * wd + off  # row q0, shifted by the tap
+                if sh == 1 and sw == 1 and wd == wo and hi > lo and q1 > q0:
+                    _copy(dst, base + q0 * wo + lo, xf, src + lo, 1, (q1 - q0 - 1) * wo + hi - lo)
+                    if lo > 0 or hi < wo:
+                        for q in range(q0, q1):
+                            _fill(dst, base + q * wo, lo, zero)
+                            _fill(dst, base + q * wo + hi, wo - hi, zero)
+                else:
+                    for q in range(q0, q1):
+                        _fill(dst, base + q * wo, lo, zero)
+                        _copy(dst, base + q * wo + lo, xf, src + (q - q0) * sh * wd + lo * sw, sw, hi - lo)
+                        _fill(dst, base + q * wo + hi, wo - hi, zero)
+                _fill(dst, base + q1 * wo, plane - q1 * wo, zero)
 
 
 @njit(**_SER)
-def _blocked_unit(xf, x0, wf, w0, offs, bpad, of, o0, xw, stage, bb, cg, h, wd, kg, ho, wo, nr, ns, dh, dw, pt, pl,
-                  plane):
+def _blocked_unit(xf, x0, wf, w0, offs, bpad, of, o0, xw, stage, bb, cg, h, wd, kg, ho, wo, nr, ns, sh, sw, dh, dw,
+                  pt, pl, plane):
     """One (image, group): outputs of (flat) ``of[o0:]``, Kg planes, from the Cg input planes at
     ``xf[x0:]``, the group's weights at ``wf[w0:]`` and biases at ``bpad[0:]`` (see above).
     A function of its own: inside the ``prange`` body the same code ran 1.3x slower."""
-    taps, f = cg * nr * ns, ho * wo
-    _unfold_columns(xf, x0, cg, h, wd, ns, dw, pt, pl, ho + (nr - 1) * dh, wo, plane, xw, 0)
+    taps, f = offs.size, ho * wo
+    _unfold_columns(xf, x0, cg, h, wd, ns, sh, sw, dw, pt, pl, ho + (nr - 1) * dh // sh, wo, plane, xw)
     for kb in range(-(-kg // KBLOCK)):
         nk = min(KBLOCK, kg - kb * KBLOCK)
         for j in range(KBLOCK):
@@ -154,29 +169,27 @@ def _blocked_unit(xf, x0, wf, w0, offs, bpad, of, o0, xw, stage, bb, cg, h, wd, 
 
 
 @njit(**_PAR)
-def conv2d_blocked(x, wt, bias, out, xs, counter, plane, nr, ns, pt, pl, dh, dw, groups):
-    """Stride-1 convolution with channel-blocked register tiles on ``xs.shape[0]`` workers, one
-    (image, group) per work unit taken from the shared ``counter``.
+def conv2d_blocked(x, wt, bias, out, xs, offs, counter, plane, nr, ns, sh, sw, pt, pl, dh, dw, groups):
+    """Convolution with channel-blocked register tiles on ``xs.shape[0]`` workers, one (image,
+    group) per work unit taken from the shared ``counter``.
 
     ``wt[g, kb*T + t, j]`` is weight (g*Kg + kb*KBLOCK + j, c, r, s) for tap t = (c*R + r)*S + s,
-    zero past Kg (``fastconv.backends.base.blocked_weights``); a worker's row of ``xs`` holds
-    Cg*S unfolded planes of ``plane`` elements (``fastconv.backends.base.blocked_buffers``).
-    ``pt`` / ``pl`` may be negative (the input gradient runs this with padding dil*(R-1) - pad).
+    zero past Kg (``fastconv.backends.base.blocked_weights``); ``offs[t]`` is where tap t reads
+    a worker's row of ``xs``, which holds Cg*S*sh unfolded planes of ``plane`` elements
+    (``fastconv.backends.base.blocked_layout`` and ``blocked_offsets``).  ``pt`` / ``pl`` may
+    be negative (the input gradient runs this with padding dil*(R-1) - pad).
     """
     n, c, h, wd = x.shape
     k, ho, wo = out.shape[1], out.shape[2], out.shape[3]
     cg, kg = c // groups, k // groups
-    taps, f = cg * nr * ns, ho * wo
+    taps, f = offs.size, ho * wo
     tiles, blocks = -(-f // VBLOCK), -(-kg // KBLOCK)
-    offs = np.empty(taps, np.int64)
-    for cc in range(cg):
-        for r in range(nr):
-            for s in range(ns):
-                offs[(cc * nr + r) * ns + s] = (cc * ns + s) * plane + r * dh * wo
-    # every access of _tile stays inside its arrays: the last tile's reads inside a plane's
-    # slack, weights of every block, outputs of the valid channels (partial tiles go via stage)
-    if (taps and (offs[taps - 1] + tiles * VBLOCK > cg * ns * plane or cg * ns * plane > xs.shape[1]
-                  or wt.shape[1] != blocks * taps or wt.shape[2] != KBLOCK)):
+    # every access of _tile stays inside its arrays: reads of the last tile inside the last
+    # plane's slack, weights of every block, outputs of the valid channels (partial tiles go
+    # through the stage)
+    size = cg * ns * sh * plane
+    if (taps != cg * nr * ns or offs.min() < 0 or offs.max() + tiles * VBLOCK > size or size > xs.shape[1]
+            or wt.shape[1] != blocks * taps or wt.shape[2] != KBLOCK):
         raise ValueError("conv2d_blocked: buffers too small for the geometry")
     bpad = np.zeros(k + KBLOCK, out.dtype)
     bpad[:k] = bias
@@ -190,5 +203,6 @@ def conv2d_blocked(x, wt, bias, out, xs, counter, plane, nr, ns, pt, pl, dh, dw,
         while u < units:
             i, g = u // groups, u % groups
             _blocked_unit(xf, (i * c + g * cg) * h * wd, wf, g * blocks * taps * KBLOCK, offs, bpad[g * kg:], of,
-                          (i * k + g * kg) * f, xw, stage, bb, cg, h, wd, kg, ho, wo, nr, ns, dh, dw, pt, pl, plane)
+                          (i * k + g * kg) * f, xw, stage, bb, cg, h, wd, kg, ho, wo, nr, ns, sh, sw, dh, dw, pt, pl,
+                          plane)
             u = _next_block(counter)
