@@ -344,6 +344,10 @@ def test_info_and_algorithm_choice():
     assert [be.default_algorithm(op, strided) for op in CONV_OPS] == ["direct", "im2col", "im2col"]
     # 3 -> 64 channels: the blocked direct kernel forward; its input gradient has 3 outputs
     assert [be.default_algorithm(op, few_channels) for op in CONV_OPS] == ["direct", "im2col", "im2col"]
+    # 4 -> 8 channels: the blocked kernels for all three passes
+    four = ConvGeometry(400, 4, 8, 8, 8, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1, f32)
+    with num_threads(2):
+        assert [be.default_algorithm(op, four) for op in CONV_OPS] == ["direct"] * 3
     # 8 -> 16 channels: blocked where it runs, else Winograd; not for a single image on 2 threads
     eight = ConvGeometry(400, 8, 8, 8, 16, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1, f32)
     one_image = ConvGeometry(1, 8, 64, 64, 16, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1, f32)

@@ -1,8 +1,8 @@
 """The channel-blocked stride-1 direct kernels of the compiled backends against the reference.
 
 ``algorithm="direct"`` runs them for layers with at least ``BLOCKED_MIN_OUTPUTS`` outputs per
-group: the forward pass at any stride, the input gradient (the forward pass of grad_out with
-the rotated kernel) at stride 1.  The random grid of the other tests draws few channels; here every draw reaches
+group: the forward pass and the weight gradient at any stride, the input gradient (the forward
+pass of grad_out with the rotated kernel) at stride 1.  The random grid of the other tests draws few channels; here every draw reaches
 the blocked kernel, and a spy on it makes sure it ran.
 """
 
@@ -18,15 +18,17 @@ from fastconv.backends.base import BLOCKED_MIN_OUTPUTS
 
 from conftest import assert_close, guard_allocations, num_threads
 
-#: backend -> (module, function) of its blocked kernel
-KERNELS = {"cython": ("fastconv.backends.cython._direct", "forward_blocked"),
-           "numba": ("fastconv.backends.numba", "_conv2d_blocked")}
+#: backend -> (module, forward kernel, weight-gradient kernel) of its blocked kernels
+KERNELS = {"cython": ("fastconv.backends.cython._direct", "forward_blocked", "backward_weight_blocked"),
+           "numba": ("fastconv.backends.numba", "_conv2d_blocked", "_conv2d_backward_weight_blocked")}
 BACKENDS = [b for b in KERNELS if fastconv.available_backends()[b]["available"]]
 
 
-def spy(monkeypatch, backend: str) -> list:
-    """Record every call of ``backend``'s blocked kernel (the adapter looks it up per call)."""
-    module, name = KERNELS[backend]
+def spy(monkeypatch, backend: str, weight: bool = False) -> list:
+    """Record every call of ``backend``'s blocked forward (or weight-gradient) kernel (the
+    adapter looks it up per call)."""
+    module, forward, backward = KERNELS[backend]
+    name = backward if weight else forward
     module = importlib.import_module(module)
     real, calls = getattr(module, name), []
 
@@ -117,3 +119,58 @@ def test_blocked_kernel_on_large_planes(backend):
         gx = fastconv.conv2d_backward(gy, x, weight, **kw, backend=backend, algorithm="direct",
                                       need_weight=False, need_bias=False).input
         assert_close(gx, fastconv.conv2d_backward(gy, x, weight, **kw, backend="reference").input, np.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("seed", range(24))
+def test_blocked_weight_gradient_matches_reference(backend, threads, seed, monkeypatch):
+    monkeypatch.setattr(f"fastconv.backends.{backend}.SERIAL_WORK", 0)
+    calls = spy(monkeypatch, backend, weight=True)
+    x, weight, bias, kw, out, gy = draw(seed)
+    with num_threads(threads):
+        gw = fastconv.conv2d_backward(gy, x, weight, **kw, backend=backend, algorithm="direct", need_input=False,
+                                      need_bias=False).weight
+    assert len(calls) == 1, "the blocked kernel did not run"
+    assert_close(gw, fastconv.conv2d_backward(gy, x, weight, **kw, backend="reference").weight, x.dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_blocked_weight_gradient_buffers_and_chunks(backend, monkeypatch):
+    """Guard elements around the stage, the unfolded inputs and the partial sums stay untouched,
+    with chunks of several images (the last one partial) and of one."""
+    monkeypatch.setattr(f"fastconv.backends.{backend}.SERIAL_WORK", 0)
+    calls = spy(monkeypatch, backend, weight=True)
+    guarded = guard_allocations(monkeypatch, backend)
+    rng = np.random.default_rng(5)
+    for (n, c, h, w, k, r, s, stride, pad) in [(11, 3, 7, 5, 6, 3, 3, 1, 1), (3, 4, 20, 23, 9, 5, 3, (2, 1), 2),
+                                               (2, 2, 9, 9, 4, 3, 3, 1, 0)]:
+        x = rng.standard_normal((n, c, h, w)).astype(np.float32)
+        weight = rng.standard_normal((k, c, r, s)).astype(np.float32)
+        kw = dict(stride=stride, padding=pad)
+        gy = rng.standard_normal(fastconv.conv2d(x, weight, **kw).shape).astype(np.float32)
+        with num_threads(2):
+            gw = fastconv.conv2d_backward(gy, x, weight, **kw, backend=backend, algorithm="direct",
+                                          need_input=False, need_bias=False).weight
+        assert_close(gw, fastconv.conv2d_backward(gy, x, weight, **kw, backend="reference").weight, np.float32)
+    assert len(calls) == 3 and guarded.buffers and guarded.untouched()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_blocked_weight_gradient_with_inf_input(backend, monkeypatch):
+    """An Inf that the spare lanes of a plane's last tile read (7x7 outputs: the tile of tap row
+    0 runs into input row 8) spoils weight entries it does not belong to; the adapter sees the
+    non-finite sum and recomputes, so the NaN / Inf pattern is the reference's."""
+    calls = spy(monkeypatch, backend, weight=True)
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((2, 4, 9, 9)).astype(np.float32)
+    x[0, 1, 8, 3] = np.inf
+    weight = rng.standard_normal((8, 4, 3, 3)).astype(np.float32)
+    gy = rng.standard_normal((2, 8, 7, 7)).astype(np.float32)
+    gw = fastconv.conv2d_backward(gy, x, weight, backend=backend, algorithm="direct", need_input=False,
+                                  need_bias=False).weight
+    want = fastconv.conv2d_backward(gy, x, weight, backend="reference").weight
+    assert len(calls) == 1
+    assert np.array_equal(np.isfinite(gw), np.isfinite(want)) and np.isfinite(want[:, :, 0]).all()
+    finite = np.isfinite(want)
+    assert_close(gw[finite], want[finite], np.float32)

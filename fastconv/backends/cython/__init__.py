@@ -32,7 +32,9 @@ import numpy as np  # noqa: E402
 from ... import _config  # noqa: E402
 from ..._args import ConvGeometry  # noqa: E402
 from .._winograd_passes import WinogradPasses  # noqa: E402
-from ..base import (SERIAL_WORK, Backend, blocked_layout, blocked_offsets, blocked_weights,  # noqa: E402
+from ..base import (BLOCKED_WEIGHT_INPUTS, SERIAL_WORK, Backend, blocked_layout, blocked_offsets,
+                    blocked_weight_gradient, blocked_weight_layout,
+                    blocked_weights,  # noqa: E402
                     flat3x3_buffers, flat3x3_preferred, input_grad_kernel, sum_partials)
 from . import _direct, _im2col, _pool, _winograd  # noqa: E402
 
@@ -140,6 +142,17 @@ def _blocked(op: str, g: ConvGeometry) -> tuple[np.ndarray, np.ndarray, int] | N
     offsets = blocked_offsets(g.c_per_group if forward else g.k_per_group, g, g.stride[0] if forward else 1,
                               g.out_w if forward else g.w, plane)
     return np.empty((workers, width), g.dtype), offsets, plane
+
+
+def _blocked_weight(grad_out: np.ndarray, x: np.ndarray, g: ConvGeometry) -> np.ndarray | None:
+    """The weight gradient from ``_direct.backward_weight_blocked``, or None (see
+    :func:`fastconv.backends.base.blocked_weight_gradient`)."""
+    def kernel(partial, xs, gs, lay):
+        _direct.backward_weight_blocked(grad_out, x, partial, xs, gs, lay.offsets, lay.chunk, lay.plane, g.r, g.s,
+                                        *g.stride, g.padding[0], g.padding[2], *g.dilation, g.groups)
+
+    (wj, wq), tile = _direct.BLOCKED_WEIGHT_TILE, _direct.BLOCKED_TILE[1]
+    return blocked_weight_gradient(g, _threads(g.flops // 2), tile, wj, wq, _config.get_workspace_limit(), kernel)
 
 
 class CythonBackend(WinogradPasses, Backend):
@@ -251,6 +264,8 @@ class CythonBackend(WinogradPasses, Backend):
     def conv2d_backward_weight(self, grad_out, x, g, algorithm):
         if algorithm == "winograd":
             return self.winograd_backward_weight(grad_out, x, g)
+        if algorithm == "direct" and (gw := _blocked_weight(grad_out, x, g)) is not None:
+            return gw
         gw = np.zeros(g.weight_shape, g.dtype)
         nt = _threads(g.flops // 2)
         gw2 = gw.reshape(g.k, -1)
@@ -311,7 +326,9 @@ class CythonBackend(WinogradPasses, Backend):
         """Winograd for 3x3 stride-1 layers with at least 16 channels per group in and out;
         the channel-blocked direct kernel wherever it runs (stride 1, at least 4 outputs per
         group, forward and input gradient); Winograd from 8 channels in and out for the weight
-        gradient; else im2col + GEMM unless the GEMM would be degenerate.
+        gradient, and below that the blocked weight-gradient kernel for 4 to 15 inputs per group
+        (:data:`fastconv.backends.base.BLOCKED_WEIGHT_INPUTS`); else im2col + GEMM unless
+        the GEMM would be degenerate.
 
         Measured on the 2-core box (float32, 2 threads): the blocked kernel runs at 65-95% of
         the sgemm peak on 8 to 64 channels and beat im2col on every stride-1 layer of the
@@ -331,6 +348,10 @@ class CythonBackend(WinogradPasses, Backend):
             return "winograd"
         if blocked or g.c_per_group == 1 and g.k_per_group <= 4 or flat3x3_preferred(op, g):
             return "direct"
+        if (op == "conv2d_backward_weight" and g.c_per_group in BLOCKED_WEIGHT_INPUTS
+                and blocked_weight_layout(g, _threads(g.flops // 2), _direct.BLOCKED_TILE[1],
+                                          *_direct.BLOCKED_WEIGHT_TILE, _config.get_workspace_limit()) is not None):
+            return "direct"  # the blocked weight-gradient kernel
         return "im2col"
 
     def info(self) -> dict[str, Any]:

@@ -57,7 +57,9 @@ import numpy as np  # noqa: E402
 from ... import _config  # noqa: E402
 from ..._args import ConvGeometry, PoolGeometry  # noqa: E402
 from .._winograd_passes import WinogradPasses  # noqa: E402
-from ..base import (SERIAL_WORK, Backend, blocked_layout, blocked_offsets, blocked_weights,  # noqa: E402
+from ..base import (BLOCKED_WEIGHT_INPUTS, SERIAL_WORK, Backend, blocked_layout, blocked_offsets,
+                    blocked_weight_gradient, blocked_weight_layout,
+                    blocked_weights,  # noqa: E402
                     flat3x3_buffers, flat3x3_preferred, input_grad_kernel, sum_partials)
 from ... import _winograd as wino  # noqa: E402
 from . import _blocked, _kernels  # noqa: E402
@@ -143,6 +145,7 @@ def _threadsafe() -> bool:
 _conv2d_direct = _kernel("conv2d_direct", 3)
 _conv2d_direct3x3 = _kernel("conv2d_direct3x3", 3)
 _conv2d_blocked = _kernel("conv2d_blocked", 3, _blocked)
+_conv2d_backward_weight_blocked = _kernel("conv2d_backward_weight_blocked", 2, _blocked)
 _conv2d_backward_input_direct = _kernel("conv2d_backward_input_direct", 2)
 _conv2d_backward_weight_direct = _kernel("conv2d_backward_weight_direct", 2)
 _conv2d_backward_bias = _kernel("conv2d_backward_bias", 1)
@@ -237,6 +240,18 @@ def _blocked_conv(op: str, x: np.ndarray, weight: np.ndarray, bias: np.ndarray, 
                     offsets, np.zeros(1, np.int64), plane, g.r, g.s, sh, g.stride[1] if op == "conv2d" else 1, *pads,
                     *g.dilation, g.groups, threads=workers)
     return True
+
+
+def _blocked_weight(grad_out: np.ndarray, x: np.ndarray, g: ConvGeometry) -> np.ndarray | None:
+    """The weight gradient from ``_blocked.conv2d_backward_weight_blocked``, or None (see
+    :func:`fastconv.backends.base.blocked_weight_gradient`)."""
+    def kernel(partial, xs, gs, lay):
+        _conv2d_backward_weight_blocked(grad_out, x, partial, xs, gs, lay.offsets.astype(np.int64),
+                                        np.zeros(1, np.int64), lay.chunk, lay.plane, g.r, g.s, *g.stride,
+                                        g.padding[0], g.padding[2], *g.dilation, g.groups, threads=lay.workers)
+
+    return blocked_weight_gradient(g, _threads(g), _blocked.VBLOCK, _blocked.WJ, _blocked.WQ,
+                                   _config.get_workspace_limit(), kernel)
 
 
 class _ThreadPlan:
@@ -342,7 +357,9 @@ class NumbaBackend(WinogradPasses, Backend):
         channels per group in and out; else the channel-blocked direct kernel wherever it
         runs (stride 1, at least 4 outputs per group, forward and input gradient: 1.1-2.4x
         faster than im2col on the suite's stride-1 layers, 1.3x faster than Winograd on the
-        8-channel stripe-c2 layer, 0.9-1.1x on 32 to 64 channels); else, as before it existed,
+        8-channel stripe-c2 layer, 0.9-1.1x on 32 to 64 channels), and for the weight gradient
+        the blocked weight kernel for :data:`fastconv.backends.base.BLOCKED_WEIGHT_INPUTS`
+        inputs per group where Winograd does not take it; else, as before they existed,
         Winograd for the 3x3 stride-1 layers it can run with at least
         :data:`WINOGRAD_MIN_CHANNELS` channels per group in and out, or at least
         :data:`WINOGRAD_MIN_WIDE_INPUTS` in and :data:`WINOGRAD_MIN_OUTPUTS` out; else
@@ -369,6 +386,10 @@ class NumbaBackend(WinogradPasses, Backend):
             return "winograd"
         if blocked or cin == 1 and cout <= 4 or flat3x3_preferred(op, g):
             return "direct"
+        if (op == "conv2d_backward_weight" and cin in BLOCKED_WEIGHT_INPUTS
+                and blocked_weight_layout(g, _threads(g), _blocked.VBLOCK, _blocked.WJ, _blocked.WQ,
+                                          _config.get_workspace_limit()) is not None):
+            return "direct"  # the blocked weight-gradient kernel
         return "im2col"
 
     # ------------------------------------------------------------------ winograd
@@ -442,6 +463,8 @@ class NumbaBackend(WinogradPasses, Backend):
     def conv2d_backward_weight(self, grad_out, x, g, algorithm):
         if algorithm == "winograd":
             return self.winograd_backward_weight(grad_out, x, g)
+        if algorithm == "direct" and (blocked := _blocked_weight(grad_out, x, g)) is not None:
+            return blocked
         gw = np.empty(g.weight_shape, dtype=g.dtype)
         if algorithm == "direct":
             _conv2d_backward_weight_direct(grad_out, x, gw, *_conv_params(g), g.groups)

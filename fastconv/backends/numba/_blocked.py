@@ -32,10 +32,43 @@ VBLOCK = 16
 #: lanes per LLVM vector: a tile row is VBLOCK // PART vectors (ymm for float32; 16 ymm
 #: accumulators ran 1.4x faster than 8 zmm ones on the stripe-c2 layer, Zen 4)
 PART = 8
+#: output channels and taps of one weight-gradient tile (VBLOCK partial sums per pair)
+WJ = 4
+WQ = 2
 
 _PAR = dict(parallel=True, cache=True, nogil=True)
 _SER = dict(cache=True, nogil=True)
 _INL = dict(inline="always", cache=True, nogil=True)
+
+
+def _codegen_tools(context, builder, dtype):
+    """(vector type, element alignment, constant(), splat(), vector_at(), fmuladd) for emitting
+    ``<PART x dtype>`` code in an intrinsic."""
+    elty = context.get_data_type(dtype)
+    vty = ir.VectorType(elty, PART)
+    align = context.get_abi_sizeof(elty)
+    i64 = ir.IntType(64)
+
+    def const(value):
+        return ir.Constant(i64, value)
+
+    def splat(scalar):
+        one = builder.insert_element(ir.Constant(vty, ir.Undefined), scalar, ir.Constant(ir.IntType(32), 0))
+        return builder.shuffle_vector(one, ir.Constant(vty, ir.Undefined),
+                                      ir.Constant(ir.VectorType(ir.IntType(32), PART), [0] * PART))
+
+    def vector_at(base, offset):
+        return builder.bitcast(builder.gep(base, [offset]), vty.as_pointer())
+
+    # llvmlite's declare_intrinsic does not name vector types
+    fmuladd = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vty, [vty] * 3),
+                                             f"llvm.fmuladd.v{PART}f{8 * align}")
+    return vty, align, const, splat, vector_at, fmuladd
+
+
+def _data(context, builder, arytype, value):
+    """The data pointer of a numba array argument."""
+    return context.make_array(arytype)(context, builder, value).data
 
 
 @intrinsic
@@ -49,33 +82,12 @@ def _tile(typingctx, xs, x0, wt, w0, offs, taps, b, out, o0, ldo, nk):
 
     def codegen(context, builder, sig, args):
         xs_, x0_, wt_, w0_, offs_, taps_, b_, out_, o0_, ldo_, nk_ = args
-        elty = context.get_data_type(sig.args[0].dtype)
-        vty = ir.VectorType(elty, PART)
-        align = context.get_abi_sizeof(elty)
-        i64 = ir.IntType(64)
+        vty, align, const, splat, vector_at, fmuladd = _codegen_tools(context, builder, sig.args[0].dtype)
         parts = range(0, VBLOCK, PART)
-
-        def const(value):
-            return ir.Constant(i64, value)
-
-        def data(index, value):
-            return context.make_array(sig.args[index])(context, builder, value).data
-
-        def splat(scalar):
-            one = builder.insert_element(ir.Constant(vty, ir.Undefined), scalar, ir.Constant(ir.IntType(32), 0))
-            return builder.shuffle_vector(one, ir.Constant(vty, ir.Undefined),
-                                          ir.Constant(ir.VectorType(ir.IntType(32), PART), [0] * PART))
-
-        def vector_at(base, offset):
-            return builder.bitcast(builder.gep(base, [offset]), vty.as_pointer())
-
-        xp = builder.gep(data(0, xs_), [x0_])
-        wp = builder.gep(data(2, wt_), [w0_])
-        offp, bp = data(4, offs_), data(6, b_)
-        op = builder.gep(data(7, out_), [o0_])
-        # llvmlite's declare_intrinsic does not name vector types
-        fmuladd = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vty, [vty] * 3),
-                                                 f"llvm.fmuladd.v{PART}f{8 * align}")
+        xp = builder.gep(_data(context, builder, sig.args[0], xs_), [x0_])
+        wp = builder.gep(_data(context, builder, sig.args[2], wt_), [w0_])
+        offp, bp = _data(context, builder, sig.args[4], offs_), _data(context, builder, sig.args[6], b_)
+        op = builder.gep(_data(context, builder, sig.args[7], out_), [o0_])
         acc = [[cgutils.alloca_once(builder, vty) for _ in parts] for _ in range(KBLOCK)]
         for j in range(KBLOCK):
             bj = splat(builder.load(builder.gep(bp, [const(j)])))
@@ -99,6 +111,53 @@ def _tile(typingctx, xs, x0, wt, w0, offs, taps, b, out, o0, ldo, nk):
 
     return types.none(xs, types.int64, wt, types.int64, offs, types.int64, b, out, types.int64, types.int64,
                       types.int64), codegen
+
+
+@intrinsic
+def _wtile(typingctx, xs, x0, xstride, offs, o0, g, g0, gstride, ldg, tiles, nimg, acc, a0):
+    """acc[a0 + (j*WQ + q)*VBLOCK + v] += sum over images i < nimg and flat outputs f < tiles*VBLOCK,
+    f = v mod VBLOCK, of g[g0 + i*gstride + j*ldg + f] * xs[x0 + i*xstride + offs[o0 + q] + f], for
+    j < WJ, q < WQ.  Unchecked: the caller guarantees the ranges."""
+    if not all(isinstance(a, types.Array) for a in (xs, offs, g, acc)) or offs.dtype != types.int64:
+        return None
+    if len({a.dtype for a in (xs, g, acc)}) != 1:
+        return None
+
+    def codegen(context, builder, sig, args):
+        xs_, x0_, xstride_, offs_, o0_, g_, g0_, gstride_, ldg_, tiles_, nimg_, acc_, a0_ = args
+        vty, align, const, splat, vector_at, fmuladd = _codegen_tools(context, builder, sig.args[0].dtype)
+        parts = range(0, VBLOCK, PART)
+        xp = builder.gep(_data(context, builder, sig.args[0], xs_), [x0_])
+        offp = builder.gep(_data(context, builder, sig.args[3], offs_), [o0_])
+        gp = builder.gep(_data(context, builder, sig.args[5], g_), [g0_])
+        ap = builder.gep(_data(context, builder, sig.args[11], acc_), [a0_])
+        offs = [builder.load(builder.gep(offp, [const(q)])) for q in range(WQ)]
+        slots = [[[cgutils.alloca_once(builder, vty) for _ in parts] for _ in range(WQ)] for _ in range(WJ)]
+        for j in range(WJ):
+            for q in range(WQ):
+                for slot, p in zip(slots[j][q], parts):
+                    builder.store(builder.load(vector_at(ap, const((j * WQ + q) * VBLOCK + p)), align=align), slot)
+        with cgutils.for_range(builder, nimg_) as images:
+            xi = builder.mul(images.index, xstride_)
+            gi = builder.mul(images.index, gstride_)
+            with cgutils.for_range(builder, tiles_) as loop:
+                f = builder.mul(loop.index, const(VBLOCK))
+                xv = [[builder.load(vector_at(xp, builder.add(builder.add(xi, offs[q]), builder.add(f, const(p)))),
+                                    align=align) for p in parts] for q in range(WQ)]
+                for j in range(WJ):
+                    row = builder.add(gi, builder.add(builder.mul(const(j), ldg_), f))
+                    gv = [builder.load(vector_at(gp, builder.add(row, const(p))), align=align) for p in parts]
+                    for q in range(WQ):
+                        for slot, x, y in zip(slots[j][q], xv[q], gv):
+                            builder.store(builder.call(fmuladd, [y, x, builder.load(slot)]), slot)
+        for j in range(WJ):
+            for q in range(WQ):
+                for slot, p in zip(slots[j][q], parts):
+                    builder.store(builder.load(slot), vector_at(ap, const((j * WQ + q) * VBLOCK + p)), align=align)
+        return context.get_dummy_value()
+
+    i64 = types.int64
+    return types.none(xs, i64, i64, offs, i64, g, i64, i64, i64, i64, i64, acc, i64), codegen
 
 
 @njit(inline="always", **_SER)
@@ -205,4 +264,54 @@ def conv2d_blocked(x, wt, bias, out, xs, offs, counter, plane, nr, ns, sh, sw, p
             _blocked_unit(xf, (i * c + g * cg) * h * wd, wf, g * blocks * taps * KBLOCK, offs, bpad[g * kg:], of,
                           (i * k + g * kg) * f, xw, stage, bb, cg, h, wd, kg, ho, wo, nr, ns, sh, sw, dh, dw, pt, pl,
                           plane)
+            u = _next_block(counter)
+
+
+@njit(**_PAR)
+def conv2d_backward_weight_blocked(gy, x, partial, xs, gs, offs, counter, chunk, plane, nr, ns, sh, sw, pt, pl, dh,
+                                   dw, groups):
+    """Weight gradient with channel-blocked register tiles on ``xs.shape[0]`` workers, one (chunk
+    of ``chunk`` images, group) per work unit taken from the shared ``counter``; the algorithm of
+    the Cython kernel (``_direct.pyx``, "The weight gradient in the same layout").
+
+    Per worker: ``xs`` holds ``chunk`` unfolded inputs of Cg*S*sh planes of ``plane`` elements,
+    ``gs`` ``chunk`` * WJ zero-padded output-gradient rows of ceil(Ho*Wo / VBLOCK) * VBLOCK,
+    ``partial`` the sums ``[g, kb, tb, j, q, v]`` for tap pairs tb of ``offs`` (a multiple of WQ
+    taps; ``fastconv.backends.base.blocked_weight_layout``).  ``partial`` must be zero on entry.
+    """
+    n, c, h, wd = x.shape
+    k, ho, wo = gy.shape[1], gy.shape[2], gy.shape[3]
+    cg, kg = c // groups, k // groups
+    f = ho * wo
+    tiles = -(-f // VBLOCK)
+    ldg, xstride = tiles * VBLOCK, cg * ns * sh * plane
+    blocks, pairs = -(-kg // WJ), offs.size // WQ
+    # every access of _wtile stays inside its arrays
+    if (offs.size % WQ or offs.min() < 0 or offs.max() + ldg > xstride or chunk * xstride > xs.shape[1]
+            or chunk * WJ * ldg > gs.shape[1] or partial.shape[1] != groups * blocks * pairs * WJ * WQ * VBLOCK):
+        raise ValueError("conv2d_backward_weight_blocked: buffers too small for the geometry")
+    xf, yf = x.reshape(x.size), gy.reshape(gy.size)
+    zero = gs.dtype.type(0)
+    units = -(-n // chunk) * groups
+    for worker in prange(xs.shape[0]):
+        xw, gw, part = xs[worker], gs[worker], partial[worker]
+        u = _next_block(counter)
+        while u < units:
+            n0, g = u // groups * chunk, u % groups
+            nimg = min(chunk, n - n0)
+            for i in range(nimg):
+                _unfold_columns(xf, ((n0 + i) * c + g * cg) * h * wd, cg, h, wd, ns, sh, sw, dw, pt, pl,
+                                ho + (nr - 1) * dh // sh, wo, plane, xw[i * xstride:])
+            for kb in range(blocks):
+                for i in range(nimg):
+                    for j in range(WJ):
+                        d0 = (i * WJ + j) * ldg
+                        if kb * WJ + j < kg:
+                            _copy(gw, d0, yf, ((n0 + i) * k + g * kg + kb * WJ + j) * f, 1, f)
+                            _fill(gw, d0 + f, ldg - f, zero)
+                        else:
+                            _fill(gw, d0, ldg, zero)
+                for tb in range(pairs):
+                    _wtile(xw, 0, xstride, offs, tb * WQ, gw, 0, WJ * ldg, ldg, tiles, nimg, part,
+                           ((g * blocks + kb) * pairs + tb) * (WJ * WQ * VBLOCK))
             u = _next_block(counter)
