@@ -284,6 +284,35 @@ def conv2d_blocked(x, wt, bias, out, xs, offs, counter, plane, nr, ns, sh, sw, p
             u = _next_block(counter)
 
 
+@njit(**_SER)
+def _weight_unit(xf, yf, xw, gw, part, offs, n0, nimg, g, c, h, wd, k, groups, ho, wo, nr, ns, sh, sw, pt, pl, dh, dw,
+                 plane):
+    """One (chunk of ``nimg`` images from ``n0``, group ``g``) of the weight gradient: unfold the
+    images into ``xw``, stage each block's output gradients in ``gw``, add the tiles into
+    ``part``.  A function of its own, as :func:`_blocked_unit`: a smaller ``prange`` body also
+    compiles faster."""
+    cg, kg, f = c // groups, k // groups, ho * wo
+    tiles = -(-f // VBLOCK)
+    ldg, xstride = tiles * VBLOCK, cg * ns * sh * plane
+    blocks, pairs = -(-kg // WJ), offs.size // WQ
+    zero = gw.dtype.type(0)
+    for i in range(nimg):
+        _unfold(xf, ((n0 + i) * c + g * cg) * h * wd, cg, h, wd, ns, sh, sw, dw, pt, pl, ho + (nr - 1) * dh // sh, wo,
+                plane, xw[i * xstride:])
+    for kb in range(blocks):
+        for i in range(nimg):
+            for j in range(WJ):
+                d0 = (i * WJ + j) * ldg
+                if kb * WJ + j < kg:
+                    _copy(gw, d0, yf, ((n0 + i) * k + g * kg + kb * WJ + j) * f, 1, f)
+                    _fill(gw, d0 + f, ldg - f, zero)
+                else:
+                    _fill(gw, d0, ldg, zero)
+        for tb in range(pairs):
+            _wtile(xw, 0, xstride, offs, tb * WQ, gw, 0, WJ * ldg, ldg, tiles, nimg, part,
+                   ((g * blocks + kb) * pairs + tb) * (WJ * WQ * VBLOCK))
+
+
 @njit(**_PAR)
 def conv2d_backward_weight_blocked(gy, x, partial, xs, gs, offs, counter, chunk, plane, nr, ns, sh, sw, pt, pl, dh,
                                    dw, groups):
@@ -308,27 +337,12 @@ def conv2d_backward_weight_blocked(gy, x, partial, xs, gs, offs, counter, chunk,
             or chunk * WJ * ldg > gs.shape[1] or partial.shape[1] != groups * blocks * pairs * WJ * WQ * VBLOCK):
         raise ValueError("conv2d_backward_weight_blocked: buffers too small for the geometry")
     xf, yf = x.reshape(x.size), gy.reshape(gy.size)
-    zero = gs.dtype.type(0)
     units = -(-n // chunk) * groups
     for worker in prange(xs.shape[0]):
         xw, gw, part = xs[worker], gs[worker], partial[worker]
         u = _next_block(counter)
         while u < units:
             n0, g = u // groups * chunk, u % groups
-            nimg = min(chunk, n - n0)
-            for i in range(nimg):
-                _unfold(xf, ((n0 + i) * c + g * cg) * h * wd, cg, h, wd, ns, sh, sw, dw, pt, pl, ho + (nr - 1) * dh // sh,
-                        wo, plane, xw[i * xstride:])
-            for kb in range(blocks):
-                for i in range(nimg):
-                    for j in range(WJ):
-                        d0 = (i * WJ + j) * ldg
-                        if kb * WJ + j < kg:
-                            _copy(gw, d0, yf, ((n0 + i) * k + g * kg + kb * WJ + j) * f, 1, f)
-                            _fill(gw, d0 + f, ldg - f, zero)
-                        else:
-                            _fill(gw, d0, ldg, zero)
-                for tb in range(pairs):
-                    _wtile(xw, 0, xstride, offs, tb * WQ, gw, 0, WJ * ldg, ldg, tiles, nimg, part,
-                           ((g * blocks + kb) * pairs + tb) * (WJ * WQ * VBLOCK))
+            _weight_unit(xf, yf, xw, gw, part, offs, n0, min(chunk, n - n0), g, c, h, wd, k, groups, ho, wo, nr, ns,
+                         sh, sw, pt, pl, dh, dw, plane)
             u = _next_block(counter)
