@@ -1,9 +1,10 @@
-"""The channel-blocked stride-1 direct kernels of the compiled backends against the reference.
+"""The channel-blocked direct kernels of the compiled backends against the reference.
 
 ``algorithm="direct"`` runs them for layers with at least ``BLOCKED_MIN_OUTPUTS`` outputs per
 group: the forward pass and the weight gradient at any stride, the input gradient (the forward
-pass of grad_out with the rotated kernel) at stride 1.  The random grid of the other tests draws few channels; here every draw reaches
-the blocked kernel, and a spy on it makes sure it ran.
+pass of grad_out with the rotated kernel) at stride 1.  The random grid of the other tests
+draws few channels; here every draw reaches the blocked kernels, and a spy on them makes sure
+they ran.
 """
 
 from __future__ import annotations
@@ -107,7 +108,8 @@ def test_blocked_kernel_on_large_planes(backend):
     rng = np.random.default_rng(3)
     for (n, c, h, w, k, r, s, stride, pad, dil) in [(2, 5, 60, 70, 12, 3, 3, 1, 1, 1),
                                                     (2, 4, 33, 47, 9, 5, 3, 1, (4, 0), (1, 2)),
-                                                    (3, 6, 30, 41, 8, 3, 5, 1, 0, 1), (2, 4, 1, 300, 16, 1, 7, 1, (0, 3), 1),
+                                                    (3, 6, 30, 41, 8, 3, 5, 1, 0, 1),
+                                                    (2, 4, 1, 300, 16, 1, 7, 1, (0, 3), 1),
                                                     (2, 3, 61, 58, 16, 7, 7, 2, 3, 1),  # a ResNet stem
                                                     (2, 3, 40, 45, 8, 4, 5, (3, 2), (2, 1), (2, 1))]:
         x = rng.standard_normal((n, c, h, w)).astype(np.float32)

@@ -32,10 +32,9 @@ import numpy as np  # noqa: E402
 from ... import _config  # noqa: E402
 from ..._args import ConvGeometry  # noqa: E402
 from .._winograd_passes import WinogradPasses  # noqa: E402
-from ..base import (BLOCKED_WEIGHT_INPUTS, SERIAL_WORK, Backend, blocked_layout, blocked_offsets,
-                    blocked_weight_gradient, blocked_weight_layout,
-                    blocked_weights,  # noqa: E402
-                    flat3x3_buffers, flat3x3_preferred, input_grad_kernel, sum_partials)
+from ..base import (BLOCKED_WEIGHT_INPUTS, SERIAL_WORK, Backend, blocked_layout, blocked_offsets,  # noqa: E402
+                    blocked_weight_gradient, blocked_weight_layout, blocked_weights, flat3x3_buffers,
+                    flat3x3_preferred, input_grad_kernel, sum_partials)
 from . import _direct, _im2col, _pool, _winograd  # noqa: E402
 
 import scipy.linalg  # noqa: E402,F401  (loads the BLAS behind cython_blas, so the thread limit reaches it)
@@ -324,16 +323,17 @@ class CythonBackend(WinogradPasses, Backend):
     # ----------------------------------------------------------------- selection
     def default_algorithm(self, op: str, g: ConvGeometry) -> str:
         """Winograd for 3x3 stride-1 layers with at least 16 channels per group in and out;
-        the channel-blocked direct kernel wherever it runs (stride 1, at least 4 outputs per
-        group, forward and input gradient); Winograd from 8 channels in and out for the weight
-        gradient, and below that the blocked weight-gradient kernel for 4 to 15 inputs per group
-        (:data:`fastconv.backends.base.BLOCKED_WEIGHT_INPUTS`); else im2col + GEMM unless
-        the GEMM would be degenerate.
+        the channel-blocked direct kernel wherever it runs (at least 4 outputs per group: the
+        forward pass at any stride, the input gradient at stride 1); Winograd from 8 channels
+        in and out for the weight gradient, and below that the blocked weight-gradient kernel
+        for 4 to 15 inputs per group (:data:`fastconv.backends.base.BLOCKED_WEIGHT_INPUTS`);
+        else im2col + GEMM unless the GEMM would be degenerate.
 
-        Measured on the 2-core box (float32, 2 threads): the blocked kernel runs at 65-95% of
-        the sgemm peak on 8 to 64 channels and beat im2col on every stride-1 layer of the
-        benchmark suite it runs on (1.2-4x; pw-1x1 1.2-1.5x), and Winograd on the 8-channel
-        stripe-c2 layer (1.6x forward and input gradient).  Winograd F(4x4, 3x3) stays ahead
+        Measured on the 2-core box (float32, 2 threads, two full benchmark runs): the blocked
+        kernel runs dense layers at 65-95% of the sgemm peak and beat im2col on every forward
+        pass of the suite it runs on (1.15-3.6x; the 7x7/2 stem 1.3-1.4x) and on the input
+        gradients (1.3-1.7x), and Winograd on the 8-channel stripe-c2 layer (about 2x forward,
+        1.5-2x input gradient).  Winograd F(4x4, 3x3) stays ahead
         from 16 channels (mnist-c2 1.05-1.1x, cifar-64 1.8x) and, where no blocked kernel
         runs, beats im2col from 8 channels (1.0-1.5x at 8) and loses below (0.2-0.8x with 1 to
         4 input channels).  Depthwise convs (C/groups = 1: each GEMM is a 1-row product) and

@@ -57,10 +57,9 @@ import numpy as np  # noqa: E402
 from ... import _config  # noqa: E402
 from ..._args import ConvGeometry, PoolGeometry  # noqa: E402
 from .._winograd_passes import WinogradPasses  # noqa: E402
-from ..base import (BLOCKED_WEIGHT_INPUTS, SERIAL_WORK, Backend, blocked_layout, blocked_offsets,
-                    blocked_weight_gradient, blocked_weight_layout,
-                    blocked_weights,  # noqa: E402
-                    flat3x3_buffers, flat3x3_preferred, input_grad_kernel, sum_partials)
+from ..base import (BLOCKED_WEIGHT_INPUTS, SERIAL_WORK, Backend, blocked_layout, blocked_offsets,  # noqa: E402
+                    blocked_weight_gradient, blocked_weight_layout, blocked_weights, flat3x3_buffers,
+                    flat3x3_preferred, input_grad_kernel, sum_partials)
 from ... import _winograd as wino  # noqa: E402
 from . import _blocked, _kernels  # noqa: E402
 from . import _winograd as _wk  # noqa: E402
@@ -236,9 +235,9 @@ def _blocked_conv(op: str, x: np.ndarray, weight: np.ndarray, bias: np.ndarray, 
     workers, width, plane = layout
     sh = g.stride[0] if op == "conv2d" else 1
     offsets = blocked_offsets(x.shape[1] // g.groups, g, sh, out.shape[3], plane).astype(np.int64)
-    _conv2d_blocked(x, blocked_weights(weight, g.groups, _blocked.KBLOCK), bias, out, np.empty((workers, width), g.dtype),
-                    offsets, np.zeros(1, np.int64), plane, g.r, g.s, sh, g.stride[1] if op == "conv2d" else 1, *pads,
-                    *g.dilation, g.groups, threads=workers)
+    _conv2d_blocked(x, blocked_weights(weight, g.groups, _blocked.KBLOCK), bias, out,
+                    np.empty((workers, width), g.dtype), offsets, np.zeros(1, np.int64), plane, g.r, g.s, sh,
+                    g.stride[1] if op == "conv2d" else 1, *pads, *g.dilation, g.groups, threads=workers)
     return True
 
 
@@ -355,9 +354,9 @@ class NumbaBackend(WinogradPasses, Backend):
     def default_algorithm(self, op: str, g: ConvGeometry) -> str:
         """Winograd for 3x3 stride-1 layers with at least :data:`WINOGRAD_MIN_CHANNELS_BLOCKED`
         channels per group in and out; else the channel-blocked direct kernel wherever it
-        runs (stride 1, at least 4 outputs per group, forward and input gradient: 1.1-2.4x
-        faster than im2col on the suite's stride-1 layers, 1.3x faster than Winograd on the
-        8-channel stripe-c2 layer, 0.9-1.1x on 32 to 64 channels), and for the weight gradient
+        runs (at least 4 outputs per group: the forward pass at any stride, the input gradient
+        at stride 1; in two full benchmark runs 1.1-3.2x faster than im2col on forward passes,
+        except pw-1x1 at 0.99-1.09x, and 0.9-1.6x on input gradients), and for the weight gradient
         the blocked weight kernel for :data:`fastconv.backends.base.BLOCKED_WEIGHT_INPUTS`
         inputs per group where Winograd does not take it; else, as before they existed,
         Winograd for the 3x3 stride-1 layers it can run with at least
@@ -446,8 +445,8 @@ class NumbaBackend(WinogradPasses, Backend):
             # rotated kernel and padding dil*(R-1) - pad
             pads = (g.dilation[0] * (g.r - 1) - g.padding[0], g.dilation[1] * (g.s - 1) - g.padding[2])
             rotated = input_grad_kernel(weight, g.groups) if g.stride == (1, 1) else None
-            if rotated is not None and _blocked_conv("conv2d_backward_input", grad_out, rotated, np.zeros(g.c, g.dtype), gx,
-                                                     g, pads):
+            if rotated is not None and _blocked_conv("conv2d_backward_input", grad_out, rotated,
+                                                     np.zeros(g.c, g.dtype), gx, g, pads):
                 pass
             elif (flat := _flat3x3(g.h, g.w, g, g.k_per_group)) is not None:
                 _conv2d_direct3x3(grad_out, rotated, np.zeros(g.c, g.dtype), gx, *flat, np.zeros(1, np.int64), *pads,
