@@ -276,7 +276,7 @@ def forward3x3(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] w, c
                         memcpy(orow + oh * Wo, st + (oh - oh0) * Wp, Wo * sizeof(floating))
 
 
-# --------------------------------------------------------------------------- channel-blocked, stride 1
+# --------------------------------------------------------------------------- channel-blocked
 #
 # Layers with many output channels on small planes (8x8 .. 28x28) and first layers.  Each
 # image's padded input is unfolded along the kernel's columns only, and split into row phases
@@ -329,21 +329,22 @@ cdef inline void _unfold_columns(const floating* src, Py_ssize_t C, Py_ssize_t H
                 q0 = min(first_in(p - pt, sh), Hq)         # rows q with 0 <= q*sh + p - pt < H
                 q1 = max(end_in(p - pt, sh, H, Hq), q0)
                 fill(base, 0, q0 * Wo)
-                row = src + (c * H + q0 * sh + p - pt) * W + off  # row q0, shifted by the tap
-                if sh == 1 and sw == 1 and W == Wo and hi > lo and q1 > q0:
-                    memcpy(base + q0 * Wo + lo, row + lo, ((q1 - q0 - 1) * Wo + hi - lo) * sizeof(floating))
-                    if lo > 0 or hi < Wo:
+                if q1 > q0:
+                    row = src + (c * H + q0 * sh + p - pt) * W + off  # row q0, shifted by the tap
+                    if sh == 1 and sw == 1 and W == Wo and hi > lo:
+                        memcpy(base + q0 * Wo + lo, row + lo, ((q1 - q0 - 1) * Wo + hi - lo) * sizeof(floating))
+                        if lo > 0 or hi < Wo:
+                            for q in range(q0, q1):
+                                for o in range(lo):
+                                    base[q * Wo + o] = 0
+                                for o in range(hi, Wo):
+                                    base[q * Wo + o] = 0
+                    else:
                         for q in range(q0, q1):
-                            for o in range(lo):
-                                base[q * Wo + o] = 0
-                            for o in range(hi, Wo):
-                                base[q * Wo + o] = 0
-                else:
-                    for q in range(q0, q1):
-                        fill(base + q * Wo, 0, lo)
-                        for o in range(lo, hi):
-                            base[q * Wo + o] = row[(q - q0) * sh * W + o * sw]
-                        fill(base + q * Wo + hi, 0, Wo - hi)
+                            fill(base + q * Wo, 0, lo)
+                            for o in range(lo, hi):
+                                base[q * Wo + o] = row[(q - q0) * sh * W + o * sw]
+                            fill(base + q * Wo + hi, 0, Wo - hi)
                 fill(base + q1 * Wo, 0, plane - q1 * Wo)
 
 
