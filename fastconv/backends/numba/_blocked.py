@@ -1,18 +1,20 @@
-"""The channel-blocked stride-1 direct convolution of the numba backend (private).
+"""The channel-blocked direct convolution of the numba backend (private).
 
-The same algorithm as the Cython kernel (``fastconv/backends/cython/_direct.pyx``,
-"channel-blocked"): each (image, group)'s input is unfolded along the kernel's columns
-only, ``xs[(c*S + s)*plane + i*Wo + o]`` = padded input (i, o + s*dw), so that output flat
-f = oh*Wo + ow reads tap (c, r, s) at the constant offset (c*S + s)*plane + r*dh*Wo.  A
-register tile of ``KBLOCK`` output channels by ``VBLOCK`` flat outputs accumulates over every
-tap and is stored straight into the output.
+The same algorithms as the Cython kernels (``fastconv/backends/cython/_direct.pyx``,
+"channel-blocked"): each (image, group)'s input is unfolded along the kernel's columns only
+and split into the vertical stride's row phases, ``xs[((c*S + s)*sh + p)*plane + q*Wo + o]``
+= padded input (q*sh + p, o*sw + s*dw), so that output flat f = oh*Wo + ow reads tap (c, r, s)
+at a constant offset (``fastconv.backends.base.blocked_offsets``).  A register tile of
+``KBLOCK`` output channels by ``VBLOCK`` flat outputs accumulates over every tap and is stored
+straight into the output; the weight gradient's tile holds ``WJ`` channels by ``WQ`` taps of
+``VBLOCK`` partial sums.
 
 LLVM's vectoriser does not keep a tile of 8 x 16 sums in registers when it is written as
-loops over a stack array, so the tile is one intrinsic (:func:`_tile`) that emits the
-vector code itself: eight ``<VBLOCK x T>`` accumulators, per tap one vector load of the
-input, eight broadcast weights and eight ``llvm.fmuladd``.  LLVM splits the vectors into
-the target's registers.  The intrinsic reads and writes through raw pointers, so the
-caller checks, once per call, that every access it will make is inside its arrays.
+loops over a stack array, so each tile is one intrinsic (:func:`_tile`, :func:`_wtile`) that
+emits the vector code itself: ``<PART x T>`` accumulators (16 of them), per tap one vector
+load of the input, broadcast weights and ``llvm.fmuladd``.  The intrinsics read and write
+through raw pointers, so the kernels check, once per call, that every access they will make
+is inside their arrays.
 """
 
 from __future__ import annotations
