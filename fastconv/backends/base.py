@@ -137,36 +137,54 @@ def blocked_plane(out_h: int, out_w: int, r: int, dh: int, sh: int, tile: int) -
     return (out_h + (r - 1) * dh // sh) * out_w + (-(out_h * out_w)) % tile
 
 
-def blocked_layout(op: str, g: ConvGeometry, nt: int, tile: int, limit: int) -> tuple[int, int, int] | None:
-    """(workers, buffer elements per worker, plane) of a channel-blocked direct kernel running
-    ``op`` ("conv2d", any stride, or "conv2d_backward_input", stride 1: the forward pass of
-    grad_out with the rotated kernel), or None when it should not run: another op, fewer
-    than :data:`BLOCKED_MIN_OUTPUTS` outputs per group, fewer (image, group) work units than
-    threads (the row-parallel kernels split finer), or buffers over ``limit`` bytes.
+class BlockedLayout(NamedTuple):
+    """How a channel-blocked direct kernel runs one pass (see :func:`blocked_layout`)."""
+
+    workers: int
+    width: int  #: elements of a worker's unfolded-input buffer
+    plane: int  #: elements per unfolded plane
+    cin: int  #: input channels per group of the pass
+    out_w: int  #: output width of the pass
+    stride: tuple[int, int]  #: stride of the pass
+
+    def buffer(self, dtype: Any) -> np.ndarray:
+        """The workers' unfolded-input buffers, uninitialised."""
+        return np.empty((self.workers, self.width), dtype)
+
+    def offsets(self, g: ConvGeometry) -> np.ndarray:
+        """Where each tap reads the unfolded input (:func:`blocked_offsets`)."""
+        return blocked_offsets(self.cin, g, self.stride[0], self.out_w, self.plane)
+
+
+def blocked_layout(op: str, g: ConvGeometry, nt: int, tile: int, limit: int) -> BlockedLayout | None:
+    """How a channel-blocked direct kernel runs ``op`` ("conv2d", any stride, or
+    "conv2d_backward_input", stride 1: the forward pass of grad_out with the rotated kernel),
+    or None when it should not run: another op, fewer than :data:`BLOCKED_MIN_OUTPUTS` outputs
+    per group, fewer (image, group) work units than threads (the row-parallel kernels split
+    finer), or buffers over ``limit`` bytes.
 
     A worker's buffer holds its unit's input unfolded along the kernel's columns and split
     into the vertical stride's row phases: C/g * S * sh planes of ``plane`` elements
     (:func:`blocked_plane`)."""
     if op == "conv2d":
-        (out_h, out_w), cin, cout = (g.out_h, g.out_w), g.c_per_group, g.k_per_group
+        (out_h, out_w), cin, cout, stride = (g.out_h, g.out_w), g.c_per_group, g.k_per_group, g.stride
     elif op == "conv2d_backward_input" and g.stride == (1, 1):
-        (out_h, out_w), cin, cout = (g.h, g.w), g.k_per_group, g.c_per_group
+        (out_h, out_w), cin, cout, stride = (g.h, g.w), g.k_per_group, g.c_per_group, (1, 1)
     else:
         return None
     if cout < BLOCKED_MIN_OUTPUTS or (g.n * g.groups < nt and nt > 1):
         return None
-    sh = g.stride[0] if op == "conv2d" else 1
-    plane = blocked_plane(out_h, out_w, g.r, g.dilation[0], sh, tile)
-    workers, width = min(nt, g.n * g.groups), cin * g.s * sh * plane
+    plane = blocked_plane(out_h, out_w, g.r, g.dilation[0], stride[0], tile)
+    workers, width = min(nt, g.n * g.groups), cin * g.s * stride[0] * plane
     if workers * width * g.dtype.itemsize > limit:
         return None
-    return workers, width, plane
+    return BlockedLayout(workers, width, plane, cin, out_w, stride)
 
 
 def blocked_offsets(cin: int, g: ConvGeometry, sh: int, out_w: int, plane: int) -> np.ndarray:
     """Where tap t = (c*R + r)*S + s of a channel-blocked kernel reads its unfolded input, for
     ``cin`` channels per group and vertical stride ``sh``: ((c*S + s)*sh + (r*dh) % sh)*plane +
-    ((r*dh) // sh)*out_w (row phase (r*dh) % sh, shifted by whole phase rows)."""
+    ((r*dh) // sh)*out_w (row phase (r*dh) % sh, shifted by whole phase rows).  int64 (intp)."""
     c, r, s = np.meshgrid(np.arange(cin), np.arange(g.r), np.arange(g.s), indexing="ij")
     rows = r * g.dilation[0]
     return np.ascontiguousarray((((c * g.s + s) * sh + rows % sh) * plane + rows // sh * out_w).reshape(-1),

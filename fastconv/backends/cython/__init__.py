@@ -32,7 +32,7 @@ import numpy as np  # noqa: E402
 from ... import _config  # noqa: E402
 from ..._args import ConvGeometry  # noqa: E402
 from .._winograd_passes import WinogradPasses  # noqa: E402
-from ..base import (BLOCKED_WEIGHT_INPUTS, SERIAL_WORK, Backend, blocked_layout, blocked_offsets,  # noqa: E402
+from ..base import (BLOCKED_WEIGHT_INPUTS, SERIAL_WORK, Backend, BlockedLayout, blocked_layout,  # noqa: E402
                     blocked_weight_gradient, blocked_weight_layout, blocked_weights, flat3x3_buffers,
                     flat3x3_preferred, input_grad_kernel, sum_partials)
 from . import _direct, _im2col, _pool, _winograd  # noqa: E402
@@ -125,22 +125,18 @@ def _flat3x3(out_h: int, out_w: int, g: ConvGeometry, cin: int, nt: int) -> tupl
     return flat3x3_buffers(out_h, out_w, g, cin, nt, _direct.FLAT_SEGMENT, _config.get_workspace_limit())
 
 
-def _blocked_layout(op: str, g: ConvGeometry) -> tuple[int, int, int] | None:
-    """See :func:`fastconv.backends.base.blocked_layout`."""
+def _blocked_plan(op: str, g: ConvGeometry) -> BlockedLayout | None:
+    """How ``_direct.forward_blocked`` runs ``op``, or None when it should not (see
+    :func:`fastconv.backends.base.blocked_layout`)."""
     return blocked_layout(op, g, _threads(g.flops // 2), _direct.BLOCKED_TILE[1], _config.get_workspace_limit())
 
 
-def _blocked(op: str, g: ConvGeometry) -> tuple[np.ndarray, np.ndarray, int] | None:
-    """The unfolded-input buffers, tap offsets and plane size of ``_direct.forward_blocked``
-    running ``op``, or None when it should not run."""
-    layout = _blocked_layout(op, g)
-    if layout is None:
-        return None
-    workers, width, plane = layout
-    forward = op == "conv2d"
-    offsets = blocked_offsets(g.c_per_group if forward else g.k_per_group, g, g.stride[0] if forward else 1,
-                              g.out_w if forward else g.w, plane)
-    return np.empty((workers, width), g.dtype), offsets, plane
+def _run_blocked(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, out: np.ndarray, lay: BlockedLayout,
+                 g: ConvGeometry, pads: tuple[int, int]) -> None:
+    """``_direct.forward_blocked`` with ``weight`` as its pass sees it, (Kout, Cin/g, R, S)."""
+    _direct.forward_blocked(x, blocked_weights(weight, g.groups, _direct.BLOCKED_TILE[0]), bias, out,
+                            lay.buffer(g.dtype), lay.offsets(g), lay.plane, g.r, g.s, *lay.stride, *pads,
+                            *g.dilation, g.groups)
 
 
 def _blocked_weight(grad_out: np.ndarray, x: np.ndarray, g: ConvGeometry) -> np.ndarray | None:
@@ -215,9 +211,8 @@ class CythonBackend(WinogradPasses, Backend):
             ws = _Workspace(g)
             for n0, nb in ws.chunks(g.n):
                 _im2col.forward(x, w2, b, out, ws.col, ws.tmp, n0, nb, g.r, g.s, *_conv_args(g), 1)
-        elif (blk := _blocked("conv2d", g)) is not None:
-            _direct.forward_blocked(x, blocked_weights(weight, g.groups, _direct.BLOCKED_TILE[0]), b, out, *blk,
-                                    g.r, g.s, *g.stride, g.padding[0], g.padding[2], *g.dilation, g.groups)
+        elif (blk := _blocked_plan("conv2d", g)) is not None:
+            _run_blocked(x, weight, b, out, blk, g, (g.padding[0], g.padding[2]))
         elif (flat := _flat3x3(g.out_h, g.out_w, g, g.c_per_group, nt)) is not None:
             _direct.forward3x3(x, weight, b, out, *flat, g.padding[0], g.padding[2], *g.dilation, g.groups)
         else:
@@ -230,7 +225,7 @@ class CythonBackend(WinogradPasses, Backend):
         nt = _threads(g.flops // 2)
         w2 = weight.reshape(g.k, -1)
         plan = self._plan(g, algorithm, nt)
-        blk = _blocked("conv2d_backward_input", g) if plan == "direct" else None
+        blk = _blocked_plan("conv2d_backward_input", g) if plan == "direct" else None
         flat = _flat3x3(g.h, g.w, g, g.k_per_group, nt) if plan == "direct" and blk is None else None
         # the blocked and flat kernels write every element; the others add into gx
         gx = (np.empty if blk is not None or flat is not None else np.zeros)(g.input_shape, g.dtype)
@@ -250,9 +245,7 @@ class CythonBackend(WinogradPasses, Backend):
             for n0, nb in ws.chunks(g.n):
                 _im2col.backward_input(grad_out, w2, gx, ws.col, ws.tmp, n0, nb, g.r, g.s, *_conv_args(g), 1)
         elif blk is not None:
-            wt = blocked_weights(input_grad_kernel(weight, g.groups), g.groups, _direct.BLOCKED_TILE[0])
-            _direct.forward_blocked(grad_out, wt, np.zeros(g.c, g.dtype), gx, *blk, g.r, g.s, 1, 1, *pads,
-                                    *g.dilation, g.groups)
+            _run_blocked(grad_out, input_grad_kernel(weight, g.groups), np.zeros(g.c, g.dtype), gx, blk, g, pads)
         elif flat is not None:
             _direct.forward3x3(grad_out, input_grad_kernel(weight, g.groups), np.zeros(g.c, g.dtype), gx, *flat,
                                *pads, *g.dilation, g.groups)
@@ -342,7 +335,7 @@ class CythonBackend(WinogradPasses, Backend):
         up to 8 outputs (the flat-plane kernel).
         """
         width = min(g.c_per_group, g.k_per_group)
-        blocked = _blocked_layout(op, g) is not None
+        blocked = _blocked_plan(op, g) is not None
         if ((width >= WINOGRAD_MIN_CHANNELS_BLOCKED or width >= WINOGRAD_MIN_CHANNELS and not blocked)
                 and self.unsupported("winograd", op, g) is None):
             return "winograd"

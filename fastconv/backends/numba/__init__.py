@@ -57,7 +57,7 @@ import numpy as np  # noqa: E402
 from ... import _config  # noqa: E402
 from ..._args import ConvGeometry, PoolGeometry  # noqa: E402
 from .._winograd_passes import WinogradPasses  # noqa: E402
-from ..base import (BLOCKED_WEIGHT_INPUTS, SERIAL_WORK, Backend, blocked_layout, blocked_offsets,  # noqa: E402
+from ..base import (BLOCKED_WEIGHT_INPUTS, SERIAL_WORK, Backend, BlockedLayout, blocked_layout,  # noqa: E402
                     blocked_weight_gradient, blocked_weight_layout, blocked_weights, flat3x3_buffers,
                     flat3x3_preferred, input_grad_kernel, sum_partials)
 from ... import _winograd as wino  # noqa: E402
@@ -220,32 +220,25 @@ def _flat3x3(out_h: int, out_w: int, g: ConvGeometry, cin: int) -> tuple[np.ndar
     return flat3x3_buffers(out_h, out_w, g, cin, _threads(g), _kernels.FLAT_SEGMENT, _config.get_workspace_limit())
 
 
-def _blocked_layout(op: str, g: ConvGeometry) -> tuple[int, int, int] | None:
-    """See :func:`fastconv.backends.base.blocked_layout`."""
+def _blocked_plan(op: str, g: ConvGeometry) -> BlockedLayout | None:
+    """How ``_blocked.conv2d_blocked`` runs ``op``, or None when it should not (see
+    :func:`fastconv.backends.base.blocked_layout`)."""
     return blocked_layout(op, g, _threads(g), _blocked.VBLOCK, _config.get_workspace_limit())
 
 
-def _blocked_conv(op: str, x: np.ndarray, weight: np.ndarray, bias: np.ndarray, out: np.ndarray, g: ConvGeometry,
-                  pads: tuple[int, int]) -> bool:
-    """Run ``op`` with ``_blocked.conv2d_blocked`` (``weight`` as its forward pass sees it,
-    (Kout, Cin/g, R, S)) if it should run; whether it did."""
-    layout = _blocked_layout(op, g)
-    if layout is None:
-        return False
-    workers, width, plane = layout
-    sh = g.stride[0] if op == "conv2d" else 1
-    offsets = blocked_offsets(x.shape[1] // g.groups, g, sh, out.shape[3], plane).astype(np.int64)
-    _conv2d_blocked(x, blocked_weights(weight, g.groups, _blocked.KBLOCK), bias, out,
-                    np.empty((workers, width), g.dtype), offsets, np.zeros(1, np.int64), plane, g.r, g.s, sh,
-                    g.stride[1] if op == "conv2d" else 1, *pads, *g.dilation, g.groups, threads=workers)
-    return True
+def _run_blocked(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, out: np.ndarray, lay: BlockedLayout,
+                 g: ConvGeometry, pads: tuple[int, int]) -> None:
+    """``_blocked.conv2d_blocked`` with ``weight`` as its pass sees it, (Kout, Cin/g, R, S)."""
+    _conv2d_blocked(x, blocked_weights(weight, g.groups, _blocked.KBLOCK), bias, out, lay.buffer(g.dtype),
+                    lay.offsets(g), np.zeros(1, np.int64), lay.plane, g.r, g.s, *lay.stride, *pads, *g.dilation,
+                    g.groups, threads=lay.workers)
 
 
 def _blocked_weight(grad_out: np.ndarray, x: np.ndarray, g: ConvGeometry) -> np.ndarray | None:
     """The weight gradient from ``_blocked.conv2d_backward_weight_blocked``, or None (see
     :func:`fastconv.backends.base.blocked_weight_gradient`)."""
     def kernel(partial, xs, gs, lay):
-        _conv2d_backward_weight_blocked(grad_out, x, partial, xs, gs, lay.offsets.astype(np.int64),
+        _conv2d_backward_weight_blocked(grad_out, x, partial, xs, gs, lay.offsets,
                                         np.zeros(1, np.int64), lay.chunk, lay.plane, g.r, g.s, *g.stride,
                                         g.padding[0], g.padding[2], *g.dilation, g.groups, threads=lay.workers)
 
@@ -378,7 +371,7 @@ class NumbaBackend(WinogradPasses, Backend):
         direct kernel on every layer of the benchmark suite.
         """
         cin, cout = g.c_per_group, g.k_per_group
-        blocked = _blocked_layout(op, g) is not None
+        blocked = _blocked_plan(op, g) is not None
         wide = min(cin, cout) >= WINOGRAD_MIN_CHANNELS_BLOCKED or not blocked and (
             min(cin, cout) >= WINOGRAD_MIN_CHANNELS or cin >= WINOGRAD_MIN_WIDE_INPUTS and cout >= WINOGRAD_MIN_OUTPUTS)
         if wide and self.unsupported("winograd", op, g) is None:
@@ -422,8 +415,8 @@ class NumbaBackend(WinogradPasses, Backend):
         out = np.empty(g.output_shape, dtype=g.dtype)
         b = np.zeros(g.k, dtype=g.dtype) if bias is None else bias
         if algorithm == "direct":
-            if _blocked_conv("conv2d", x, weight, b, out, g, (g.padding[0], g.padding[2])):
-                pass
+            if (blk := _blocked_plan("conv2d", g)) is not None:
+                _run_blocked(x, weight, b, out, blk, g, (g.padding[0], g.padding[2]))
             elif (flat := _flat3x3(g.out_h, g.out_w, g, g.c_per_group)) is not None:
                 _conv2d_direct3x3(x, weight, b, out, *flat, np.zeros(1, np.int64), g.padding[0], g.padding[2],
                                   *g.dilation, g.groups, threads=flat[0].shape[0])
@@ -444,13 +437,11 @@ class NumbaBackend(WinogradPasses, Backend):
             # the input gradient of a stride-1 conv is the forward pass of grad_out with the
             # rotated kernel and padding dil*(R-1) - pad
             pads = (g.dilation[0] * (g.r - 1) - g.padding[0], g.dilation[1] * (g.s - 1) - g.padding[2])
-            rotated = input_grad_kernel(weight, g.groups) if g.stride == (1, 1) else None
-            if rotated is not None and _blocked_conv("conv2d_backward_input", grad_out, rotated,
-                                                     np.zeros(g.c, g.dtype), gx, g, pads):
-                pass
+            if (blk := _blocked_plan("conv2d_backward_input", g)) is not None:
+                _run_blocked(grad_out, input_grad_kernel(weight, g.groups), np.zeros(g.c, g.dtype), gx, blk, g, pads)
             elif (flat := _flat3x3(g.h, g.w, g, g.k_per_group)) is not None:
-                _conv2d_direct3x3(grad_out, rotated, np.zeros(g.c, g.dtype), gx, *flat, np.zeros(1, np.int64), *pads,
-                                  *g.dilation, g.groups, threads=flat[0].shape[0])
+                _conv2d_direct3x3(grad_out, input_grad_kernel(weight, g.groups), np.zeros(g.c, g.dtype), gx, *flat,
+                                  np.zeros(1, np.int64), *pads, *g.dilation, g.groups, threads=flat[0].shape[0])
             else:
                 _conv2d_backward_input_direct(grad_out, weight, gx, *_conv_params(g), g.groups)
             return gx
