@@ -340,21 +340,28 @@ def test_info_and_algorithm_choice():
         assert be.default_algorithm(op, depthwise) == "direct"
         assert be.default_algorithm(op, signal) == "direct"
         assert be.default_algorithm(op, wide) == "winograd"
-    # strided: the blocked direct kernel forward (any stride), im2col for the gradients
-    assert [be.default_algorithm(op, strided) for op in CONV_OPS] == ["direct", "im2col", "im2col"]
-    # 3 -> 64 channels: the blocked direct kernel forward; its input gradient has 3 outputs
-    assert [be.default_algorithm(op, few_channels) for op in CONV_OPS] == ["direct", "im2col", "im2col"]
+    # strided: the blocked direct kernels forward and for the weight gradient (any stride),
+    # im2col for the input gradient (stride 1 only)
+    assert [be.default_algorithm(op, strided) for op in CONV_OPS] == ["direct", "im2col", "direct"]
+    # 3 -> 64 channels: the blocked direct kernels; the input gradient's pass has 3 outputs
+    assert [be.default_algorithm(op, few_channels) for op in CONV_OPS] == ["direct", "im2col", "direct"]
+    # the weight gradient stays with im2col for 1x1 layers and one input channel to many outputs
+    pointwise = ConvGeometry(8, 64, 16, 16, 64, 1, 1, (1, 1), (0, 0, 0, 0), (1, 1), 1, f32)
+    one_to_many = ConvGeometry(64, 1, 28, 28, 32, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1, f32)
+    assert be.default_algorithm("conv2d_backward_weight", pointwise) == "im2col"
+    assert be.default_algorithm("conv2d_backward_weight", one_to_many) == "im2col"
     # 4 -> 8 channels: the blocked kernels for all three passes
     four = ConvGeometry(400, 4, 8, 8, 8, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1, f32)
     with num_threads(2):
         assert [be.default_algorithm(op, four) for op in CONV_OPS] == ["direct"] * 3
-    # 8 -> 16 channels: blocked where it runs, else Winograd; not for a single image on 2 threads
+    # 8 -> 16 channels: blocked where it runs (all three passes), else Winograd; not for a
+    # single image on 2 threads
     eight = ConvGeometry(400, 8, 8, 8, 16, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1, f32)
     one_image = ConvGeometry(1, 8, 64, 64, 16, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1, f32)
     with num_threads(2):
-        assert [be.default_algorithm(op, eight) for op in CONV_OPS] == ["direct", "direct", "winograd"]
+        assert [be.default_algorithm(op, eight) for op in CONV_OPS] == ["direct"] * 3
         assert [be.default_algorithm(op, one_image) for op in CONV_OPS] == ["winograd"] * 3
     first_layer = ConvGeometry(400, 1, 16, 16, 8, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1, f32)
     assert be.default_algorithm("conv2d", first_layer) == "direct"
     assert be.default_algorithm("conv2d_backward_input", first_layer) == "direct"
-    assert be.default_algorithm("conv2d_backward_weight", first_layer) == "im2col"
+    assert be.default_algorithm("conv2d_backward_weight", first_layer) == "direct"  # blocked, 8 outputs

@@ -191,12 +191,16 @@ def blocked_offsets(cin: int, g: ConvGeometry, sh: int, out_w: int, plane: int) 
                                 dtype=np.intp)
 
 
-#: ``algorithm="auto"`` runs the weight gradient with the blocked kernel for this range of
-#: input channels per group (where Winograd does not take it).  Measured on the 2-core box
-#: against im2col: 4 inputs (8x8 planes) 1.4x faster, 8 inputs 1.6-2x; one input channel
-#: (mnist-c1, stripe-c1: the column matrix is only R*S rows) 0.8-1.0x; 16 inputs 1.0x,
-#: 32 inputs 0.9x, 256 inputs (pw-1x1) 0.7x
-BLOCKED_WEIGHT_INPUTS = range(4, 16)
+def blocked_weight_preferred(g: ConvGeometry) -> bool:
+    """Whether ``algorithm="auto"`` should run the weight gradient with a channel-blocked kernel
+    where one runs (:func:`blocked_weight_layout`) and Winograd does not take it: every layer
+    but 1x1 ones (one GEMM per image: im2col's pointwise plan ran as fast, pw-1x1 0.96-1.07x)
+    and one-input-channel layers with more than 8 outputs (mnist-c1: im2col 1.1-1.2x faster;
+    its column matrix is only R*S rows, and the tile pads 9 taps to 12).  Measured on the
+    2-core box against im2col, 2 threads: vgg-224 1.5-1.6x, the resnet stem 1.3-1.5x,
+    stripe-c1 1.2-1.4x, stripe-c2 3x; and 1.4x on cifar-64 (where Winograd is faster still)."""
+    return (g.r, g.s) != (1, 1) and (g.c_per_group > 1 or g.k_per_group <= 8)
+
 
 #: the weight gradient's blocked kernel takes images in chunks whose unfolded input and
 #: output gradients fit in about this many bytes (L1), so that its register tiles run over
@@ -250,14 +254,14 @@ def blocked_weight_sum(partial: np.ndarray, g: ConvGeometry, wj: int, wq: int, t
     return np.ascontiguousarray(sums.reshape(g.weight_shape), dtype=g.dtype)
 
 
-def blocked_weight_gradient(g: ConvGeometry, nt: int, tile: int, wj: int, wq: int, limit: int,
-                            kernel: Callable[..., None]) -> np.ndarray | None:
-    """The weight gradient from a backend's channel-blocked kernel, called as ``kernel(partial,
-    xs, gs, layout)`` with the zeroed partial sums and the buffers of
-    :func:`blocked_weight_layout`; None when that kernel should not run or its result is not
-    finite: the spare lanes of a plane's last tile multiply zeros with whatever input lies
-    there, so an Inf or NaN input can spoil a finite gradient, and the caller recomputes."""
-    layout = blocked_weight_layout(g, nt, tile, wj, wq, limit)
+def blocked_weight_gradient(kernel: Callable[..., None], layout: BlockedWeightLayout | None, g: ConvGeometry,
+                            wj: int, wq: int, tile: int) -> np.ndarray | None:
+    """The weight gradient from a backend's channel-blocked kernel with register tiles of ``wj``
+    channels by ``wq`` taps by ``tile`` lanes, called as ``kernel(partial, xs, gs, layout)``
+    with the zeroed partial sums and the buffers of ``layout`` (:func:`blocked_weight_layout`);
+    None when there is no layout (the kernel should not run) or the result is not finite:
+    the spare lanes of a plane's last tile multiply zeros with whatever input lies there, so an
+    Inf or NaN input can spoil a finite gradient, and the caller recomputes."""
     if layout is None:
         return None
     partial = np.zeros((layout.workers, layout.partial), g.dtype)

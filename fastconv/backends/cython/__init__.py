@@ -32,9 +32,9 @@ import numpy as np  # noqa: E402
 from ... import _config  # noqa: E402
 from ..._args import ConvGeometry  # noqa: E402
 from .._winograd_passes import WinogradPasses  # noqa: E402
-from ..base import (BLOCKED_WEIGHT_INPUTS, SERIAL_WORK, Backend, BlockedLayout, blocked_layout,  # noqa: E402
-                    blocked_weight_gradient, blocked_weight_layout, blocked_weights, flat3x3_buffers,
-                    flat3x3_preferred, input_grad_kernel, sum_partials)
+from ..base import (SERIAL_WORK, Backend, BlockedLayout, BlockedWeightLayout,  # noqa: E402
+                    blocked_layout, blocked_weight_gradient, blocked_weight_layout, blocked_weight_preferred,
+                    blocked_weights, flat3x3_buffers, flat3x3_preferred, input_grad_kernel, sum_partials)
 from . import _direct, _im2col, _pool, _winograd  # noqa: E402
 
 import scipy.linalg  # noqa: E402,F401  (loads the BLAS behind cython_blas, so the thread limit reaches it)
@@ -139,15 +139,31 @@ def _run_blocked(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, out: np.nd
                             *g.dilation, g.groups)
 
 
+def _blocked_weight_layout(g: ConvGeometry) -> BlockedWeightLayout | None:
+    """How ``_direct.backward_weight_blocked`` runs, or None when it should not (see
+    :func:`fastconv.backends.base.blocked_weight_layout`)."""
+    wj, wq, tile = _direct.BLOCKED_WEIGHT_TILE
+    return blocked_weight_layout(g, _threads(g.flops // 2), tile, wj, wq, _config.get_workspace_limit())
+
+
+def _blocked_runs(op: str, g: ConvGeometry) -> bool:
+    """Whether ``algorithm="auto"`` may run ``op`` with a channel-blocked kernel: it runs there,
+    and for the weight gradient the layer is one where it beat im2col
+    (:func:`fastconv.backends.base.blocked_weight_preferred`)."""
+    if op == "conv2d_backward_weight":
+        return blocked_weight_preferred(g) and _blocked_weight_layout(g) is not None
+    return _blocked_plan(op, g) is not None
+
+
 def _blocked_weight(grad_out: np.ndarray, x: np.ndarray, g: ConvGeometry) -> np.ndarray | None:
     """The weight gradient from ``_direct.backward_weight_blocked``, or None (see
     :func:`fastconv.backends.base.blocked_weight_gradient`)."""
     def kernel(partial, xs, gs, lay):
-        _direct.backward_weight_blocked(grad_out, x, partial, xs, gs, lay.offsets, lay.chunk, lay.plane, g.r, g.s,
-                                        *g.stride, g.padding[0], g.padding[2], *g.dilation, g.groups)
+        _direct.backward_weight_blocked(grad_out, x, partial, xs, gs, lay.offsets, lay.chunk, lay.plane, g.r,
+                                        g.s, *g.stride, g.padding[0], g.padding[2], *g.dilation, g.groups)
 
-    (wj, wq), tile = _direct.BLOCKED_WEIGHT_TILE, _direct.BLOCKED_TILE[1]
-    return blocked_weight_gradient(g, _threads(g.flops // 2), tile, wj, wq, _config.get_workspace_limit(), kernel)
+    wj, wq, tile = _direct.BLOCKED_WEIGHT_TILE
+    return blocked_weight_gradient(kernel, _blocked_weight_layout(g), g, wj, wq, tile)
 
 
 class CythonBackend(WinogradPasses, Backend):
@@ -316,11 +332,11 @@ class CythonBackend(WinogradPasses, Backend):
     # ----------------------------------------------------------------- selection
     def default_algorithm(self, op: str, g: ConvGeometry) -> str:
         """Winograd for 3x3 stride-1 layers with at least 16 channels per group in and out;
-        the channel-blocked direct kernel wherever it runs (at least 4 outputs per group: the
-        forward pass at any stride, the input gradient at stride 1); Winograd from 8 channels
-        in and out for the weight gradient, and below that the blocked weight-gradient kernel
-        for 4 to 15 inputs per group (:data:`fastconv.backends.base.BLOCKED_WEIGHT_INPUTS`);
-        else im2col + GEMM unless the GEMM would be degenerate.
+        the channel-blocked direct kernels wherever they run (at least 4 outputs per group: the
+        forward pass at any stride, the input gradient at stride 1, the weight gradient at any
+        stride where :func:`fastconv.backends.base.blocked_weight_preferred`); Winograd from 8
+        channels in and out where they do not; else im2col + GEMM unless the GEMM would be
+        degenerate.
 
         Measured on the 2-core box (float32, 2 threads, two full benchmark runs): the blocked
         kernel runs dense layers at 65-95% of the sgemm peak and beat im2col on every forward
@@ -335,16 +351,12 @@ class CythonBackend(WinogradPasses, Backend):
         up to 8 outputs (the flat-plane kernel).
         """
         width = min(g.c_per_group, g.k_per_group)
-        blocked = _blocked_plan(op, g) is not None
+        blocked = _blocked_runs(op, g)
         if ((width >= WINOGRAD_MIN_CHANNELS_BLOCKED or width >= WINOGRAD_MIN_CHANNELS and not blocked)
                 and self.unsupported("winograd", op, g) is None):
             return "winograd"
         if blocked or g.c_per_group == 1 and g.k_per_group <= 4 or flat3x3_preferred(op, g):
             return "direct"
-        if (op == "conv2d_backward_weight" and g.c_per_group in BLOCKED_WEIGHT_INPUTS
-                and blocked_weight_layout(g, _threads(g.flops // 2), _direct.BLOCKED_TILE[1],
-                                          *_direct.BLOCKED_WEIGHT_TILE, _config.get_workspace_limit()) is not None):
-            return "direct"  # the blocked weight-gradient kernel
         return "im2col"
 
     def info(self) -> dict[str, Any]:

@@ -299,10 +299,11 @@ cdef extern from "_tile.h" nogil:
     enum:
         WJ "FC_WJ"  # output channels per weight-gradient tile
         WQ "FC_WQ"  # taps per weight-gradient tile
+        WV "FC_WV"  # partial sums (lanes) per (channel, tap) pair of a weight-gradient tile
     void fc_wtile_f(const float* xs, Py_ssize_t xstride, const Py_ssize_t* offs, const float* g, Py_ssize_t gstride,
-                    Py_ssize_t ldg, Py_ssize_t tiles, Py_ssize_t nimg, float* acc)
+                    Py_ssize_t ldg, Py_ssize_t steps, Py_ssize_t nimg, float* acc)
     void fc_wtile_d(const double* xs, Py_ssize_t xstride, const Py_ssize_t* offs, const double* g,
-                    Py_ssize_t gstride, Py_ssize_t ldg, Py_ssize_t tiles, Py_ssize_t nimg, double* acc)
+                    Py_ssize_t gstride, Py_ssize_t ldg, Py_ssize_t steps, Py_ssize_t nimg, double* acc)
 
 
 cdef inline void _unfold_columns(const floating* src, Py_ssize_t C, Py_ssize_t H, Py_ssize_t W, Py_ssize_t S,
@@ -414,21 +415,23 @@ def forward_blocked(const floating[:, :, :, ::1] x, const floating[:, :, ::1] wt
 
 
 # The weight gradient in the same layout: gw[k, t] = sum over images and flat outputs f of
-# gy[n, k, f] * xs_n[offs[t] + f].  A tile holds WJ x WQ (channel, tap) pairs as VBLOCK partial
-# sums each and runs over a chunk of images; each thread adds its tiles into its own row
-# of ``partial``, which the adapter reduces (``fastconv.backends.base.blocked_weight_sum``).
+# gy[n, k, f] * xs_n[offs[t] + f].  A tile holds WJ x WQ (channel, tap) pairs as WV partial
+# sums each and runs over a chunk of images; each thread adds its tiles into its own row of
+# ``partial``, which the adapter reduces (``fastconv.backends.base.blocked_weight_sum``).
 # The output-gradient rows are copied into a zero-padded stage first (also where no padding is
 # needed: reading them in place measured 1.4-1.7x slower), so the spare lanes of a plane's
 # last tile and of a partial block of channels add nothing (unless the input there is Inf or
-# NaN: the adapter then recomputes with im2col).
+# NaN: the adapter then recomputes with im2col).  (Taking large planes in L2-sized segments,
+# with every block of channels passing over one segment, measured 1.2-1.6x slower than
+# whole planes on 56x56 to 224x224 layers.)
 
 cdef inline void _wtile(const floating* xs, Py_ssize_t xstride, const Py_ssize_t* offs, const floating* g,
-                        Py_ssize_t gstride, Py_ssize_t ldg, Py_ssize_t tiles, Py_ssize_t nimg,
+                        Py_ssize_t gstride, Py_ssize_t ldg, Py_ssize_t steps, Py_ssize_t nimg,
                         floating* acc) noexcept nogil:
     if floating is float:
-        fc_wtile_f(xs, xstride, offs, g, gstride, ldg, tiles, nimg, acc)
+        fc_wtile_f(xs, xstride, offs, g, gstride, ldg, steps, nimg, acc)
     else:
-        fc_wtile_d(xs, xstride, offs, g, gstride, ldg, tiles, nimg, acc)
+        fc_wtile_d(xs, xstride, offs, g, gstride, ldg, steps, nimg, acc)
 
 
 def backward_weight_blocked(const floating[:, :, :, ::1] gy, const floating[:, :, :, ::1] x,
@@ -440,14 +443,14 @@ def backward_weight_blocked(const floating[:, :, :, ::1] gy, const floating[:, :
     of ``chunk`` images, group) per work unit (see above).
 
     Per thread: ``xs`` holds ``chunk`` unfolded inputs of Cg*S*sh planes of ``plane`` elements,
-    ``gs`` ``chunk`` * WJ output-gradient rows of ceil(Ho*Wo / VBLOCK) * VBLOCK, ``partial``
-    the sums ``[g, kb, tb, j, q, v]`` for tap pairs tb of ``offs`` (a multiple of WQ taps;
+    ``gs`` ``chunk`` * WJ output-gradient rows of ceil(Ho*Wo / WV) * WV, ``partial`` the sums
+    ``[g, kb, tb, j, q, v]`` for tap blocks tb of ``offs`` (a multiple of WQ taps;
     ``fastconv.backends.base.blocked_weight_layout``).  ``partial`` must be zero on entry.
     """
     cdef Py_ssize_t N = x.shape[0], H = x.shape[2], W = x.shape[3], Cg = x.shape[1] // groups
     cdef Py_ssize_t K = gy.shape[1], Ho = gy.shape[2], Wo = gy.shape[3], Kg = K // groups
-    cdef Py_ssize_t F = Ho * Wo, tiles = (F + VBLOCK - 1) // VBLOCK, ldg = tiles * VBLOCK
-    cdef Py_ssize_t xstride = Cg * S * sh * plane, blocks = (Kg + WJ - 1) // WJ, pairs = offs.shape[0] // WQ
+    cdef Py_ssize_t F = Ho * Wo, steps = (F + WV - 1) // WV, ldg = steps * WV
+    cdef Py_ssize_t xstride = Cg * S * sh * plane, blocks = (Kg + WJ - 1) // WJ, taps = offs.shape[0] // WQ
     cdef Py_ssize_t units = (N + chunk - 1) // chunk * groups, t, n0, g, nimg, i, j, kb, tb, k0
     cdef int nt = <int> xs.shape[0], tid
     cdef floating* xsp
@@ -476,13 +479,13 @@ def backward_weight_blocked(const floating[:, :, :, ::1] gy, const floating[:, :
                             fill(dst + F, 0, ldg - F)
                         else:
                             fill(dst, 0, ldg)
-                for tb in range(pairs):
-                    _wtile(xsp, xstride, &offs[tb * WQ], gsp, WJ * ldg, ldg, tiles, nimg,
-                           part + ((g * blocks + kb) * pairs + tb) * (WJ * WQ * VBLOCK))
+                for tb in range(taps):
+                    _wtile(xsp, xstride, &offs[tb * WQ], gsp, WJ * ldg, ldg, steps, nimg,
+                           part + ((g * blocks + kb) * taps + tb) * (WJ * WQ * WV))
 
 
-#: (output channels, taps) of one ``backward_weight_blocked`` register tile
-BLOCKED_WEIGHT_TILE = (WJ, WQ)
+#: (output channels, taps, partial sums per pair) of one ``backward_weight_blocked`` register tile
+BLOCKED_WEIGHT_TILE = (WJ, WQ, WV)
 
 
 #: (output channels, flat outputs) of one ``forward_blocked`` register tile

@@ -57,9 +57,9 @@ import numpy as np  # noqa: E402
 from ... import _config  # noqa: E402
 from ..._args import ConvGeometry, PoolGeometry  # noqa: E402
 from .._winograd_passes import WinogradPasses  # noqa: E402
-from ..base import (BLOCKED_WEIGHT_INPUTS, SERIAL_WORK, Backend, BlockedLayout, blocked_layout,  # noqa: E402
-                    blocked_weight_gradient, blocked_weight_layout, blocked_weights, flat3x3_buffers,
-                    flat3x3_preferred, input_grad_kernel, sum_partials)
+from ..base import (SERIAL_WORK, Backend, BlockedLayout, BlockedWeightLayout,  # noqa: E402
+                    blocked_layout, blocked_weight_gradient, blocked_weight_layout, blocked_weight_preferred,
+                    blocked_weights, flat3x3_buffers, flat3x3_preferred, input_grad_kernel, sum_partials)
 from ... import _winograd as wino  # noqa: E402
 from . import _blocked, _kernels  # noqa: E402
 from . import _winograd as _wk  # noqa: E402
@@ -234,6 +234,22 @@ def _run_blocked(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, out: np.nd
                     g.groups, threads=lay.workers)
 
 
+def _blocked_weight_layout(g: ConvGeometry) -> BlockedWeightLayout | None:
+    """How ``_blocked.conv2d_backward_weight_blocked`` runs, or None when it should not (see
+    :func:`fastconv.backends.base.blocked_weight_layout`)."""
+    return blocked_weight_layout(g, _threads(g), _blocked.WV, _blocked.WJ, _blocked.WQ,
+                                 _config.get_workspace_limit())
+
+
+def _blocked_runs(op: str, g: ConvGeometry) -> bool:
+    """Whether ``algorithm="auto"`` may run ``op`` with a channel-blocked kernel: it runs there,
+    and for the weight gradient the layer is one where it beat im2col
+    (:func:`fastconv.backends.base.blocked_weight_preferred`)."""
+    if op == "conv2d_backward_weight":
+        return blocked_weight_preferred(g) and _blocked_weight_layout(g) is not None
+    return _blocked_plan(op, g) is not None
+
+
 def _blocked_weight(grad_out: np.ndarray, x: np.ndarray, g: ConvGeometry) -> np.ndarray | None:
     """The weight gradient from ``_blocked.conv2d_backward_weight_blocked``, or None (see
     :func:`fastconv.backends.base.blocked_weight_gradient`)."""
@@ -242,8 +258,7 @@ def _blocked_weight(grad_out: np.ndarray, x: np.ndarray, g: ConvGeometry) -> np.
                                         np.zeros(1, np.int64), lay.chunk, lay.plane, g.r, g.s, *g.stride,
                                         g.padding[0], g.padding[2], *g.dilation, g.groups, threads=lay.workers)
 
-    return blocked_weight_gradient(g, _threads(g), _blocked.VBLOCK, _blocked.WJ, _blocked.WQ,
-                                   _config.get_workspace_limit(), kernel)
+    return blocked_weight_gradient(kernel, _blocked_weight_layout(g), g, _blocked.WJ, _blocked.WQ, _blocked.WV)
 
 
 class _ThreadPlan:
@@ -349,9 +364,9 @@ class NumbaBackend(WinogradPasses, Backend):
         channels per group in and out; else the channel-blocked direct kernel wherever it
         runs (at least 4 outputs per group: the forward pass at any stride, the input gradient
         at stride 1; in two full benchmark runs 1.1-3.2x faster than im2col on forward passes,
-        except pw-1x1 at 0.99-1.09x, and 0.9-1.6x on input gradients), and for the weight gradient
-        the blocked weight kernel for :data:`fastconv.backends.base.BLOCKED_WEIGHT_INPUTS`
-        inputs per group where Winograd does not take it; else, as before they existed,
+        except pw-1x1 at 0.99-1.09x, and 0.9-1.6x on input gradients; the weight gradient at any
+        stride where :func:`fastconv.backends.base.blocked_weight_preferred`); else, as before
+        they existed,
         Winograd for the 3x3 stride-1 layers it can run with at least
         :data:`WINOGRAD_MIN_CHANNELS` channels per group in and out, or at least
         :data:`WINOGRAD_MIN_WIDE_INPUTS` in and :data:`WINOGRAD_MIN_OUTPUTS` out; else
@@ -371,17 +386,13 @@ class NumbaBackend(WinogradPasses, Backend):
         direct kernel on every layer of the benchmark suite.
         """
         cin, cout = g.c_per_group, g.k_per_group
-        blocked = _blocked_plan(op, g) is not None
+        blocked = _blocked_runs(op, g)
         wide = min(cin, cout) >= WINOGRAD_MIN_CHANNELS_BLOCKED or not blocked and (
             min(cin, cout) >= WINOGRAD_MIN_CHANNELS or cin >= WINOGRAD_MIN_WIDE_INPUTS and cout >= WINOGRAD_MIN_OUTPUTS)
         if wide and self.unsupported("winograd", op, g) is None:
             return "winograd"
         if blocked or cin == 1 and cout <= 4 or flat3x3_preferred(op, g):
             return "direct"
-        if (op == "conv2d_backward_weight" and cin in BLOCKED_WEIGHT_INPUTS
-                and blocked_weight_layout(g, _threads(g), _blocked.VBLOCK, _blocked.WJ, _blocked.WQ,
-                                          _config.get_workspace_limit()) is not None):
-            return "direct"  # the blocked weight-gradient kernel
         return "im2col"
 
     # ------------------------------------------------------------------ winograd

@@ -7,7 +7,7 @@ and split into the vertical stride's row phases, ``xs[((c*S + s)*sh + p)*plane +
 at a constant offset (``fastconv.backends.base.blocked_offsets``).  A register tile of
 ``KBLOCK`` output channels by ``VBLOCK`` flat outputs accumulates over every tap and is stored
 straight into the output; the weight gradient's tile holds ``WJ`` channels by ``WQ`` taps of
-``VBLOCK`` partial sums.
+``WV`` partial sums.
 
 LLVM's vectoriser does not keep a tile of 8 x 16 sums in registers when it is written as
 loops over a stack array, so each tile is one intrinsic (:func:`_tile`, :func:`_wtile`) that
@@ -34,9 +34,11 @@ VBLOCK = 16
 #: lanes per LLVM vector: a tile row is VBLOCK // PART vectors (ymm for float32; 16 ymm
 #: accumulators ran 1.4x faster than 8 zmm ones on the stripe-c2 layer, Zen 4)
 PART = 8
-#: output channels and taps of one weight-gradient tile (VBLOCK partial sums per pair)
+#: output channels, taps and partial sums (lanes) per (channel, tap) pair of one
+#: weight-gradient tile: 24 accumulators, fed by 4 + 6 vector loads (as the Cython tile)
 WJ = 4
-WQ = 2
+WQ = 6
+WV = 8
 
 _PAR = dict(parallel=True, cache=True, nogil=True)
 _SER = dict(cache=True, nogil=True)
@@ -117,8 +119,8 @@ def _tile(typingctx, xs, x0, wt, w0, offs, taps, b, out, o0, ldo, nk):
 
 @intrinsic
 def _wtile(typingctx, xs, x0, xstride, offs, o0, g, g0, gstride, ldg, tiles, nimg, acc, a0):
-    """acc[a0 + (j*WQ + q)*VBLOCK + v] += sum over images i < nimg and flat outputs f < tiles*VBLOCK,
-    f = v mod VBLOCK, of g[g0 + i*gstride + j*ldg + f] * xs[x0 + i*xstride + offs[o0 + q] + f], for
+    """acc[a0 + (j*WQ + q)*WV + v] += sum over images i < nimg and flat outputs f < tiles*WV,
+    f = v mod WV, of g[g0 + i*gstride + j*ldg + f] * xs[x0 + i*xstride + offs[o0 + q] + f], for
     j < WJ, q < WQ.  Unchecked: the caller guarantees the ranges."""
     if not all(isinstance(a, types.Array) for a in (xs, offs, g, acc)) or offs.dtype != types.int64:
         return None
@@ -128,7 +130,7 @@ def _wtile(typingctx, xs, x0, xstride, offs, o0, g, g0, gstride, ldg, tiles, nim
     def codegen(context, builder, sig, args):
         xs_, x0_, xstride_, offs_, o0_, g_, g0_, gstride_, ldg_, tiles_, nimg_, acc_, a0_ = args
         vty, align, const, splat, vector_at, fmuladd = _codegen_tools(context, builder, sig.args[0].dtype)
-        parts = range(0, VBLOCK, PART)
+        parts = range(0, WV, PART)
         xp = builder.gep(_data(context, builder, sig.args[0], xs_), [x0_])
         offp = builder.gep(_data(context, builder, sig.args[3], offs_), [o0_])
         gp = builder.gep(_data(context, builder, sig.args[5], g_), [g0_])
@@ -138,12 +140,12 @@ def _wtile(typingctx, xs, x0, xstride, offs, o0, g, g0, gstride, ldg, tiles, nim
         for j in range(WJ):
             for q in range(WQ):
                 for slot, p in zip(slots[j][q], parts):
-                    builder.store(builder.load(vector_at(ap, const((j * WQ + q) * VBLOCK + p)), align=align), slot)
+                    builder.store(builder.load(vector_at(ap, const((j * WQ + q) * WV + p)), align=align), slot)
         with cgutils.for_range(builder, nimg_) as images:
             xi = builder.mul(images.index, xstride_)
             gi = builder.mul(images.index, gstride_)
             with cgutils.for_range(builder, tiles_) as loop:
-                f = builder.mul(loop.index, const(VBLOCK))
+                f = builder.mul(loop.index, const(WV))
                 xv = [[builder.load(vector_at(xp, builder.add(builder.add(xi, offs[q]), builder.add(f, const(p)))),
                                     align=align) for p in parts] for q in range(WQ)]
                 for j in range(WJ):
@@ -155,7 +157,7 @@ def _wtile(typingctx, xs, x0, xstride, offs, o0, g, g0, gstride, ldg, tiles, nim
         for j in range(WJ):
             for q in range(WQ):
                 for slot, p in zip(slots[j][q], parts):
-                    builder.store(builder.load(slot), vector_at(ap, const((j * WQ + q) * VBLOCK + p)), align=align)
+                    builder.store(builder.load(slot), vector_at(ap, const((j * WQ + q) * WV + p)), align=align)
         return context.get_dummy_value()
 
     i64 = types.int64
@@ -294,9 +296,9 @@ def _weight_unit(xf, yf, xw, gw, part, offs, n0, nimg, g, c, h, wd, k, groups, h
     ``part``.  A function of its own, as :func:`_blocked_unit`: a smaller ``prange`` body also
     compiles faster."""
     cg, kg, f = c // groups, k // groups, ho * wo
-    tiles = -(-f // VBLOCK)
-    ldg, xstride = tiles * VBLOCK, cg * ns * sh * plane
-    blocks, pairs = -(-kg // WJ), offs.size // WQ
+    tiles = -(-f // WV)
+    ldg, xstride = tiles * WV, cg * ns * sh * plane
+    blocks, tap_blocks = -(-kg // WJ), offs.size // WQ
     zero = gw.dtype.type(0)
     for i in range(nimg):
         _unfold(xf, ((n0 + i) * c + g * cg) * h * wd, cg, h, wd, ns, sh, sw, dw, pt, pl, ho + (nr - 1) * dh // sh, wo,
@@ -310,9 +312,9 @@ def _weight_unit(xf, yf, xw, gw, part, offs, n0, nimg, g, c, h, wd, k, groups, h
                     _fill(gw, d0 + f, ldg - f, zero)
                 else:
                     _fill(gw, d0, ldg, zero)
-        for tb in range(pairs):
+        for tb in range(tap_blocks):
             _wtile(xw, 0, xstride, offs, tb * WQ, gw, 0, WJ * ldg, ldg, tiles, nimg, part,
-                   ((g * blocks + kb) * pairs + tb) * (WJ * WQ * VBLOCK))
+                   ((g * blocks + kb) * tap_blocks + tb) * (WJ * WQ * WV))
 
 
 @njit(**_PAR)
@@ -323,20 +325,20 @@ def conv2d_backward_weight_blocked(gy, x, partial, xs, gs, offs, counter, chunk,
     the Cython kernel (``_direct.pyx``, "The weight gradient in the same layout").
 
     Per worker: ``xs`` holds ``chunk`` unfolded inputs of Cg*S*sh planes of ``plane`` elements,
-    ``gs`` ``chunk`` * WJ zero-padded output-gradient rows of ceil(Ho*Wo / VBLOCK) * VBLOCK,
-    ``partial`` the sums ``[g, kb, tb, j, q, v]`` for tap pairs tb of ``offs`` (a multiple of WQ
+    ``gs`` ``chunk`` * WJ zero-padded output-gradient rows of ceil(Ho*Wo / WV) * WV,
+    ``partial`` the sums ``[g, kb, tb, j, q, v]`` for tap blocks tb of ``offs`` (a multiple of WQ
     taps; ``fastconv.backends.base.blocked_weight_layout``).  ``partial`` must be zero on entry.
     """
     n, c, h, wd = x.shape
     k, ho, wo = gy.shape[1], gy.shape[2], gy.shape[3]
     cg, kg = c // groups, k // groups
     f = ho * wo
-    tiles = -(-f // VBLOCK)
-    ldg, xstride = tiles * VBLOCK, cg * ns * sh * plane
-    blocks, pairs = -(-kg // WJ), offs.size // WQ
+    tiles = -(-f // WV)
+    ldg, xstride = tiles * WV, cg * ns * sh * plane
+    blocks, tap_blocks = -(-kg // WJ), offs.size // WQ
     # every access of _wtile stays inside its arrays
     if (offs.size % WQ or offs.min() < 0 or offs.max() + ldg > xstride or chunk * xstride > xs.shape[1]
-            or chunk * WJ * ldg > gs.shape[1] or partial.shape[1] != groups * blocks * pairs * WJ * WQ * VBLOCK):
+            or chunk * WJ * ldg > gs.shape[1] or partial.shape[1] != groups * blocks * tap_blocks * WJ * WQ * WV):
         raise ValueError("conv2d_backward_weight_blocked: buffers too small for the geometry")
     xf, yf = x.reshape(x.size), gy.reshape(gy.size)
     units = -(-n // chunk) * groups
