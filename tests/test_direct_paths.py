@@ -123,6 +123,42 @@ def test_blocked_kernel_on_large_planes(backend):
         assert_close(gx, fastconv.conv2d_backward(gy, x, weight, **kw, backend="reference").input, np.float32)
 
 
+def followed_by_nan(a: np.ndarray) -> np.ndarray:
+    """``a`` copied into the front of a buffer whose next image is all NaN: a kernel that reads
+    past the end of the returned (contiguous) view puts NaN into its result."""
+    buf = np.full((a.shape[0] + 1,) + a.shape[1:], np.nan, a.dtype)
+    buf[:-1] = a
+    return buf[:-1]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_blocked_kernel_reads_pointwise_layers_in_place(backend, threads, monkeypatch):
+    """1x1 stride-1 unpadded layers: the blocked kernel reads the input planes (the output
+    gradient's, for the input gradient) in place and stages only the columns of a plane's last,
+    partial tile.  Planes with and without a partial tile, a one-pixel plane, groups, float64,
+    and one layer large enough that column blocks go outer.  The inputs are followed in memory
+    by NaNs, so a read past their end shows; guard elements around the outputs and the stage."""
+    monkeypatch.setattr(f"fastconv.backends.{backend}.SERIAL_WORK", 0)
+    calls = spy(monkeypatch, backend)
+    guarded = guard_allocations(monkeypatch, backend)
+    rng = np.random.default_rng(11)
+    cases = [(3, 8, 5, 7, 12, 1, np.float32), (2, 12, 4, 8, 8, 2, np.float64), (2, 6, 1, 1, 4, 1, np.float32),
+             (2, 160, 30, 30, 8, 1, np.float32)]
+    for n, c, h, w, k, groups, dtype in cases:
+        x = followed_by_nan(rng.standard_normal((n, c, h, w)).astype(dtype))
+        weight = rng.standard_normal((k, c // groups, 1, 1)).astype(dtype)
+        bias = rng.standard_normal(k).astype(dtype)
+        gy = followed_by_nan(rng.standard_normal((n, k, h, w)).astype(dtype))
+        with num_threads(threads):
+            out = fastconv.conv2d(x, weight, bias, groups=groups, backend=backend, algorithm="direct")
+            gx = fastconv.conv2d_backward(gy, x, weight, groups=groups, backend=backend, algorithm="direct",
+                                          need_weight=False, need_bias=False).input
+        assert_close(out, fastconv.conv2d(x, weight, bias, groups=groups, backend="reference"), dtype)
+        assert_close(gx, fastconv.conv2d_backward(gy, x, weight, groups=groups, backend="reference").input, dtype)
+    assert len(calls) == 2 * len(cases) and guarded.buffers and guarded.untouched()
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("seed", range(24))

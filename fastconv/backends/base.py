@@ -8,6 +8,7 @@ C-contiguous array of the compute dtype (max-pool indices: int64).
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, NamedTuple
 
 import numpy as np
@@ -146,17 +147,25 @@ class BlockedLayout(NamedTuple):
     cin: int  #: input channels per group of the pass
     out_w: int  #: output width of the pass
     stride: tuple[int, int]  #: stride of the pass
+    #: 1x1, stride 1, no padding: the kernel reads the input planes in place (``plane`` is
+    #: then H*W) and the buffer only stages the last, partial tile's columns (cin * tile)
+    in_place: bool = False
 
     def buffer(self, dtype: Any) -> np.ndarray:
         """The workers' unfolded-input buffers, uninitialised."""
         return np.empty((self.workers, self.width), dtype)
 
     def offsets(self, g: ConvGeometry) -> np.ndarray:
-        """Where each tap reads the unfolded input (:func:`blocked_offsets`)."""
-        return blocked_offsets(self.cin, g, self.stride[0], self.out_w, self.plane)
+        """Where each tap reads the unfolded input (:func:`blocked_offsets`); in place, where it
+        reads the input's planes, then where it reads the staged last tile (c * tile)."""
+        offsets = blocked_offsets(self.cin, g, self.stride[0], self.out_w, self.plane)
+        if self.in_place:
+            offsets = np.concatenate([offsets, np.arange(self.cin, dtype=np.intp) * (self.width // self.cin)])
+        return offsets
 
 
-def blocked_layout(op: str, g: ConvGeometry, nt: int, tile: int, limit: int) -> BlockedLayout | None:
+def blocked_layout(op: str, g: ConvGeometry, nt: int, tile: int, limit: int,
+                   read_in_place: bool = False) -> BlockedLayout | None:
     """How a channel-blocked direct kernel runs ``op`` ("conv2d", any stride, or
     "conv2d_backward_input", stride 1: the forward pass of grad_out with the rotated kernel),
     or None when it should not run: another op, fewer than :data:`BLOCKED_MIN_OUTPUTS` outputs
@@ -165,7 +174,7 @@ def blocked_layout(op: str, g: ConvGeometry, nt: int, tile: int, limit: int) -> 
 
     A worker's buffer holds its unit's input unfolded along the kernel's columns and split
     into the vertical stride's row phases: C/g * S * sh planes of ``plane`` elements
-    (:func:`blocked_plane`)."""
+    (:func:`blocked_plane`); 1x1 stride-1 unpadded passes read their input in place."""
     if op == "conv2d":
         (out_h, out_w), cin, cout, stride = (g.out_h, g.out_w), g.c_per_group, g.k_per_group, g.stride
     elif op == "conv2d_backward_input" and g.stride == (1, 1):
@@ -174,8 +183,11 @@ def blocked_layout(op: str, g: ConvGeometry, nt: int, tile: int, limit: int) -> 
         return None
     if cout < BLOCKED_MIN_OUTPUTS or (g.n * g.groups < nt and nt > 1):
         return None
+    workers = min(nt, g.n * g.groups)
+    if read_in_place and g.r == g.s == 1 and g.stride == (1, 1) and not any(g.padding):
+        return BlockedLayout(workers, cin * tile, out_h * out_w, cin, out_w, stride, in_place=True)
     plane = blocked_plane(out_h, out_w, g.r, g.dilation[0], stride[0], tile)
-    workers, width = min(nt, g.n * g.groups), cin * g.s * stride[0] * plane
+    width = cin * g.s * stride[0] * plane
     if workers * width * g.dtype.itemsize > limit:
         return None
     return BlockedLayout(workers, width, plane, cin, out_w, stride)
@@ -184,10 +196,18 @@ def blocked_layout(op: str, g: ConvGeometry, nt: int, tile: int, limit: int) -> 
 def blocked_offsets(cin: int, g: ConvGeometry, sh: int, out_w: int, plane: int) -> np.ndarray:
     """Where tap t = (c*R + r)*S + s of a channel-blocked kernel reads its unfolded input, for
     ``cin`` channels per group and vertical stride ``sh``: ((c*S + s)*sh + (r*dh) % sh)*plane +
-    ((r*dh) // sh)*out_w (row phase (r*dh) % sh, shifted by whole phase rows).  int64 (intp)."""
-    c, r, s = np.meshgrid(np.arange(cin), np.arange(g.r), np.arange(g.s), indexing="ij")
-    rows = r * g.dilation[0]
-    return np.ascontiguousarray((((c * g.s + s) * sh + rows % sh) * plane + rows // sh * out_w).reshape(-1),
+    ((r*dh) // sh)*out_w (row phase (r*dh) % sh, shifted by whole phase rows).  int64 (intp).
+
+    Cached (building them cost about as much as a small layer's kernel takes in a tenth of
+    its time): the kernels only read them, and so must every caller."""
+    return _offsets(cin, g.r, g.s, g.dilation[0], sh, out_w, plane)
+
+
+@functools.lru_cache(maxsize=256)
+def _offsets(cin: int, kh: int, kw: int, dh: int, sh: int, out_w: int, plane: int) -> np.ndarray:
+    c, r, s = np.meshgrid(np.arange(cin), np.arange(kh), np.arange(kw), indexing="ij")
+    rows = r * dh
+    return np.ascontiguousarray((((c * kw + s) * sh + rows % sh) * plane + rows // sh * out_w).reshape(-1),
                                 dtype=np.intp)
 
 

@@ -128,7 +128,8 @@ def _flat3x3(out_h: int, out_w: int, g: ConvGeometry, cin: int, nt: int) -> tupl
 def _blocked_plan(op: str, g: ConvGeometry) -> BlockedLayout | None:
     """How ``_direct.forward_blocked`` runs ``op``, or None when it should not (see
     :func:`fastconv.backends.base.blocked_layout`)."""
-    return blocked_layout(op, g, _threads(g.flops // 2), _direct.BLOCKED_TILE[1], _config.get_workspace_limit())
+    return blocked_layout(op, g, _threads(g.flops // 2), _direct.BLOCKED_TILE[1], _config.get_workspace_limit(),
+                          read_in_place=True)
 
 
 def _run_blocked(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, out: np.ndarray, lay: BlockedLayout,
@@ -136,7 +137,7 @@ def _run_blocked(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, out: np.nd
     """``_direct.forward_blocked`` with ``weight`` as its pass sees it, (Kout, Cin/g, R, S)."""
     _direct.forward_blocked(x, blocked_weights(weight, g.groups, _direct.BLOCKED_TILE[0]), bias, out,
                             lay.buffer(g.dtype), lay.offsets(g), lay.plane, g.r, g.s, *lay.stride, *pads,
-                            *g.dilation, g.groups)
+                            *g.dilation, g.groups, lay.in_place)
 
 
 def _blocked_weight_layout(g: ConvGeometry) -> BlockedWeightLayout | None:

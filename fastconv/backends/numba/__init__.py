@@ -223,7 +223,7 @@ def _flat3x3(out_h: int, out_w: int, g: ConvGeometry, cin: int) -> tuple[np.ndar
 def _blocked_plan(op: str, g: ConvGeometry) -> BlockedLayout | None:
     """How ``_blocked.conv2d_blocked`` runs ``op``, or None when it should not (see
     :func:`fastconv.backends.base.blocked_layout`)."""
-    return blocked_layout(op, g, _threads(g), _blocked.VBLOCK, _config.get_workspace_limit())
+    return blocked_layout(op, g, _threads(g), _blocked.VBLOCK, _config.get_workspace_limit(), read_in_place=True)
 
 
 def _run_blocked(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, out: np.ndarray, lay: BlockedLayout,
@@ -231,7 +231,7 @@ def _run_blocked(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, out: np.nd
     """``_blocked.conv2d_blocked`` with ``weight`` as its pass sees it, (Kout, Cin/g, R, S)."""
     _conv2d_blocked(x, blocked_weights(weight, g.groups, _blocked.KBLOCK), bias, out, lay.buffer(g.dtype),
                     lay.offsets(g), np.zeros(1, np.int64), lay.plane, g.r, g.s, *lay.stride, *pads, *g.dilation,
-                    g.groups, threads=lay.workers)
+                    g.groups, lay.in_place, threads=lay.workers)
 
 
 def _blocked_weight_layout(g: ConvGeometry) -> BlockedWeightLayout | None:

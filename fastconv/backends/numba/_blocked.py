@@ -40,6 +40,9 @@ WJ = 4
 WQ = 6
 WV = 8
 
+#: see ``_blocked_unit``
+COLUMNS_OUTER_BYTES = 1 << 19
+
 _PAR = dict(parallel=True, cache=True, nogil=True)
 _SER = dict(cache=True, nogil=True)
 _INL = dict(inline="always", cache=True, nogil=True)
@@ -227,29 +230,45 @@ def _unfold(xf, s0, planes, h, wd, ns, sh, sw, dw, pt, pl, hq, wo, plane, dst):
 
 
 @njit(**_SER)
-def _blocked_unit(xf, x0, wf, w0, offs, bpad, of, o0, xw, stage, bb, cg, h, wd, kg, ho, wo, nr, ns, sh, sw, dh, dw,
-                  pt, pl, plane):
+def _blocked_unit(xf, x0, wf, w0, offs, taps, in_place, bpad, of, o0, xw, stage, cg, h, wd, kg, ho, wo, nr, ns, sh,
+                  sw, dh, dw, pt, pl, plane):
     """One (image, group): outputs of (flat) ``of[o0:]``, Kg planes, from the Cg input planes at
     ``xf[x0:]``, the group's weights at ``wf[w0:]`` and biases at ``bpad[0:]`` (see above).
-    A function of its own: inside the ``prange`` body the same code ran 1.3x slower."""
-    taps, f = offs.size, ho * wo
-    _unfold(xf, x0, cg, h, wd, ns, sh, sw, dw, pt, pl, ho + (nr - 1) * dh // sh, wo, plane, xw)
-    for kb in range(-(-kg // KBLOCK)):
-        nk = min(KBLOCK, kg - kb * KBLOCK)
-        for j in range(KBLOCK):
-            bb[j] = bpad[kb * KBLOCK + j] if j < nk else 0
-        wk, ok = w0 + kb * taps * KBLOCK, o0 + kb * KBLOCK * f
-        for f0 in range(0, f, VBLOCK):
-            if f0 + VBLOCK <= f:
-                _tile(xw, f0, wf, wk, offs, taps, bb, of, ok + f0, f, nk)
-            else:  # the last, partial tile goes through the stage
-                _tile(xw, f0, wf, wk, offs, taps, bb, stage, 0, VBLOCK, nk)
-                for j in range(nk):
-                    _copy(of, ok + j * f + f0, stage, j * VBLOCK, 1, f - f0)
+    ``in_place`` (1x1, stride 1, no padding): the tiles read ``xf`` at ``offs[:taps]``, and
+    ``xw`` holds only the last, partial tile's columns, read at ``offs[taps:]``.  A function
+    of its own: inside the ``prange`` body the same code ran 1.3x slower."""
+    f = ho * wo
+    full = f - f % VBLOCK
+    blocks = -(-kg // KBLOCK)
+    src, s0 = xf, x0
+    if not in_place:
+        _unfold(xf, x0, cg, h, wd, ns, sh, sw, dw, pt, pl, ho + (nr - 1) * dh // sh, wo, plane, xw)
+        src, s0 = xw, 0
+    elif full < f:
+        for c in range(cg):
+            _copy(xw, c * VBLOCK, xf, x0 + c * plane + full, 1, f - full)
+            _fill(xw, c * VBLOCK + f - full, VBLOCK - (f - full), xw.dtype.type(0))
+    # read in place and over half of L2, column blocks outer (see the Cython kernel)
+    columns_outer = in_place and taps * f * xw.itemsize > COLUMNS_OUTER_BYTES
+    tiles = full // VBLOCK
+    for outer in range(tiles if columns_outer else blocks):
+        for inner in range(blocks if columns_outer else tiles):
+            kb, i = (inner, outer) if columns_outer else (outer, inner)
+            _tile(src, s0 + i * VBLOCK, wf, w0 + kb * taps * KBLOCK, offs, taps, bpad[kb * KBLOCK:], of,
+                  o0 + kb * KBLOCK * f + i * VBLOCK, f, min(KBLOCK, kg - kb * KBLOCK))
+    if full < f:  # the last, partial tile goes through the stage
+        for kb in range(blocks):
+            nk = min(KBLOCK, kg - kb * KBLOCK)
+            if in_place:
+                _tile(xw, 0, wf, w0 + kb * taps * KBLOCK, offs[taps:], taps, bpad[kb * KBLOCK:], stage, 0, VBLOCK, nk)
+            else:
+                _tile(xw, full, wf, w0 + kb * taps * KBLOCK, offs, taps, bpad[kb * KBLOCK:], stage, 0, VBLOCK, nk)
+            for j in range(nk):
+                _copy(of, o0 + kb * KBLOCK * f + j * f + full, stage, j * VBLOCK, 1, f - full)
 
 
 @njit(**_PAR)
-def conv2d_blocked(x, wt, bias, out, xs, offs, counter, plane, nr, ns, sh, sw, pt, pl, dh, dw, groups):
+def conv2d_blocked(x, wt, bias, out, xs, offs, counter, plane, nr, ns, sh, sw, pt, pl, dh, dw, groups, in_place):
     """Convolution with channel-blocked register tiles on ``xs.shape[0]`` workers, one (image,
     group) per work unit taken from the shared ``counter``.
 
@@ -257,19 +276,29 @@ def conv2d_blocked(x, wt, bias, out, xs, offs, counter, plane, nr, ns, sh, sw, p
     zero past Kg (``fastconv.backends.base.blocked_weights``); ``offs[t]`` is where tap t reads
     a worker's row of ``xs``, which holds Cg*S*sh unfolded planes of ``plane`` elements
     (``fastconv.backends.base.blocked_layout`` and ``blocked_offsets``).  ``pt`` / ``pl`` may
-    be negative (the input gradient runs this with padding dil*(R-1) - pad).
+    be negative (the input gradient runs this with padding dil*(R-1) - pad).  ``in_place``
+    (1x1, stride 1, no padding): the tiles read ``x``'s planes (``plane`` = H*W) at
+    ``offs[:T]``, the staged last tile at ``offs[T:]`` = c * VBLOCK.
     """
     n, c, h, wd = x.shape
     k, ho, wo = out.shape[1], out.shape[2], out.shape[3]
     cg, kg = c // groups, k // groups
-    taps, f = offs.size, ho * wo
-    tiles, blocks = -(-f // VBLOCK), -(-kg // KBLOCK)
-    # every access of _tile stays inside its arrays: reads of the last tile inside the last
+    f = ho * wo
+    taps, full, blocks = offs.size // 2 if in_place else offs.size, f - f % VBLOCK, -(-kg // KBLOCK)
+    # every access of _tile stays inside its arrays: reads of the full tiles inside the group's
+    # input (in place) or the unfolded buffer, of the last tile inside the stage or the last
     # plane's slack, weights of every block, outputs of the valid channels (partial tiles go
     # through the stage)
-    size = cg * ns * sh * plane
-    if (taps != cg * nr * ns or offs.min() < 0 or offs.max() + tiles * VBLOCK > size or size > xs.shape[1]
-            or wt.shape[1] != blocks * taps or wt.shape[2] != KBLOCK):
+    size = cg * h * wd if in_place else cg * ns * sh * plane
+    body = offs[:taps]
+    ok = (taps == cg * nr * ns and body.min() >= 0 and body.max() + full <= size and wt.shape[1] == blocks * taps
+          and wt.shape[2] == KBLOCK)
+    if in_place:
+        ok = ok and nr == ns == 1 and plane == h * wd and f == plane and offs[taps:].min() >= 0 and (
+            offs[taps:].max() + VBLOCK <= xs.shape[1])
+    else:
+        ok = ok and body.max() + -(-f // VBLOCK) * VBLOCK <= size and size <= xs.shape[1]
+    if not ok:
         raise ValueError("conv2d_blocked: buffers too small for the geometry")
     bpad = np.zeros(k + KBLOCK, out.dtype)
     bpad[:k] = bias
@@ -278,13 +307,12 @@ def conv2d_blocked(x, wt, bias, out, xs, offs, counter, plane, nr, ns, sh, sw, p
     for worker in prange(xs.shape[0]):
         xw = xs[worker]
         stage = np.empty(KBLOCK * VBLOCK, out.dtype)
-        bb = np.empty(KBLOCK, out.dtype)
         u = _next_block(counter)
         while u < units:
             i, g = u // groups, u % groups
-            _blocked_unit(xf, (i * c + g * cg) * h * wd, wf, g * blocks * taps * KBLOCK, offs, bpad[g * kg:], of,
-                          (i * k + g * kg) * f, xw, stage, bb, cg, h, wd, kg, ho, wo, nr, ns, sh, sw, dh, dw, pt, pl,
-                          plane)
+            _blocked_unit(xf, (i * c + g * cg) * h * wd, wf, g * blocks * taps * KBLOCK, offs, taps, in_place,
+                          bpad[g * kg:], of, (i * k + g * kg) * f, xw, stage, cg, h, wd, kg, ho, wo, nr, ns, sh, sw,
+                          dh, dw, pt, pl, plane)
             u = _next_block(counter)
 
 
