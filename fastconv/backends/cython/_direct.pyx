@@ -311,10 +311,14 @@ cdef extern from "_tile.h" nogil:
 
 cdef inline void _unfold_columns(const floating* src, Py_ssize_t C, Py_ssize_t H, Py_ssize_t W, Py_ssize_t S,
                                  Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t dw, Py_ssize_t pt, Py_ssize_t pl,
-                                 Py_ssize_t Hq, Py_ssize_t Wo, Py_ssize_t plane, floating* dst) noexcept nogil:
+                                 Py_ssize_t Hq, Py_ssize_t Wo, Py_ssize_t plane, floating* dst,
+                                 bint borders) noexcept nogil:
     """dst[((c*S + s)*sh + p)*plane + q*Wo + o] = src[c, q*sh + p - pt, o*sw + s*dw - pl] (0 outside the
     H x W input) for q < Hq, zeros in the ``plane - Hq*Wo`` slack after each plane.  ``pt`` /
     ``pl`` may be negative.
+
+    The rows of a plane that lie wholly in the padding, and the slack, are the same zeros for
+    every image: they are written only with ``borders`` (a buffer's first image of a call).
 
     With stride 1 and W == Wo ("same"-style padding) source and destination rows have the
     same pitch, so a plane's valid rows are one flat copy at a constant offset; the few
@@ -334,24 +338,25 @@ cdef inline void _unfold_columns(const floating* src, Py_ssize_t C, Py_ssize_t H
             flat = sh == 1 and sw == 1 and W == Wo and hi > lo
             for c in range(C):
                 base = dst + ((c * S + s) * sh + p) * plane
-                fill(base, 0, q0 * Wo)
+                if borders:
+                    fill(base, 0, q0 * Wo)
+                    fill(base + q1 * Wo, 0, plane - q1 * Wo)
                 if q1 > q0:
                     row = src + (c * H + q0 * sh + p - pt) * W + off  # row q0, shifted by the tap
                     if flat:
                         memcpy(base + q0 * Wo + lo, row + lo, ((q1 - q0 - 1) * Wo + hi - lo) * sizeof(floating))
-                        if lo > 0 or hi < Wo:
+                        for o in range(lo):  # column by column: a few strided stores (per row, GCC
+                            for q in range(q0, q1):  # would call memset for each one or two zeros)
+                                base[q * Wo + o] = 0
+                        for o in range(hi, Wo):
                             for q in range(q0, q1):
-                                for o in range(lo):
-                                    base[q * Wo + o] = 0
-                                for o in range(hi, Wo):
-                                    base[q * Wo + o] = 0
+                                base[q * Wo + o] = 0
                     else:
                         for q in range(q0, q1):
                             fill(base + q * Wo, 0, lo)
                             for o in range(lo, hi):
                                 base[q * Wo + o] = row[(q - q0) * sh * W + o * sw]
                             fill(base + q * Wo + hi, 0, Wo - hi)
-                fill(base + q1 * Wo, 0, plane - q1 * Wo)
 
 
 cdef inline void _tile(const floating* xs, const floating* wt, const Py_ssize_t* offs, Py_ssize_t T,
@@ -367,15 +372,16 @@ cdef void _blocked_unit(const floating* x, const floating* wt, const floating* b
                         const Py_ssize_t* offs, Py_ssize_t T, floating* xs, bint in_place, Py_ssize_t Cg,
                         Py_ssize_t H, Py_ssize_t W, Py_ssize_t Kg, Py_ssize_t Ho, Py_ssize_t Wo, Py_ssize_t R,
                         Py_ssize_t S, Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t dh, Py_ssize_t dw, Py_ssize_t pt,
-                        Py_ssize_t pl, Py_ssize_t plane) noexcept nogil:
-    """One (image, group): out[k, f] for k < Kg, f < Ho*Wo, from x[c] for c < Cg (see above).
+                        Py_ssize_t pl, Py_ssize_t plane, bint borders) noexcept nogil:
+    """One (image, group): out[k, f] for k < Kg, f < Ho*Wo, from x[c] for c < Cg (see above);
+    ``borders``: the first unit on this buffer (see ``_unfold_columns``).
     ``in_place`` (1x1, stride 1, no padding): the tiles read ``x`` itself, and ``xs`` holds
     only the last, partial tile's columns of every channel, VBLOCK apart."""
     cdef floating acc[KBLOCK * VBLOCK]
     cdef Py_ssize_t F = Ho * Wo, full = F - F % VBLOCK, kb, k0, nk, i, j, f0, c
     cdef const floating* src = x
     if not in_place:
-        _unfold_columns(x, Cg, H, W, S, sh, sw, dw, pt, pl, Ho + (R - 1) * dh // sh, Wo, plane, xs)
+        _unfold_columns(x, Cg, H, W, S, sh, sw, dw, pt, pl, Ho + (R - 1) * dh // sh, Wo, plane, xs, borders)
         src = xs
     elif full < F:
         for c in range(Cg):
@@ -430,6 +436,7 @@ def forward_blocked(const floating[:, :, :, ::1] x, const floating[:, :, ::1] wt
     bias_pad = np.zeros(K + KBLOCK, np.asarray(bias).dtype)
     bias_pad[:K] = bias
     cdef const floating[::1] bp = bias_pad
+    cdef int[::1] used = np.zeros(nt, np.intc)  # whether thread tid's buffer holds its zero borders
     with nogil, parallel(num_threads=nt):
         tid = threadid()
         xsp = &xs[tid, 0]
@@ -437,7 +444,8 @@ def forward_blocked(const floating[:, :, :, ::1] x, const floating[:, :, ::1] wt
             n = t // groups
             g = t % groups
             _blocked_unit(&x[n, g * Cg, 0, 0], &wt[g, 0, 0], &bp[g * Kg], &out[n, g * Kg, 0, 0], &offs[0], T, xsp,
-                          in_place, Cg, H, W, Kg, Ho, Wo, R, S, sh, sw, dh, dw, pt, pl, plane)
+                          in_place, Cg, H, W, Kg, Ho, Wo, R, S, sh, sw, dh, dw, pt, pl, plane, not used[tid])
+            used[tid] = 1
 
 
 # The weight gradient in the same layout: gw[k, t] = sum over images and flat outputs f of
@@ -483,6 +491,7 @@ def backward_weight_blocked(const floating[:, :, :, ::1] gy, const floating[:, :
     cdef floating* gsp
     cdef floating* part
     cdef floating* dst
+    cdef Py_ssize_t[::1] used = np.zeros(nt, np.intp)  # image slots of thread tid's buffer with their zero borders
     with nogil, parallel(num_threads=nt):
         tid = threadid()
         xsp = &xs[tid, 0]
@@ -494,7 +503,8 @@ def backward_weight_blocked(const floating[:, :, :, ::1] gy, const floating[:, :
             nimg = min(chunk, N - n0)
             for i in range(nimg):
                 _unfold_columns(&x[n0 + i, g * Cg, 0, 0], Cg, H, W, S, sh, sw, dw, pt, pl, Ho + (R - 1) * dh // sh, Wo,
-                                plane, xsp + i * xstride)
+                                plane, xsp + i * xstride, i >= used[tid])
+            used[tid] = max(used[tid], nimg)
             for kb in range(blocks):
                 k0 = g * Kg + kb * WJ
                 for i in range(nimg):

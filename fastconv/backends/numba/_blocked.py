@@ -188,24 +188,30 @@ def _fill_column(dst, d0, step, n, value):
 
 
 @njit(**_INL)
-def _unfold_columns(xf, s0, planes, h, wd, ns, sh, sw, dw, pt, pl, hq, wo, plane, dst):
+def _unfold_columns(xf, s0, planes, h, wd, ns, sh, sw, dw, pt, pl, hq, wo, plane, dst, borders):
     """dst[((c*ns + s)*sh + p)*plane + q*wo + o] = x[s0 + (c*h + q*sh + p - pt)*wd + o*sw + s*dw - pl]
     (0 outside the h x wd planes) for q < hq, zeros in the slack after each plane; ``pt`` /
     ``pl`` may be negative.  With stride 1 and wd == wo a plane's valid rows are one flat
-    copy, the wrapped-in columns zeroed after."""
+    copy, the wrapped-in columns zeroed after.  The rows wholly in the padding, and the slack,
+    are the same zeros for every image: written only with ``borders`` (a buffer's first image
+    of a call).  The ranges depend on the tap column and row phase only, so the channel loop
+    is innermost."""
     zero = dst.dtype.type(0)
-    for c in range(planes):
-        for s in range(ns):
-            off = s * dw - pl
-            lo = min(_first(off, sw), wo)
-            hi = max(_end(off, sw, wd, wo), lo)
-            for p in range(sh):
+    for s in range(ns):
+        off = s * dw - pl
+        lo = min(_first(off, sw), wo)
+        hi = max(_end(off, sw, wd, wo), lo)
+        for p in range(sh):
+            q0 = min(_first(p - pt, sh), hq)
+            q1 = max(_end(p - pt, sh, h, hq), q0)
+            flat = sh == 1 and sw == 1 and wd == wo and hi > lo and q1 > q0
+            for c in range(planes):
                 base = ((c * ns + s) * sh + p) * plane
-                q0 = min(_first(p - pt, sh), hq)
-                q1 = max(_end(p - pt, sh, h, hq), q0)
-                _fill(dst, base, q0 * wo, zero)
+                if borders:
+                    _fill(dst, base, q0 * wo, zero)
+                    _fill(dst, base + q1 * wo, plane - q1 * wo, zero)
                 src = s0 + (c * h + q0 * sh + p - pt) * wd + off  # row q0, shifted by the tap
-                if sh == 1 and sw == 1 and wd == wo and hi > lo and q1 > q0:
+                if flat:
                     _copy(dst, base + q0 * wo + lo, xf, src + lo, 1, (q1 - q0 - 1) * wo + hi - lo)
                     for o in range(lo):  # column by column: a few strided stores, no vector loops
                         _fill_column(dst, base + q0 * wo + o, wo, q1 - q0, zero)
@@ -216,33 +222,33 @@ def _unfold_columns(xf, s0, planes, h, wd, ns, sh, sw, dw, pt, pl, hq, wo, plane
                         _fill(dst, base + q * wo, lo, zero)
                         _copy(dst, base + q * wo + lo, xf, src + (q - q0) * sh * wd + lo * sw, sw, hi - lo)
                         _fill(dst, base + q * wo + hi, wo - hi, zero)
-                _fill(dst, base + q1 * wo, plane - q1 * wo, zero)
 
 
 @njit(**_INL)
-def _unfold(xf, s0, planes, h, wd, ns, sh, sw, dw, pt, pl, hq, wo, plane, dst):
+def _unfold(xf, s0, planes, h, wd, ns, sh, sw, dw, pt, pl, hq, wo, plane, dst, borders):
     """:func:`_unfold_columns`, inlined with the strides as constants when they are 1 (the
     common case, where LLVM then drops the row-phase and strided loops: 2.7x faster)."""
     if sh == 1 and sw == 1:
-        _unfold_columns(xf, s0, planes, h, wd, ns, 1, 1, dw, pt, pl, hq, wo, plane, dst)
+        _unfold_columns(xf, s0, planes, h, wd, ns, 1, 1, dw, pt, pl, hq, wo, plane, dst, borders)
     else:
-        _unfold_columns(xf, s0, planes, h, wd, ns, sh, sw, dw, pt, pl, hq, wo, plane, dst)
+        _unfold_columns(xf, s0, planes, h, wd, ns, sh, sw, dw, pt, pl, hq, wo, plane, dst, borders)
 
 
 @njit(**_SER)
 def _blocked_unit(xf, x0, wf, w0, offs, taps, in_place, bpad, of, o0, xw, stage, cg, h, wd, kg, ho, wo, nr, ns, sh,
-                  sw, dh, dw, pt, pl, plane):
+                  sw, dh, dw, pt, pl, plane, borders):
     """One (image, group): outputs of (flat) ``of[o0:]``, Kg planes, from the Cg input planes at
     ``xf[x0:]``, the group's weights at ``wf[w0:]`` and biases at ``bpad[0:]`` (see above).
     ``in_place`` (1x1, stride 1, no padding): the tiles read ``xf`` at ``offs[:taps]``, and
     ``xw`` holds only the last, partial tile's columns, read at ``offs[taps:]``.  A function
-    of its own: inside the ``prange`` body the same code ran 1.3x slower."""
+    of its own: inside the ``prange`` body the same code ran 1.3x slower.  ``borders``: the
+    first unit on ``xw`` (see :func:`_unfold_columns`)."""
     f = ho * wo
     full = f - f % VBLOCK
     blocks = -(-kg // KBLOCK)
     src, s0 = xf, x0
     if not in_place:
-        _unfold(xf, x0, cg, h, wd, ns, sh, sw, dw, pt, pl, ho + (nr - 1) * dh // sh, wo, plane, xw)
+        _unfold(xf, x0, cg, h, wd, ns, sh, sw, dw, pt, pl, ho + (nr - 1) * dh // sh, wo, plane, xw, borders)
         src, s0 = xw, 0
     elif full < f:
         for c in range(cg):
@@ -307,22 +313,24 @@ def conv2d_blocked(x, wt, bias, out, xs, offs, counter, plane, nr, ns, sh, sw, p
     for worker in prange(xs.shape[0]):
         xw = xs[worker]
         stage = np.empty(KBLOCK * VBLOCK, out.dtype)
+        borders = True
         u = _next_block(counter)
         while u < units:
             i, g = u // groups, u % groups
             _blocked_unit(xf, (i * c + g * cg) * h * wd, wf, g * blocks * taps * KBLOCK, offs, taps, in_place,
                           bpad[g * kg:], of, (i * k + g * kg) * f, xw, stage, cg, h, wd, kg, ho, wo, nr, ns, sh, sw,
-                          dh, dw, pt, pl, plane)
+                          dh, dw, pt, pl, plane, borders)
+            borders = False
             u = _next_block(counter)
 
 
 @njit(**_SER)
 def _weight_unit(xf, yf, xw, gw, part, offs, n0, nimg, g, c, h, wd, k, groups, ho, wo, nr, ns, sh, sw, pt, pl, dh, dw,
-                 plane):
+                 plane, ready):
     """One (chunk of ``nimg`` images from ``n0``, group ``g``) of the weight gradient: unfold the
-    images into ``xw``, stage each block's output gradients in ``gw``, add the tiles into
-    ``part``.  A function of its own, as :func:`_blocked_unit`: a smaller ``prange`` body also
-    compiles faster."""
+    images into ``xw`` (its first ``ready`` image slots hold their zero borders already), stage
+    each block's output gradients in ``gw``, add the tiles into ``part``.  A function of its
+    own, as :func:`_blocked_unit`: a smaller ``prange`` body also compiles faster."""
     cg, kg, f = c // groups, k // groups, ho * wo
     tiles = -(-f // WV)
     ldg, xstride = tiles * WV, cg * ns * sh * plane
@@ -330,7 +338,7 @@ def _weight_unit(xf, yf, xw, gw, part, offs, n0, nimg, g, c, h, wd, k, groups, h
     zero = gw.dtype.type(0)
     for i in range(nimg):
         _unfold(xf, ((n0 + i) * c + g * cg) * h * wd, cg, h, wd, ns, sh, sw, dw, pt, pl, ho + (nr - 1) * dh // sh, wo,
-                plane, xw[i * xstride:])
+                plane, xw[i * xstride:], i >= ready)
     for kb in range(blocks):
         for i in range(nimg):
             for j in range(WJ):
@@ -372,9 +380,12 @@ def conv2d_backward_weight_blocked(gy, x, partial, xs, gs, offs, counter, chunk,
     units = -(-n // chunk) * groups
     for worker in prange(xs.shape[0]):
         xw, gw, part = xs[worker], gs[worker], partial[worker]
+        ready = 0  # image slots of xw that hold their zero borders
         u = _next_block(counter)
         while u < units:
             n0, g = u // groups * chunk, u % groups
-            _weight_unit(xf, yf, xw, gw, part, offs, n0, min(chunk, n - n0), g, c, h, wd, k, groups, ho, wo, nr, ns,
-                         sh, sw, pt, pl, dh, dw, plane)
+            nimg = min(chunk, n - n0)
+            _weight_unit(xf, yf, xw, gw, part, offs, n0, nimg, g, c, h, wd, k, groups, ho, wo, nr, ns, sh, sw, pt, pl,
+                         dh, dw, plane, ready)
+            ready = max(ready, nimg)
             u = _next_block(counter)
