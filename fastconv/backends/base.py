@@ -214,11 +214,12 @@ def _offsets(cin: int, kh: int, kw: int, dh: int, sh: int, out_w: int, plane: in
 def blocked_weight_preferred(g: ConvGeometry) -> bool:
     """Whether ``algorithm="auto"`` should run the weight gradient with a channel-blocked kernel
     where one runs (:func:`blocked_weight_layout`) and Winograd does not take it: every layer
-    but 1x1 ones (one GEMM per image: im2col's pointwise plan ran as fast, pw-1x1 0.96-1.07x)
-    and one-input-channel layers with more than 8 outputs (mnist-c1: im2col 1.1-1.2x faster;
+    but 1x1 ones (one GEMM per image: im2col's pointwise plan ran as fast, pw-1x1 0.94-1.02x)
+    and one-input-channel layers with more than 8 outputs (mnist-c1: im2col 1.1-1.4x faster;
     its column matrix is only R*S rows, and the tile pads 9 taps to 12).  Measured on the
-    2-core box against im2col, 2 threads: vgg-224 1.5-1.6x, the resnet stem 1.3-1.5x,
-    stripe-c1 1.2-1.4x, stripe-c2 3x; and 1.4x on cifar-64 (where Winograd is faster still)."""
+    2-core box against im2col, 2 threads, three runs: vgg-224 1.5-1.6x faster, the resnet stem
+    1.3-1.5x, stripe-c1 1.3-1.4x, stripe-c2 about 3x; and cifar-64 1.4x (where Winograd is
+    faster still)."""
     return (g.r, g.s) != (1, 1) and (g.c_per_group > 1 or g.k_per_group <= 8)
 
 
