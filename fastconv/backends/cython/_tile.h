@@ -73,19 +73,27 @@
             for (ptrdiff_t f = 0; f < steps * FC_WV; f += FC_WV) {                              \
                 const V y0 = *(const V *)(g0 + f), y1 = *(const V *)(g1 + f);                   \
                 const V y2 = *(const V *)(g2 + f), y3 = *(const V *)(g3 + f);                   \
-                FC_WTAP(V, 0, x0) FC_WTAP(V, 1, x1) FC_WTAP(V, 2, x2)                           \
-                FC_WTAP(V, 3, x3) FC_WTAP(V, 4, x4) FC_WTAP(V, 5, x5)                           \
+                FC_WTAP(V, SUFFIX, 0, x0) FC_WTAP(V, SUFFIX, 1, x1) FC_WTAP(V, SUFFIX, 2, x2)   \
+                FC_WTAP(V, SUFFIX, 3, x3) FC_WTAP(V, SUFFIX, 4, x4) FC_WTAP(V, SUFFIX, 5, x5)   \
             }                                                                                   \
         }                                                                                       \
         FC_WSTORE(a, 0) FC_WSTORE(a, 1) FC_WSTORE(a, 2) FC_WSTORE(a, 3)                         \
     }
 
-/* Keeps a loaded vector in a register: left alone, GCC folds the load into each of the four
- * FMAs that use it (four loads instead of one, and the tile becomes load-bound). */
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-#define FC_IN_REGISTER(v) __asm__("" : "+v"(v))
+/* FC_KEEP_f / FC_KEEP_d keep a loaded vector of the weight tile (8 floats: 32 bytes, 8 doubles:
+ * 64 bytes) in a register: left alone, GCC folds the load into each of the four FMAs that use
+ * it (four loads instead of one, and the tile becomes load-bound).  Only where such a vector
+ * fits one x86 register (AVX, AVX-512); elsewhere the asm constraint cannot be met, and they
+ * do nothing. */
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__)) && defined(__AVX__)
+#define FC_KEEP_f(v) __asm__("" : "+v"(v))
 #else
-#define FC_IN_REGISTER(v) ((void)0)
+#define FC_KEEP_f(v) ((void)0)
+#endif
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__)) && defined(__AVX512F__)
+#define FC_KEEP_d(v) __asm__("" : "+v"(v))
+#else
+#define FC_KEEP_d(v) ((void)0)
 #endif
 /* the weight tile's accumulators a<j><q> for one output channel j, loaded from / stored to a */
 #define FC_WROW(V, src, j)                                                                      \
@@ -95,8 +103,8 @@
     dst[j * FC_WQ + 0] = a##j##0; dst[j * FC_WQ + 1] = a##j##1; dst[j * FC_WQ + 2] = a##j##2;   \
     dst[j * FC_WQ + 3] = a##j##3; dst[j * FC_WQ + 4] = a##j##4; dst[j * FC_WQ + 5] = a##j##5;
 /* tap q of the weight tile: one input vector, four FMAs (one per output channel) */
-#define FC_WTAP(V, q, xq)                                                                       \
-    { V u = *(const V *)(xq + f); FC_IN_REGISTER(u);                                            \
+#define FC_WTAP(V, SUFFIX, q, xq)                                                               \
+    { V u = *(const V *)(xq + f); FC_KEEP_##SUFFIX(u);                                          \
       a0##q += y0 * u; a1##q += y1 * u; a2##q += y2 * u; a3##q += y3 * u; }
 
 FC_TILE(float, f)
