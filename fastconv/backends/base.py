@@ -164,8 +164,7 @@ class BlockedLayout(NamedTuple):
         return offsets
 
 
-def blocked_layout(op: str, g: ConvGeometry, nt: int, tile: int, limit: int,
-                   read_in_place: bool = False) -> BlockedLayout | None:
+def blocked_layout(op: str, g: ConvGeometry, nt: int, tile: int, limit: int) -> BlockedLayout | None:
     """How a channel-blocked direct kernel runs ``op`` ("conv2d", any stride, or
     "conv2d_backward_input", stride 1: the forward pass of grad_out with the rotated kernel),
     or None when it should not run: another op, fewer than :data:`BLOCKED_MIN_OUTPUTS` outputs
@@ -184,7 +183,7 @@ def blocked_layout(op: str, g: ConvGeometry, nt: int, tile: int, limit: int,
     if cout < BLOCKED_MIN_OUTPUTS or (g.n * g.groups < nt and nt > 1):
         return None
     workers = min(nt, g.n * g.groups)
-    if read_in_place and g.r == g.s == 1 and g.stride == (1, 1) and not any(g.padding):
+    if g.r == g.s == 1 and g.stride == (1, 1) and not any(g.padding):
         return BlockedLayout(workers, cin * tile, out_h * out_w, cin, out_w, stride, in_place=True)
     plane = blocked_plane(out_h, out_w, g.r, g.dilation[0], stride[0], tile)
     width = cin * g.s * stride[0] * plane
@@ -221,6 +220,17 @@ def blocked_weight_preferred(g: ConvGeometry) -> bool:
     1.3-1.5x, stripe-c1 1.3-1.4x, stripe-c2 about 3x; and cifar-64 1.4x (where Winograd is
     faster still)."""
     return (g.r, g.s) != (1, 1) and (g.c_per_group > 1 or g.k_per_group <= 8)
+
+
+def blocked_runs(op: str, g: ConvGeometry, plan: Callable[[str, ConvGeometry], BlockedLayout | None],
+                 weight_layout: Callable[[ConvGeometry], "BlockedWeightLayout | None"]) -> bool:
+    """Whether ``algorithm="auto"`` may run ``op`` with a backend's channel-blocked kernel: it
+    runs there (``plan`` / ``weight_layout``: the backend's :func:`blocked_layout` /
+    :func:`blocked_weight_layout`), and for the weight gradient the layer is one where it beat
+    im2col (:func:`blocked_weight_preferred`)."""
+    if op == "conv2d_backward_weight":
+        return blocked_weight_preferred(g) and weight_layout(g) is not None
+    return plan(op, g) is not None
 
 
 #: the weight gradient's blocked kernel takes images in chunks whose unfolded input and

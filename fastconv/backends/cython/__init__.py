@@ -33,7 +33,7 @@ from ... import _config  # noqa: E402
 from ..._args import ConvGeometry  # noqa: E402
 from .._winograd_passes import WinogradPasses  # noqa: E402
 from ..base import (SERIAL_WORK, Backend, BlockedLayout, BlockedWeightLayout,  # noqa: E402
-                    blocked_layout, blocked_weight_gradient, blocked_weight_layout, blocked_weight_preferred,
+                    blocked_layout, blocked_runs, blocked_weight_gradient, blocked_weight_layout,
                     blocked_weights, flat3x3_buffers, flat3x3_preferred, input_grad_kernel, sum_partials)
 from . import _direct, _im2col, _pool, _winograd  # noqa: E402
 
@@ -128,8 +128,7 @@ def _flat3x3(out_h: int, out_w: int, g: ConvGeometry, cin: int, nt: int) -> tupl
 def _blocked_plan(op: str, g: ConvGeometry) -> BlockedLayout | None:
     """How ``_direct.forward_blocked`` runs ``op``, or None when it should not (see
     :func:`fastconv.backends.base.blocked_layout`)."""
-    return blocked_layout(op, g, _threads(g.flops // 2), _direct.BLOCKED_TILE[1], _config.get_workspace_limit(),
-                          read_in_place=True)
+    return blocked_layout(op, g, _threads(g.flops // 2), _direct.BLOCKED_TILE[1], _config.get_workspace_limit())
 
 
 def _run_blocked(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, out: np.ndarray, lay: BlockedLayout,
@@ -145,15 +144,6 @@ def _blocked_weight_layout(g: ConvGeometry) -> BlockedWeightLayout | None:
     :func:`fastconv.backends.base.blocked_weight_layout`)."""
     wj, wq, tile = _direct.BLOCKED_WEIGHT_TILE
     return blocked_weight_layout(g, _threads(g.flops // 2), tile, wj, wq, _config.get_workspace_limit())
-
-
-def _blocked_runs(op: str, g: ConvGeometry) -> bool:
-    """Whether ``algorithm="auto"`` may run ``op`` with a channel-blocked kernel: it runs there,
-    and for the weight gradient the layer is one where it beat im2col
-    (:func:`fastconv.backends.base.blocked_weight_preferred`)."""
-    if op == "conv2d_backward_weight":
-        return blocked_weight_preferred(g) and _blocked_weight_layout(g) is not None
-    return _blocked_plan(op, g) is not None
 
 
 def _blocked_weight(grad_out: np.ndarray, x: np.ndarray, g: ConvGeometry) -> np.ndarray | None:
@@ -352,7 +342,7 @@ class CythonBackend(WinogradPasses, Backend):
         up to 8 outputs (the flat-plane kernel).
         """
         width = min(g.c_per_group, g.k_per_group)
-        blocked = _blocked_runs(op, g)
+        blocked = blocked_runs(op, g, _blocked_plan, _blocked_weight_layout)
         if ((width >= WINOGRAD_MIN_CHANNELS_BLOCKED or width >= WINOGRAD_MIN_CHANNELS and not blocked)
                 and self.unsupported("winograd", op, g) is None):
             return "winograd"

@@ -58,7 +58,7 @@ from ... import _config  # noqa: E402
 from ..._args import ConvGeometry, PoolGeometry  # noqa: E402
 from .._winograd_passes import WinogradPasses  # noqa: E402
 from ..base import (SERIAL_WORK, Backend, BlockedLayout, BlockedWeightLayout,  # noqa: E402
-                    blocked_layout, blocked_weight_gradient, blocked_weight_layout, blocked_weight_preferred,
+                    blocked_layout, blocked_runs, blocked_weight_gradient, blocked_weight_layout,
                     blocked_weights, flat3x3_buffers, flat3x3_preferred, input_grad_kernel, sum_partials)
 from ... import _winograd as wino  # noqa: E402
 from . import _blocked, _kernels  # noqa: E402
@@ -223,7 +223,7 @@ def _flat3x3(out_h: int, out_w: int, g: ConvGeometry, cin: int) -> tuple[np.ndar
 def _blocked_plan(op: str, g: ConvGeometry) -> BlockedLayout | None:
     """How ``_blocked.conv2d_blocked`` runs ``op``, or None when it should not (see
     :func:`fastconv.backends.base.blocked_layout`)."""
-    return blocked_layout(op, g, _threads(g), _blocked.VBLOCK, _config.get_workspace_limit(), read_in_place=True)
+    return blocked_layout(op, g, _threads(g), _blocked.VBLOCK, _config.get_workspace_limit())
 
 
 def _run_blocked(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, out: np.ndarray, lay: BlockedLayout,
@@ -239,15 +239,6 @@ def _blocked_weight_layout(g: ConvGeometry) -> BlockedWeightLayout | None:
     :func:`fastconv.backends.base.blocked_weight_layout`)."""
     return blocked_weight_layout(g, _threads(g), _blocked.WV, _blocked.WJ, _blocked.WQ,
                                  _config.get_workspace_limit())
-
-
-def _blocked_runs(op: str, g: ConvGeometry) -> bool:
-    """Whether ``algorithm="auto"`` may run ``op`` with a channel-blocked kernel: it runs there,
-    and for the weight gradient the layer is one where it beat im2col
-    (:func:`fastconv.backends.base.blocked_weight_preferred`)."""
-    if op == "conv2d_backward_weight":
-        return blocked_weight_preferred(g) and _blocked_weight_layout(g) is not None
-    return _blocked_plan(op, g) is not None
 
 
 def _blocked_weight(grad_out: np.ndarray, x: np.ndarray, g: ConvGeometry) -> np.ndarray | None:
@@ -386,7 +377,7 @@ class NumbaBackend(WinogradPasses, Backend):
         direct kernel on every layer of the benchmark suite.
         """
         cin, cout = g.c_per_group, g.k_per_group
-        blocked = _blocked_runs(op, g)
+        blocked = blocked_runs(op, g, _blocked_plan, _blocked_weight_layout)
         wide = min(cin, cout) >= WINOGRAD_MIN_CHANNELS_BLOCKED or not blocked and (
             min(cin, cout) >= WINOGRAD_MIN_CHANNELS or cin >= WINOGRAD_MIN_WIDE_INPUTS and cout >= WINOGRAD_MIN_OUTPUTS)
         if wide and self.unsupported("winograd", op, g) is None:
