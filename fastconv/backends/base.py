@@ -250,55 +250,59 @@ class BlockedWeightLayout(NamedTuple):
     xs: int  #: elements of a worker's unfolded inputs (``chunk`` images)
     gs: int  #: elements of a worker's output-gradient stage
     partial: int  #: elements of a worker's partial sums
+    tile: tuple[int, int, int]  #: the register tile: (output channels, taps, partial sums per pair)
 
 
-def blocked_weight_layout(g: ConvGeometry, nt: int, tile: int, wj: int, wq: int,
+def blocked_weight_layout(g: ConvGeometry, nt: int, tile: tuple[int, int, int],
                           limit: int) -> BlockedWeightLayout | None:
-    """The layout of a channel-blocked weight-gradient kernel whose register tile holds ``wj``
-    output channels by ``wq`` taps of ``tile`` partial sums each, or None when it should not
+    """The layout of a channel-blocked weight-gradient kernel whose register ``tile`` = (wj, wq,
+    lanes) holds ``wj`` output channels by ``wq`` taps of ``lanes`` partial sums each, or None
+    when it should not
     run: fewer than :data:`BLOCKED_MIN_OUTPUTS` outputs per group, fewer (image, group) units
     than threads, or buffers over ``limit`` bytes.  The input is unfolded as for the forward
     pass (:func:`blocked_layout`)."""
     if g.k_per_group < BLOCKED_MIN_OUTPUTS or (g.n * g.groups < nt and nt > 1):
         return None
-    sh, item = g.stride[0], g.dtype.itemsize
-    plane = blocked_plane(g.out_h, g.out_w, g.r, g.dilation[0], sh, tile)
+    (wj, wq, lanes), sh, item = tile, g.stride[0], g.dtype.itemsize
+    plane = blocked_plane(g.out_h, g.out_w, g.r, g.dilation[0], sh, lanes)
     workers, image = min(nt, g.n * g.groups), g.c_per_group * g.s * sh * plane
-    rows = -(-g.out_h * g.out_w // tile) * tile
+    rows = -(-g.out_h * g.out_w // lanes) * lanes
     chunk = max(1, min(BLOCKED_CHUNK_BYTES // ((image + wj * rows) * item), -(-g.n // (4 * workers))))
     offsets = blocked_offsets(g.c_per_group, g, sh, g.out_w, plane)
     offsets = np.concatenate([offsets, np.zeros(-offsets.size % wq, np.intp)])
-    partial = g.groups * -(-g.k_per_group // wj) * wj * offsets.size * tile
-    layout = BlockedWeightLayout(workers, chunk, plane, offsets, chunk * image, chunk * wj * rows, partial)
+    partial = g.groups * -(-g.k_per_group // wj) * wj * offsets.size * lanes
+    layout = BlockedWeightLayout(workers, chunk, plane, offsets, chunk * image, chunk * wj * rows, partial, tile)
     if workers * (layout.xs + layout.gs + partial) * item > limit:
         return None
     return layout
 
 
-def blocked_weight_sum(partial: np.ndarray, g: ConvGeometry, wj: int, wq: int, tile: int) -> np.ndarray:
+def blocked_weight_sum(partial: np.ndarray, g: ConvGeometry, tile: tuple[int, int, int]) -> np.ndarray:
     """The weight gradient (K, C/g, R, S) from a blocked kernel's per-worker partial sums
-    ``[worker, g, kb, tb, j, q, v]`` (channel kb*wj + j, tap tb*wq + q, lane v), summed in float64."""
-    kg, taps = g.k_per_group, g.c_per_group * g.r * g.s
+    ``[worker, g, kb, tb, j, q, v]`` (channel kb*wj + j, tap tb*wq + q, lane v, for ``tile`` =
+    (wj, wq, lanes)), summed in float64."""
+    (wj, wq, lanes), kg, taps = tile, g.k_per_group, g.c_per_group * g.r * g.s
     blocks, pairs = -(-kg // wj), -(-taps // wq)
-    sums = sum_partials(partial, dtype=np.float64).reshape(g.groups, blocks, pairs, wj, wq, tile).sum(axis=-1)
+    sums = sum_partials(partial, dtype=np.float64).reshape(g.groups, blocks, pairs, wj, wq, lanes).sum(axis=-1)
     sums = sums.transpose(0, 1, 3, 2, 4).reshape(g.groups, blocks * wj, pairs * wq)[:, :kg, :taps]
     return np.ascontiguousarray(sums.reshape(g.weight_shape), dtype=g.dtype)
 
 
-def blocked_weight_gradient(kernel: Callable[..., None], layout: BlockedWeightLayout | None, g: ConvGeometry,
-                            wj: int, wq: int, tile: int) -> np.ndarray | None:
-    """The weight gradient from a backend's channel-blocked kernel with register tiles of ``wj``
-    channels by ``wq`` taps by ``tile`` lanes, called as ``kernel(partial, xs, gs, layout)``
-    with the zeroed partial sums and the buffers of ``layout`` (:func:`blocked_weight_layout`);
+def blocked_weight_gradient(kernel: Callable[..., None], layout: BlockedWeightLayout | None,
+                            g: ConvGeometry) -> np.ndarray | None:
+    """The weight gradient from a backend's channel-blocked kernel, called as ``kernel(partial,
+    xs, gs, layout)`` with the zeroed partial sums and the buffers of ``layout``
+    (:func:`blocked_weight_layout`);
     None when there is no layout (the kernel should not run) or the result is not finite:
     the spare lanes of a plane's last tile multiply zeros with whatever input lies there, so an
-    Inf or NaN input can spoil a finite gradient, and the caller recomputes."""
+    Inf or NaN input can spoil a finite gradient, and the caller recomputes (with the row-wise
+    direct kernel)."""
     if layout is None:
         return None
     partial = np.zeros((layout.workers, layout.partial), g.dtype)
     kernel(partial, np.empty((layout.workers, layout.xs), g.dtype), np.empty((layout.workers, layout.gs), g.dtype),
            layout)
-    gw = blocked_weight_sum(partial, g, wj, wq, tile)
+    gw = blocked_weight_sum(partial, g, layout.tile)
     return gw if np.isfinite(gw).all() else None
 
 

@@ -142,8 +142,7 @@ def _run_blocked(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, out: np.nd
 def _blocked_weight_layout(g: ConvGeometry) -> BlockedWeightLayout | None:
     """How ``_direct.backward_weight_blocked`` runs, or None when it should not (see
     :func:`fastconv.backends.base.blocked_weight_layout`)."""
-    wj, wq, tile = _direct.BLOCKED_WEIGHT_TILE
-    return blocked_weight_layout(g, _threads(g.flops // 2), tile, wj, wq, _config.get_workspace_limit())
+    return blocked_weight_layout(g, _threads(g.flops // 2), _direct.BLOCKED_WEIGHT_TILE, _config.get_workspace_limit())
 
 
 def _blocked_weight(grad_out: np.ndarray, x: np.ndarray, g: ConvGeometry) -> np.ndarray | None:
@@ -153,8 +152,7 @@ def _blocked_weight(grad_out: np.ndarray, x: np.ndarray, g: ConvGeometry) -> np.
         _direct.backward_weight_blocked(grad_out, x, partial, xs, gs, lay.offsets, lay.chunk, lay.plane, g.r,
                                         g.s, *g.stride, g.padding[0], g.padding[2], *g.dilation, g.groups)
 
-    wj, wq, tile = _direct.BLOCKED_WEIGHT_TILE
-    return blocked_weight_gradient(kernel, _blocked_weight_layout(g), g, wj, wq, tile)
+    return blocked_weight_gradient(kernel, _blocked_weight_layout(g), g)
 
 
 class CythonBackend(WinogradPasses, Backend):

@@ -455,7 +455,7 @@ def forward_blocked(const floating[:, :, :, ::1] x, const floating[:, :, ::1] wt
 # The output-gradient rows are copied into a zero-padded stage first (also where no padding is
 # needed: reading them in place measured 1.4-1.7x slower), so the spare lanes of a plane's
 # last tile and of a partial block of channels add nothing (unless the input there is Inf or
-# NaN: the adapter then recomputes with im2col).  (Taking large planes in L2-sized segments,
+# NaN: the adapter then recomputes with the row-wise kernel above).  (Taking large planes in L2-sized segments,
 # with every block of channels passing over one segment, measured 1.3-1.5x slower than
 # whole planes on 56x56 to 224x224 layers.)
 

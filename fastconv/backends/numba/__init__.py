@@ -237,8 +237,7 @@ def _run_blocked(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, out: np.nd
 def _blocked_weight_layout(g: ConvGeometry) -> BlockedWeightLayout | None:
     """How ``_blocked.conv2d_backward_weight_blocked`` runs, or None when it should not (see
     :func:`fastconv.backends.base.blocked_weight_layout`)."""
-    return blocked_weight_layout(g, _threads(g), _blocked.WV, _blocked.WJ, _blocked.WQ,
-                                 _config.get_workspace_limit())
+    return blocked_weight_layout(g, _threads(g), (_blocked.WJ, _blocked.WQ, _blocked.WV), _config.get_workspace_limit())
 
 
 def _blocked_weight(grad_out: np.ndarray, x: np.ndarray, g: ConvGeometry) -> np.ndarray | None:
@@ -249,7 +248,7 @@ def _blocked_weight(grad_out: np.ndarray, x: np.ndarray, g: ConvGeometry) -> np.
                                         np.zeros(1, np.int64), lay.chunk, lay.plane, g.r, g.s, *g.stride,
                                         g.padding[0], g.padding[2], *g.dilation, g.groups, threads=lay.workers)
 
-    return blocked_weight_gradient(kernel, _blocked_weight_layout(g), g, _blocked.WJ, _blocked.WQ, _blocked.WV)
+    return blocked_weight_gradient(kernel, _blocked_weight_layout(g), g)
 
 
 class _ThreadPlan:
