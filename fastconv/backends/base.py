@@ -213,13 +213,13 @@ def _offsets(cin: int, kh: int, kw: int, dh: int, sh: int, out_w: int, plane: in
 def blocked_weight_preferred(g: ConvGeometry) -> bool:
     """Whether ``algorithm="auto"`` should run the weight gradient with a channel-blocked kernel
     where one runs (:func:`blocked_weight_layout`) and Winograd does not take it: every layer
-    but 1x1 ones (one GEMM per image: im2col's pointwise plan ran as fast, pw-1x1 0.94-1.02x)
-    and one-input-channel layers with more than 8 outputs (mnist-c1: im2col 1.1-1.4x faster;
+    but one-input-channel layers with more than 8 outputs (mnist-c1: im2col 1.0-1.4x faster;
     its column matrix is only R*S rows, and the tile pads 9 taps to 12).  Measured on the
     2-core box against im2col, 2 threads, three runs: vgg-224 1.5-1.6x faster, the resnet stem
     1.3-1.5x, stripe-c1 1.3-1.4x, stripe-c2 about 3x; and cifar-64 1.4x (where Winograd is
-    faster still)."""
-    return (g.r, g.s) != (1, 1) and (g.c_per_group > 1 or g.k_per_group <= 8)
+    faster still).  pw-1x1 (1x1) 1.2x, since its partial sums are reduced in the kernel; before
+    that (a serial NumPy sum) 0.94-1.02x."""
+    return g.c_per_group > 1 or g.k_per_group <= 8
 
 
 def blocked_runs(op: str, g: ConvGeometry, plan: Callable[[str, ConvGeometry], BlockedLayout | None],
@@ -277,32 +277,20 @@ def blocked_weight_layout(g: ConvGeometry, nt: int, tile: tuple[int, int, int],
     return layout
 
 
-def blocked_weight_sum(partial: np.ndarray, g: ConvGeometry, tile: tuple[int, int, int]) -> np.ndarray:
-    """The weight gradient (K, C/g, R, S) from a blocked kernel's per-worker partial sums
-    ``[worker, g, kb, tb, j, q, v]`` (channel kb*wj + j, tap tb*wq + q, lane v, for ``tile`` =
-    (wj, wq, lanes)), summed in float64."""
-    (wj, wq, lanes), kg, taps = tile, g.k_per_group, g.c_per_group * g.r * g.s
-    blocks, pairs = -(-kg // wj), -(-taps // wq)
-    sums = sum_partials(partial, dtype=np.float64).reshape(g.groups, blocks, pairs, wj, wq, lanes).sum(axis=-1)
-    sums = sums.transpose(0, 1, 3, 2, 4).reshape(g.groups, blocks * wj, pairs * wq)[:, :kg, :taps]
-    return np.ascontiguousarray(sums.reshape(g.weight_shape), dtype=g.dtype)
-
-
 def blocked_weight_gradient(kernel: Callable[..., None], layout: BlockedWeightLayout | None,
                             g: ConvGeometry) -> np.ndarray | None:
-    """The weight gradient from a backend's channel-blocked kernel, called as ``kernel(partial,
-    xs, gs, layout)`` with the zeroed partial sums and the buffers of ``layout``
-    (:func:`blocked_weight_layout`);
+    """The weight gradient from a backend's channel-blocked kernel, called as ``kernel(gw,
+    partial, xs, gs, layout)`` with the (K, C/g*R*S) result to fill, the zeroed partial sums
+    and the buffers of ``layout`` (:func:`blocked_weight_layout`);
     None when there is no layout (the kernel should not run) or the result is not finite:
     the spare lanes of a plane's last tile multiply zeros with whatever input lies there, so an
     Inf or NaN input can spoil a finite gradient, and the caller recomputes (with the row-wise
     direct kernel)."""
     if layout is None:
         return None
-    partial = np.zeros((layout.workers, layout.partial), g.dtype)
-    kernel(partial, np.empty((layout.workers, layout.xs), g.dtype), np.empty((layout.workers, layout.gs), g.dtype),
-           layout)
-    gw = blocked_weight_sum(partial, g, layout.tile)
+    gw = np.empty(g.weight_shape, g.dtype)
+    kernel(gw.reshape(g.k, -1), np.zeros((layout.workers, layout.partial), g.dtype),
+           np.empty((layout.workers, layout.xs), g.dtype), np.empty((layout.workers, layout.gs), g.dtype), layout)
     return gw if np.isfinite(gw).all() else None
 
 

@@ -148,8 +148,8 @@ def _blocked_weight_layout(g: ConvGeometry) -> BlockedWeightLayout | None:
 def _blocked_weight(grad_out: np.ndarray, x: np.ndarray, g: ConvGeometry) -> np.ndarray | None:
     """The weight gradient from ``_direct.backward_weight_blocked``, or None (see
     :func:`fastconv.backends.base.blocked_weight_gradient`)."""
-    def kernel(partial, xs, gs, lay):
-        _direct.backward_weight_blocked(grad_out, x, partial, xs, gs, lay.offsets, lay.chunk, lay.plane, g.r,
+    def kernel(gw, partial, xs, gs, lay):
+        _direct.backward_weight_blocked(grad_out, x, gw, partial, xs, gs, lay.offsets, lay.chunk, lay.plane, g.r,
                                         g.s, *g.stride, g.padding[0], g.padding[2], *g.dilation, g.groups)
 
     return blocked_weight_gradient(kernel, _blocked_weight_layout(g), g)

@@ -354,8 +354,8 @@ def _weight_unit(xf, yf, xw, gw, part, offs, n0, nimg, g, c, h, wd, k, groups, h
 
 
 @njit(**_PAR)
-def conv2d_backward_weight_blocked(gy, x, partial, xs, gs, offs, counter, chunk, plane, nr, ns, sh, sw, pt, pl, dh,
-                                   dw, groups):
+def conv2d_backward_weight_blocked(gy, x, gw, partial, xs, gs, offs, counter, chunk, plane, nr, ns, sh, sw, pt, pl,
+                                   dh, dw, groups):
     """Weight gradient with channel-blocked register tiles on ``xs.shape[0]`` workers, one (chunk
     of ``chunk`` images, group) per work unit taken from the shared ``counter``; the algorithm of
     the Cython kernel (``_direct.pyx``, "The weight gradient in the same layout").
@@ -364,6 +364,8 @@ def conv2d_backward_weight_blocked(gy, x, partial, xs, gs, offs, counter, chunk,
     ``gs`` ``chunk`` * WJ zero-padded output-gradient rows of ceil(Ho*Wo / WV) * WV,
     ``partial`` the sums ``[g, kb, tb, j, q, v]`` for tap blocks tb of ``offs`` (a multiple of WQ
     taps; ``fastconv.backends.base.blocked_weight_layout``).  ``partial`` must be zero on entry.
+    The result goes to ``gw``, the (K, Cg*R*S) weight gradient: the float64 sum over workers
+    and lanes of each (channel, tap)'s partial sums (as the Cython kernel).
     """
     n, c, h, wd = x.shape
     k, ho, wo = gy.shape[1], gy.shape[2], gy.shape[3]
@@ -374,18 +376,28 @@ def conv2d_backward_weight_blocked(gy, x, partial, xs, gs, offs, counter, chunk,
     blocks, tap_blocks = -(-kg // WJ), offs.size // WQ
     # every access of _wtile stays inside its arrays
     if (offs.size % WQ or offs.min() < 0 or offs.max() + ldg > xstride or chunk * xstride > xs.shape[1]
-            or chunk * WJ * ldg > gs.shape[1] or partial.shape[1] != groups * blocks * tap_blocks * WJ * WQ * WV):
+            or chunk * WJ * ldg > gs.shape[1] or partial.shape[1] != groups * blocks * tap_blocks * WJ * WQ * WV
+            or gw.shape[0] != k or gw.shape[1] > tap_blocks * WQ):
         raise ValueError("conv2d_backward_weight_blocked: buffers too small for the geometry")
     xf, yf = x.reshape(x.size), gy.reshape(gy.size)
     units = -(-n // chunk) * groups
     for worker in prange(xs.shape[0]):
-        xw, gw, part = xs[worker], gs[worker], partial[worker]
+        xw, stage, part = xs[worker], gs[worker], partial[worker]
         ready = 0  # image slots of xw that hold their zero borders
         u = _next_block(counter)
         while u < units:
             n0, g = u // groups * chunk, u % groups
             nimg = min(chunk, n - n0)
-            _weight_unit(xf, yf, xw, gw, part, offs, n0, nimg, g, c, h, wd, k, groups, ho, wo, nr, ns, sh, sw, pt, pl,
+            _weight_unit(xf, yf, xw, stage, part, offs, n0, nimg, g, c, h, wd, k, groups, ho, wo, nr, ns, sh, sw, pt, pl,
                          dh, dw, plane, ready)
             ready = max(ready, nimg)
             u = _next_block(counter)
+    taps = gw.shape[1]
+    for e in prange(k * taps):  # a second parallel loop: every partial is complete
+        wk, wt = e // taps % kg, e % taps
+        src = ((((e // taps // kg * blocks + wk // WJ) * tap_blocks + wt // WQ) * WJ + wk % WJ) * WQ + wt % WQ) * WV
+        total = 0.0
+        for worker in range(partial.shape[0]):
+            for v in range(WV):
+                total += partial[worker, src + v]
+        gw[e // taps, wt] = total
