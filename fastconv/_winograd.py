@@ -233,6 +233,20 @@ class Plan:
         """As :attr:`vstride`, for the product block (cout*tb)."""
         return self.cout * self.tb + STRIDE_PAD
 
+    def planes(self, dtype: np.dtype, weight: bool = False) -> np.ndarray:
+        """Per-thread staging planes, zeroed: room for the input planes of every image that one
+        block of ``tb`` consecutive tiles reads, each covering the tiles' a x a patches
+        (``max(hs) + d*(a-1) + 1`` rows, likewise columns; the input sits inside at the pass's
+        padding), and for the weight gradient (``weight``) as many m x m output-gradient planes
+        after them.  The kernels write only the input's own elements, so the zeros around it
+        are written once, here."""
+        slots = (self.tb + self.tiles - 2) // self.tiles + 1
+
+        def plane(e: int) -> int:
+            return (int(self.hs.max()) + self.d * (e - 1) + 1) * (int(self.ws.max()) + self.d * (e - 1) + 1)
+
+        return np.zeros((self.threads, slots * (plane(self.t.a) + (plane(self.t.m) if weight else 0))), dtype)
+
     def buffers(self, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Per-thread (vbuf, mbuf, scratch, lanes) for the kernels, rows 64-byte aligned and not
         initialised (the kernels write every element before they read it)."""

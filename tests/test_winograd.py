@@ -129,9 +129,26 @@ LAYERS = [
 ] + _winograd_layers(30, seed=7)
 
 
+@pytest.fixture
+def no_fallback(monkeypatch):
+    """Fail when a tiled forward pass reports a non-finite result: with finite inputs Winograd
+    must not quietly hand the call to im2col (its results would pass the tests below too)."""
+    from fastconv import _dispatch
+
+    for name in WINOGRAD_BACKENDS:
+        cls = type(_dispatch._load(name))
+        run = cls._winograd_forward
+
+        def checked(self, *args, _run=run):
+            assert _run(self, *args), "the Winograd forward pass fell back on finite inputs"
+            return True
+
+        monkeypatch.setattr(cls, "_winograd_forward", checked)
+
+
 @pytest.mark.parametrize("backend", WINOGRAD_BACKENDS)
 @pytest.mark.parametrize("index", range(len(LAYERS)))
-def test_winograd_matches_reference(backend, index, dtype):
+def test_winograd_matches_reference(backend, index, dtype, no_fallback):
     n, c, h, w, k, padding, d, groups = LAYERS[index]
     rng = np.random.default_rng(100 + index)
     x = rng.standard_normal((n, c, h, w)).astype(dtype)

@@ -185,14 +185,15 @@ class CythonBackend(WinogradPasses, Backend):
     def _winograd_forward(self, x, u, bias, out, p, pt, pl):
         vb, mb, sc, ln = p.buffers(out.dtype)
         checks = np.zeros(p.threads, out.dtype)
-        _winograd.forward(x, u, bias, out, vb, mb, sc, ln, checks, p.hs, p.ws, pt, pl, p.d, p.tb, p.vstride, p.mstride)
+        _winograd.forward(x, u, bias, out, vb, mb, sc, p.planes(out.dtype), ln, checks, p.hs, p.ws, pt, pl, p.d, p.tb,
+                          p.vstride, p.mstride)
         return not checks.any()
 
     def _winograd_weight_sum(self, grad_out, x, p, g):
         vb, mb, sc, ln = p.buffers(g.dtype)
         partial = np.zeros((p.threads, g.groups, p.t.a**2, g.k_per_group, g.c_per_group), g.dtype)
-        _winograd.backward_weight(grad_out, x, partial, vb, mb, sc, ln, p.hs, p.ws, g.padding[0], g.padding[2],
-                                  p.d, p.tb, p.vstride, p.mstride)
+        _winograd.backward_weight(grad_out, x, partial, vb, mb, sc, p.planes(g.dtype, weight=True), ln, p.hs, p.ws,
+                                  g.padding[0], g.padding[2], p.d, p.tb, p.vstride, p.mstride)
         return sum_partials(partial, dtype=np.float64)
 
     # ----------------------------------------------------------------- conv
