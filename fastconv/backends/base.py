@@ -164,6 +164,9 @@ class BlockedLayout(NamedTuple):
         return offsets
 
 
+# cached: asked twice per "auto" call (to choose, then to run), 4 us each; so the module's
+# constants (BLOCKED_MIN_OUTPUTS, BLOCKED_CHUNK_BYTES) count as read once per geometry
+@functools.lru_cache(maxsize=256)
 def blocked_layout(op: str, g: ConvGeometry, nt: int, tile: int, limit: int) -> BlockedLayout | None:
     """How a channel-blocked direct kernel runs ``op`` ("conv2d", any stride, or
     "conv2d_backward_input", stride 1: the forward pass of grad_out with the rotated kernel),
@@ -253,6 +256,7 @@ class BlockedWeightLayout(NamedTuple):
     tile: tuple[int, int, int]  #: the register tile: (output channels, taps, partial sums per pair)
 
 
+@functools.lru_cache(maxsize=256)  # as blocked_layout; its offsets array is shared: never written
 def blocked_weight_layout(g: ConvGeometry, nt: int, tile: tuple[int, int, int],
                           limit: int) -> BlockedWeightLayout | None:
     """The layout of a channel-blocked weight-gradient kernel whose register ``tile`` = (wj, wq,
