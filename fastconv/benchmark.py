@@ -5,7 +5,12 @@ The runner first measures this machine's GEMM peak (``numpy.matmul`` of two
 bandwidth (``numpy.copyto`` of a 256 MiB array, 64 MiB with ``--quick``;
 bytes read + written), then times
 every (layer, pass, implementation, algorithm): one untimed warm-up call (JIT
-compilation, first touch), then repeated calls, reporting the median.  It prints
+compilation, first touch), then repeated calls, reporting the median.  The
+implementations of one (layer, pass) take turns, in three rounds of a third of
+the time budget each, and each reports its fastest round's median: a noisy
+second on a shared machine then slows one round of every implementation
+rather than the whole measurement of one (which flipped speed-ups between
+runs).  ``--quick`` times one round.  It prints
 one table: milliseconds, GFLOP/s (2*N*K*Ho*Wo*(C/groups)*R*S per pass) and % of
 the GEMM peak for convolutions, GB/s and % of the copy bandwidth for pools, and
 speed-ups (their time / our time, > 1 means fastconv is faster) against the
@@ -49,8 +54,10 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import functools
 import gc
 import importlib
+import itertools
 import json
 import os
 import platform
@@ -233,15 +240,17 @@ class Timing:
 
 @dataclass(frozen=True)
 class Effort:
-    """How hard to time one row: warm-up calls, run count bounds and a time budget (seconds)."""
+    """How hard to time one row: warm-up calls, run count bounds and a time budget (seconds),
+    per round of ``rounds`` (see :func:`measure_rounds`)."""
 
     warmup: int
     min_runs: int
     max_runs: int
     budget: float
+    rounds: int = 1
 
 
-FULL = Effort(warmup=1, min_runs=5, max_runs=30, budget=1.0)
+FULL = Effort(warmup=1, min_runs=3, max_runs=10, budget=1.0 / 3, rounds=3)
 QUICK = Effort(warmup=1, min_runs=2, max_runs=4, budget=0.1)
 REFERENCE_FULL = Effort(warmup=0, min_runs=2, max_runs=3, budget=1.0)
 REFERENCE_QUICK = Effort(warmup=0, min_runs=1, max_runs=1, budget=0.0)
@@ -263,6 +272,28 @@ def measure(fn: Callable[[], Any], effort: Effort) -> Timing:
         fn()
         times.append(time.perf_counter() - t0)
     return Timing(statistics.median(times), min(times), len(times), first)
+
+
+def measure_rounds(makers: list[Callable[[], Callable[[], Any]]],
+                   efforts: list[Effort]) -> list[Timing | Exception]:
+    """Time several implementations of one task in turns: ``max(rounds)`` rounds, in each of which
+    every implementation still due (``efforts[i].rounds``) builds its call (``makers[i]()``, so
+    that no more than one holds its inputs at a time) and is timed by :func:`measure`.  Each
+    gets the median of its fastest round, its fastest run, all its runs and its first round's
+    warm-up time; or the exception that building or calling it raised (it is then dropped)."""
+    rounds: list[list[Timing]] = [[] for _ in makers]
+    failed: dict[int, Exception] = {}
+    for r in range(max(e.rounds for e in efforts)):
+        for i, (make, effort) in enumerate(zip(makers, efforts)):
+            if i in failed or r >= effort.rounds:
+                continue
+            try:
+                rounds[i].append(measure(make(), effort))
+            except Exception as exc:  # reported by the caller, the others go on
+                failed[i] = exc
+    return [failed[i] if i in failed else
+            Timing(min(t.median for t in ts), min(t.minimum for t in ts), sum(t.runs for t in ts), ts[0].first)
+            for i, ts in enumerate(rounds)]
 
 
 def gemm_peak(dtype: Any = np.float32, size: int = 2048, repeats: int = 5) -> float:
@@ -407,8 +438,20 @@ def plan(cases: Iterable[suite.Case], passes: Iterable[str], backends: dict[str,
     return jobs
 
 
-def _row(job: Job, dtype: np.dtype, peaks: dict[str, float]) -> dict[str, Any]:
-    """Time one job; the JSON row (see the module docstring), ``error`` set if it raised."""
+def _rows(jobs: list[Job], dtype: np.dtype, peaks: dict[str, float]) -> list[dict[str, Any]]:
+    """Time ``jobs``, each (layer, pass)'s implementations in turns (:func:`measure_rounds`); their
+    JSON rows, in order."""
+    rows = []
+    groups = [list(group) for _, group in itertools.groupby(jobs, key=lambda j: (j.case.name, j.pass_))]
+    for group in _progress(groups):
+        makers = [functools.partial(suite.make_call, j.case, j.pass_, j.impl, j.algorithm, dtype) for j in group]
+        timings = measure_rounds(makers, [j.effort for j in group])
+        rows += [_row(job, timing, dtype, peaks) for job, timing in zip(group, timings)]
+    return rows
+
+
+def _row(job: Job, timing: Timing | Exception, dtype: np.dtype, peaks: dict[str, float]) -> dict[str, Any]:
+    """The JSON row of one timed job (see the module docstring), ``error`` set if it raised."""
     reported = job.case.with_batch(job.reported_n)
     unit, amount = suite.work(reported, job.pass_, dtype)
     row: dict[str, Any] = {
@@ -418,10 +461,8 @@ def _row(job: Job, dtype: np.dtype, peaks: dict[str, float]) -> dict[str, Any]:
         "rate": None, "rate_unit": "GFLOP/s" if unit == "flop" else "GB/s", "pct_peak": None, "speedup": {},
         "error": None,
     }
-    try:
-        timing = measure(suite.make_call(job.case, job.pass_, job.impl, job.algorithm, dtype), job.effort)
-    except Exception as exc:  # report, keep going
-        row["error"] = f"{type(exc).__name__}: {exc}"[:300]
+    if isinstance(timing, Exception):  # report, keep going
+        row["error"] = f"{type(timing).__name__}: {timing}"[:300]
         return row
     seconds = timing.median * job.scale
     rate = amount / seconds / 1e9
@@ -708,7 +749,7 @@ def run(args: argparse.Namespace) -> int:
           f"copy bandwidth {peaks['copy_gbps']:.1f} GB/s (numpy.copyto, read + write)")
 
     jobs = plan(cases, passes, backends, baselines, dtype, divisor, args.quick)
-    rows = [_row(job, dtype, peaks) for job in _progress(jobs)]
+    rows = _rows(jobs, dtype, peaks)
     compare = [n for n in ("reference", "numpy") if n in backends] + baselines
     add_speedups(rows, compare)
     picks = auto_picks(rows)
@@ -719,7 +760,9 @@ def run(args: argparse.Namespace) -> int:
     print()
     print(format_table(rows, compare))
     print()
-    notes = ["ms = median of the timed runs after one warm-up call; rate = GFLOP/s (2*N*K*Ho*Wo*(C/groups)*R*S) "
+    notes = [("ms = median of the timed runs after one warm-up call" if args.quick else
+              "ms = median of the fastest of 3 rounds (a layer's implementations take turns), each after a "
+              "warm-up call") + "; rate = GFLOP/s (2*N*K*Ho*Wo*(C/groups)*R*S) "
              f"or GB/s; %peak = of the {gemm} peak or of the copy bandwidth",
              "x name = that implementation's time / this row's time (> 1: this row is faster); "
              "* = the algorithm \"auto\" picks"]
@@ -763,7 +806,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _progress(items: list[Any], desc: str = "bench"):
-    """Iterate ``items`` (jobs or auto picks) with a tqdm bar on stderr (plain iteration without tqdm)."""
+    """Iterate ``items`` (lists of jobs of one layer and pass, or auto picks) with a tqdm bar on
+    stderr (plain iteration without tqdm)."""
     try:
         from tqdm import tqdm
     except ImportError:  # pragma: no cover - tqdm is a dependency
@@ -771,8 +815,8 @@ def _progress(items: list[Any], desc: str = "bench"):
         return
     with tqdm(items, desc=desc, file=sys.stderr, unit="case", leave=False, dynamic_ncols=True) as bar:
         for item in bar:
-            if isinstance(item, Job):
-                bar.set_postfix_str(f"{item.case.name} {item.pass_} {item.impl} {item.algorithm or ''}".strip())
+            if isinstance(item, list):
+                bar.set_postfix_str(f"{item[0].case.name} {item[0].pass_}: {len(item)} implementations")
             else:
                 bar.set_postfix_str(f"{item['layer']} {item['pass']} {item['backend']}")
             yield item

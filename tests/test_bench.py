@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import types
 
 import numpy as np
 import pytest
@@ -66,6 +67,36 @@ def test_measure_run_counts():
     calls.clear()
     t = benchmark.measure(fn, benchmark.Effort(warmup=0, min_runs=1, max_runs=7, budget=1e9))
     assert (t.runs, len(calls), t.first) == (7, 7, None)
+
+
+def test_measure_rounds_take_turns_and_keep_the_fastest_round(monkeypatch):
+    """Implementations alternate round by round; one slowed in a single round (a noisy moment)
+    reports its other rounds; one with fewer rounds is built fewer times; a failure is returned
+    in its place and does not stop the others.  (A fake clock: each call "takes" its delay.)"""
+    now = [0.0]
+    monkeypatch.setattr(benchmark, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
+    order = []
+
+    def maker(name, delays):
+        def make():
+            order.append(name)
+            delay = delays[min(order.count(name), len(delays)) - 1]
+            return lambda: now.__setitem__(0, now[0] + delay)
+        return make
+
+    def broken():
+        order.append("broken")
+        raise RuntimeError("no such kernel")
+
+    full = benchmark.Effort(warmup=1, min_runs=2, max_runs=2, budget=0.0, rounds=3)
+    once = benchmark.Effort(warmup=0, min_runs=1, max_runs=1, budget=0.0, rounds=1)
+    slow_then_fast, steady, single, failed = benchmark.measure_rounds(
+        [maker("a", [20.0, 1.0, 1.0]), maker("b", [3.0]), maker("c", [2.0]), broken], [full, full, once, full])
+    assert order == ["a", "b", "c", "broken", "a", "b", "a", "b"]
+    assert (slow_then_fast.median, slow_then_fast.minimum, slow_then_fast.runs, slow_then_fast.first) == (1, 1, 6, 20)
+    assert (steady.median, steady.runs) == (3, 6)
+    assert (single.median, single.runs, single.first) == (2, 1, None)
+    assert isinstance(failed, RuntimeError)
 
 
 def _row(impl, algo, auto, ms, layer="cifar-64", pass_="forward"):
