@@ -28,6 +28,8 @@ import fastconv
 from conftest import assert_close
 
 IN_SIMULATOR = bool(numba.config.ENABLE_CUDASIM)
+
+
 CUDA = fastconv.available_backends()["cuda"]
 
 
@@ -477,3 +479,34 @@ if CUDA["available"]:
                                     and (q - t * dil) // stride < n_out]
                             assert list(range(*_kernels.taps_reaching(q, dil, stride, n_out, n_taps))) == want, \
                                 (q, dil, stride, n_out, n_taps)
+
+    @pytest.mark.skipif(not IN_SIMULATOR, reason="the simulator's shared arrays only")
+    def test_simulator_shared_arrays_are_shared_by_a_blocks_threads(monkeypatch):
+        """16 threads asking for one shared array at once all get the same array, even when
+        creating it lets the others run (as reading the kernel's source for numba's unlocked
+        lookup can: see ``fastconv.backends.cuda._simulator``; the unfixed simulator hands
+        out 16 arrays here)."""
+        import threading
+        import time
+
+        from numba.cuda.simulator import kernelapi
+
+        empty = np.empty
+
+        def slow_empty(*args, **kwargs):
+            time.sleep(0.01)  # lets every other thread run
+            return empty(*args, **kwargs)
+
+        monkeypatch.setattr(np, "empty", slow_empty)
+        shared, start, got = kernelapi.FakeCUDAShared(0), threading.Barrier(16), []
+
+        def thread():
+            start.wait()
+            got.append(shared.array(8, np.float32))
+
+        threads = [threading.Thread(target=thread) for _ in range(16)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(got) == 16 and all(a is got[0] for a in got)

@@ -31,6 +31,10 @@ from numba import cuda
 
 #: True when running under NUMBA_ENABLE_CUDASIM=1 (python per thread: keep blocks small)
 SIMULATOR = bool(numba.config.ENABLE_CUDASIM)
+if SIMULATOR:  # its shared arrays race between a block's threads without this (see _simulator)
+    from ._simulator import make_shared_arrays_thread_safe
+
+    make_shared_arrays_thread_safe()
 
 #: GEMM thread block edge and step along the reduced axis
 TILE = 4 if SIMULATOR else 16

@@ -75,10 +75,14 @@ static inline void fc_copy(void *dst, const void *src, size_t bytes)
             const V q1 = __builtin_shufflevector(a, c, 8, 9, 24, 25, 10, 11, 26, 27, 12, 13, 28, 29, 14, 15, 30, 31); \
             const V q2 = __builtin_shufflevector(b, e, 0, 1, 16, 17, 2, 3, 18, 19, 4, 5, 20, 21, 6, 7, 22, 23); \
             const V q3 = __builtin_shufflevector(b, e, 8, 9, 24, 25, 10, 11, 26, 27, 12, 13, 28, 29, 14, 15, 30, 31); \
-            FC_ROW_OUT(T, V4, q0, 0, 0) FC_ROW_OUT(T, V4, q0, 1, 1) FC_ROW_OUT(T, V4, q0, 2, 2) FC_ROW_OUT(T, V4, q0, 3, 3) \
-            FC_ROW_OUT(T, V4, q1, 0, 4) FC_ROW_OUT(T, V4, q1, 1, 5) FC_ROW_OUT(T, V4, q1, 2, 6) FC_ROW_OUT(T, V4, q1, 3, 7) \
-            FC_ROW_OUT(T, V4, q2, 0, 8) FC_ROW_OUT(T, V4, q2, 1, 9) FC_ROW_OUT(T, V4, q2, 2, 10) FC_ROW_OUT(T, V4, q2, 3, 11) \
-            FC_ROW_OUT(T, V4, q3, 0, 12) FC_ROW_OUT(T, V4, q3, 1, 13) FC_ROW_OUT(T, V4, q3, 2, 14) FC_ROW_OUT(T, V4, q3, 3, 15) \
+            FC_ROW_OUT(T, V4, q0, 0, 0) FC_ROW_OUT(T, V4, q0, 1, 1)                             \
+            FC_ROW_OUT(T, V4, q0, 2, 2) FC_ROW_OUT(T, V4, q0, 3, 3)                             \
+            FC_ROW_OUT(T, V4, q1, 0, 4) FC_ROW_OUT(T, V4, q1, 1, 5)                             \
+            FC_ROW_OUT(T, V4, q1, 2, 6) FC_ROW_OUT(T, V4, q1, 3, 7)                             \
+            FC_ROW_OUT(T, V4, q2, 0, 8) FC_ROW_OUT(T, V4, q2, 1, 9)                             \
+            FC_ROW_OUT(T, V4, q2, 2, 10) FC_ROW_OUT(T, V4, q2, 3, 11)                           \
+            FC_ROW_OUT(T, V4, q3, 0, 12) FC_ROW_OUT(T, V4, q3, 1, 13)                           \
+            FC_ROW_OUT(T, V4, q3, 2, 14) FC_ROW_OUT(T, V4, q3, 3, 15)                           \
         }                                                                                       \
     }
 /* row i of tile l, the t-th quadruple of v: four consecutive elements in one store, else

@@ -20,8 +20,8 @@ with private buffers ``vbuf`` (36 rows of ``vstride``: Cg x tb) and ``mbuf``
    output: 6-16% faster on mnist-c2, cifar-64 and the dilated layer, 2 threads.)
 
 The weight gradient replaces step 3 by the transform ``A dY A^T`` of the
-output-gradient tiles (staged in zero-bordered planes as the input) and accumulates ``dU[xi] += dY~[xi] @ V[xi]^T`` into
-per-thread partial sums.  The input gradient is the forward kernel run on
+output-gradient tiles (staged in zero-bordered planes as the input) and
+accumulates ``dU[xi] += dY~[xi] @ V[xi]^T`` into per-thread partial sums.  The input gradient is the forward kernel run on
 ``grad_out`` (done by the adapter).
 
 The 1-D transforms are B^T and A^T of ``_winograd.matrices(4)`` written out as
