@@ -394,8 +394,8 @@ class NumbaBackend(WinogradPasses, Backend):
         vb, mb, sc, ln = p.buffers(out.dtype)
         checks = np.zeros(p.threads, out.dtype)
         counter = np.zeros(1, np.int64)
-        _winograd_forward(x, u, bias, out, vb, mb, sc, ln, checks, counter, p.hs, p.ws, pt, pl, p.d, p.tb,
-                          p.vstride, p.mstride, threads=p.threads)
+        _winograd_forward(x, u, bias, out, vb, mb, sc, p.planes(out.dtype), ln, checks, counter, p.hs, p.ws, pt, pl,
+                          p.d, p.tb, p.vstride, p.mstride, threads=p.threads)
         return not checks.any()
 
     def _winograd_weight_sum(self, grad_out: np.ndarray, x: np.ndarray, p: wino.Plan,
@@ -405,8 +405,9 @@ class NumbaBackend(WinogradPasses, Backend):
         partial = np.zeros((p.threads, g.groups, p.t.a**2, kg, cg), g.dtype)
         prod = np.empty((p.threads, kg * cg), g.dtype)
         counter = np.zeros(1, np.int64)
-        _winograd_backward_weight(grad_out, x, partial, prod, vb, mb, sc, ln, counter, p.hs, p.ws, g.padding[0],
-                                  g.padding[2], p.d, p.tb, p.vstride, p.mstride, threads=p.threads)
+        _winograd_backward_weight(grad_out, x, partial, prod, vb, mb, sc, p.planes(g.dtype, weight=True), ln, counter,
+                                  p.hs, p.ws, g.padding[0], g.padding[2], p.d, p.tb, p.vstride, p.mstride,
+                                  threads=p.threads)
         return sum_partials(partial, dtype=np.float64)  # Inf/NaN input: recomputed with im2col
 
     # ------------------------------------------------------------------ conv

@@ -1,8 +1,9 @@
 """Winograd F(4x4, 3x3) kernels of the numba backend (private; maths in ``fastconv/_winograd.py``).
 
-The same design as the Cython kernels (``fastconv/backends/cython/_winograd.pyx``), except
-that those stage each block's image rows in zero-bordered planes before gathering patches and
-store output tiles through vector shuffles (6-22% faster there; not ported yet).  The
+The same design as the Cython kernels (``fastconv/backends/cython/_winograd.pyx``), including
+the zero-bordered planes that each block's image rows are staged in, so that patches are
+gathered without bounds tests; except that the Cython kernel stores its output tiles through
+vector shuffles (``_stage.h``) and this one element by element.  The
 output is cut into tiles (``hs`` / ``ws``: the first output row / column of every tile row /
 column; a tile covers outputs ``start + d*i``, i < 4), numbered image by image, row by row,
 and processed in blocks of at most ``tb`` tiles.  Each of the ``vbuf.shape[0]`` workers
@@ -10,8 +11,9 @@ and processed in blocks of at most ``tb`` tiles.  Each of the ``vbuf.shape[0]`` 
 counter (:func:`_next_block`), so the work spreads dynamically over the threads.  Per block
 and group:
 
-1. input transform: for each input channel, gather the 6 x 6 patches of the block's tiles
-   (zeros outside the image) and compute ``B^T d B`` 16 tiles (``LANES``) at a time;
+1. input transform: for each input channel, copy the block's image rows into zero-bordered
+   planes, gather the 6 x 6 patches of the block's tiles from there and compute ``B^T d B``
+   16 tiles (``LANES``) at a time;
 2. 36 GEMMs ``M[xi] = U[xi] @ V[xi]`` through ``np.dot`` on contiguous 2-D slices, which
    numba lowers to a BLAS call (the adapter pins BLAS to one thread while several workers
    call it);
@@ -195,16 +197,17 @@ def _grad_1d(src: np.ndarray, s0: int, ss: int, dst: np.ndarray, d0: int, ds: in
 
 # --------------------------------------------------------------------------- block helpers
 @njit(**_SER)
-def _lane_info(t0: int, nb: int, tw: int, per_image: int, hs: np.ndarray, ws: np.ndarray, in_image: int, out_image: int,
+def _lane_info(t0: int, nb: int, tw: int, per_image: int, hs: np.ndarray, ws: np.ndarray, n0: int, out_image: int,
                d: int, ho: int, wo: int, ln: np.ndarray, tb: int) -> None:
-    """For tiles t0 .. t0+nb-1, in ``ln`` rows of ``tb`` entries: 0 input image offset, 1 output
-    image offset, 2 / 3 first output row / column, 4 / 5 output rows / columns inside ho x wo."""
+    """For tiles t0 .. t0+nb-1, in ``ln`` rows of ``tb`` entries: 0 image slot (image - ``n0``, the
+    block's first), 1 output image offset, 2 / 3 first output row / column, 4 / 5 output rows /
+    columns inside ho x wo."""
     for q in range(nb):
         t = t0 + q
         n = t // per_image
         rem = t - n * per_image
         h0, w0 = hs[rem // tw], ws[rem % tw]
-        ln[q] = n * in_image
+        ln[q] = n - n0
         ln[tb + q] = n * out_image
         ln[2 * tb + q] = h0
         ln[3 * tb + q] = w0
@@ -212,37 +215,60 @@ def _lane_info(t0: int, nb: int, tw: int, per_image: int, hs: np.ndarray, ws: np
         ln[5 * tb + q] = min(M, (wo - 1 - w0) // d + 1)
 
 
-@njit(**_INL)
-def _gather(src: np.ndarray, plane: int, row: int, ln: np.ndarray, tb: int, off_h: int, off_w: int, nb: int, bs: int,
-            d: int, h: int, w: int, patch: np.ndarray, e: int) -> None:
-    """patch[(i*e + j)*bs + q] = src[plane + ln[row, q] + (h0 + d*i)*w + w0 + d*j] with
-    h0 / w0 = tile q's first output row / column (``ln`` rows 2 / 3) + ``off_h`` / ``off_w``,
-    zero outside the h x w plane, for the tiles q < nb; zero for nb <= q < bs.
+@njit(**_SER)
+def _block(t0: int, nb: int, tw: int, per_image: int, hs: np.ndarray) -> tuple[int, int, int, int, int, int]:
+    """The images that tiles t0 .. t0+nb-1 read: (first image, count, lowest / highest start of
+    its tile rows in the first image, the same in the last); ``hs`` need not be increasing
+    (dilated tilings interleave).  As the Cython kernel's ``_block``."""
+    tl = t0 + nb - 1
+    n0 = t0 // per_image
+    nimg = tl // per_image - n0 + 1
+    r0, r1 = t0 % per_image // tw, tl % per_image // tw
+    lo0 = hi0 = hs[r0]
+    for r in range(r0, r1 + 1 if nimg == 1 else per_image // tw):
+        lo0, hi0 = min(lo0, hs[r]), max(hi0, hs[r])
+    lo1 = hi1 = hs[0]
+    for r in range(r1 + 1):
+        lo1, hi1 = min(lo1, hs[r]), max(hi1, hs[r])
+    return n0, nimg, lo0, hi0, lo1, hi1
 
-    Rows outside the plane are zero-filled whole; only tiles that overlap the left or right
-    edge test columns one by one."""
+
+@njit(**_INL)
+def _stage(src: np.ndarray, s0: int, image: int, blk: tuple, h: int, w: int, pt: int, pl: int, d: int, e: int,
+           hb: int, wb: int, dst: np.ndarray) -> None:
+    """dst[s*hb*wb + (i + pt)*wb + j + pl] = src[s0 + (n0 + s)*image + i*w + j], s < the block's image
+    count, for the input rows i and columns j inside the hb x wb plane that the block's e x e
+    patches may read; nothing else is written (the zeros around the input are written once
+    per call, ``Plan.planes``).  As the Cython kernel's ``_stage``."""
+    n0, nimg, lo0, hi0, lo1, hi1 = blk
+    j0, j1 = max(0, -pl), min(w, wb - pl)
+    if j1 <= j0:
+        return
+    for sl in range(nimg):
+        lo = lo0 if sl == 0 else (lo1 if sl == nimg - 1 else 0)
+        hi = hi0 if sl == 0 else (hi1 if sl == nimg - 1 else hb)
+        for i in range(max(lo, pt) - pt, min(hi + d * (e - 1) + 1, hb, pt + h) - pt):
+            a = U(s0 + (n0 + sl) * image + i * w)
+            b = U(sl * hb * wb + (i + pt) * wb + pl)
+            for j in range(j0, j1):  # (as a slice assignment the whole pass ran 1.1-1.2x slower)
+                dst[b + U(j)] = src[a + U(j)]
+
+
+@njit(**_INL)
+def _gather(planes: np.ndarray, hb: int, wb: int, ln: np.ndarray, tb: int, nb: int, bs: int, d: int,
+            patch: np.ndarray, e: int) -> None:
+    """patch[(i*e + j)*bs + q] = planes[slot*hb*wb + (h0 + d*i)*wb + w0 + d*j] for the tiles q < nb
+    (slot, h0, w0 from ``ln`` rows 0, 2 and 3; planes staged by :func:`_stage`), zero for
+    nb <= q < bs.  Every patch lies inside its staged plane: no tests."""
     zero = patch.dtype.type(0)
     ubs = U(bs)
     for q in range(nb):
-        h0 = ln[2 * tb + q] + off_h
-        w0 = ln[3 * tb + q] + off_w
-        base = plane + ln[row * tb + q]
-        inside = w0 >= 0 and w0 + d * (e - 1) < w
+        base = U(ln[q] * hb * wb + ln[2 * tb + q] * wb + ln[3 * tb + q])
         for i in range(e):
             dst = U(i * e * bs + q)
-            ih = h0 + d * i
-            if ih < 0 or ih >= h:
-                for j in range(e):
-                    patch[dst + U(j) * ubs] = zero
-            elif inside:
-                r = U(base + ih * w + w0)
-                for j in range(e):
-                    patch[dst + U(j) * ubs] = src[r + U(j * d)]
-            else:
-                r0 = base + ih * w
-                for j in range(e):
-                    iw = w0 + d * j
-                    patch[dst + U(j) * ubs] = src[U(r0 + iw)] if 0 <= iw < w else zero
+            r = base + U(i * d * wb)
+            for j in range(e):
+                patch[dst + U(j) * ubs] = planes[r + U(j * d)]
     for i in range(e * e):
         for q in range(nb, bs):
             patch[U(i * bs + q)] = zero
@@ -282,14 +308,17 @@ def _scatter(out: np.ndarray, plane: int, ln: np.ndarray, nb: int, tb: int, bs: 
 
 
 @njit(**_SER)
-def _input_transform(xf: np.ndarray, plane: int, cg: int, h: int, w: int, ln: np.ndarray, nb: int, tb: int, bs: int,
-                     pt: int, pl: int, d: int, stage: np.ndarray, vb: np.ndarray, vstride: int) -> None:
+def _input_transform(xf: np.ndarray, plane: int, image: int, cg: int, h: int, w: int, ln: np.ndarray, blk: tuple,
+                     nb: int, tb: int, bs: int, pt: int, pl: int, d: int, planes: np.ndarray, hb: int, wb: int,
+                     stage: np.ndarray, vb: np.ndarray, vstride: int) -> None:
     """vb[xi*vstride + c*bs + q] = (B^T d B)[xi] of tile q's 6 x 6 patch of channel c < cg, the
-    channel planes starting at ``plane`` (+ the image offsets, ``ln`` row 0).  The patches of
-    a channel are gathered into ``stage`` (36 rows of bs) before they are transformed."""
+    channel planes starting at ``plane`` (``image`` apart).  Per channel the block's images are
+    staged in ``planes`` (hb x wb each) and its patches gathered into ``stage`` (36 rows of bs)
+    before they are transformed."""
     ubs, uvs = U(bs), U(vstride)
     for c in range(cg):
-        _gather(xf, plane + c * h * w, 0, ln, tb, -pt, -pl, nb, bs, d, h, w, stage, A)
+        _stage(xf, plane + c * h * w, image, blk, h, w, pt, pl, d, A, hb, wb, planes)
+        _gather(planes, hb, wb, ln, tb, nb, bs, d, stage, A)
         for q0 in range(0, bs, LANES):
             tmp = _local(stage, _T66)  # tmp[r, j] at (r*6 + j) * LANES
             for j in range(A):  # columns: tmp[r, j] = sum_i BT[r, i] d[i, j]
@@ -300,8 +329,8 @@ def _input_transform(xf: np.ndarray, plane: int, cg: int, h: int, w: int, ln: np
 
 @njit(**_SER)
 def _forward_block(xf: np.ndarray, u: np.ndarray, bias: np.ndarray, of: np.ndarray, vb: np.ndarray, mb: np.ndarray,
-                   sc: np.ndarray, ln: np.ndarray, nb: int, tb: int, pt: int, pl: int, d: int, vstride: int, mstride: int,
-                   h: int, w: int, ho: int, wo: int) -> float:
+                   sc: np.ndarray, planes: np.ndarray, ln: np.ndarray, blk: tuple, nb: int, tb: int, pt: int, pl: int,
+                   d: int, vstride: int, mstride: int, h: int, w: int, ho: int, wo: int, hb: int, wb: int) -> float:
     """Forward pass of the ``nb`` tiles described by ``ln`` (all groups); returns the finiteness
     check of :func:`_scatter` (0 when every output is finite)."""
     groups, kg, cg = u.shape[0], u.shape[2], u.shape[3]
@@ -309,7 +338,8 @@ def _forward_block(xf: np.ndarray, u: np.ndarray, bias: np.ndarray, of: np.ndarr
     ubs, ums = U(bs), U(mstride)
     check = of.dtype.type(0)
     for g in range(groups):
-        _input_transform(xf, g * cg * h * w, cg, h, w, ln, nb, tb, bs, pt, pl, d, sc, vb, vstride)
+        _input_transform(xf, g * cg * h * w, groups * cg * h * w, cg, h, w, ln, blk, nb, tb, bs, pt, pl, d, planes,
+                         hb, wb, sc, vb, vstride)
         for xi in range(A * A):
             v0, m0 = xi * vstride, xi * mstride
             np.dot(u[g, xi], vb[v0:v0 + cg * bs].reshape((cg, bs)), mb[m0:m0 + kg * bs].reshape((kg, bs)))
@@ -327,18 +357,23 @@ def _forward_block(xf: np.ndarray, u: np.ndarray, bias: np.ndarray, of: np.ndarr
 
 @njit(**_SER)
 def _weight_block(gyf: np.ndarray, xf: np.ndarray, du: np.ndarray, dtmp: np.ndarray, vb: np.ndarray, mb: np.ndarray,
-                  sc: np.ndarray, ln: np.ndarray, nb: int, tb: int, pt: int, pl: int, d: int, vstride: int, mstride: int,
-                  h: int, w: int, ho: int, wo: int) -> None:
+                  sc: np.ndarray, xplanes: np.ndarray, gplanes: np.ndarray, ln: np.ndarray, blk: tuple, nb: int,
+                  tb: int, pt: int, pl: int, d: int, vstride: int, mstride: int, h: int, w: int, ho: int, wo: int,
+                  hb: int, wb: int) -> None:
     """du (groups, 36, kg, cg) += the weight-gradient products of the ``nb`` tiles described
-    by ``ln``; ``dtmp`` is kg*cg of scratch."""
+    by ``ln``; ``dtmp`` is kg*cg of scratch; input planes staged in ``xplanes`` (hb x wb),
+    output-gradient planes in ``gplanes`` ((hb - 2d) x (wb - 2d))."""
     groups, kg, cg = du.shape[0], du.shape[2], du.shape[3]
     bs = (nb + LANES - 1) // LANES * LANES
     ubs, ums = U(bs), U(mstride)
     prod = dtmp[:kg * cg].reshape((kg, cg))
     for g in range(groups):
-        _input_transform(xf, g * cg * h * w, cg, h, w, ln, nb, tb, bs, pt, pl, d, sc, vb, vstride)
+        _input_transform(xf, g * cg * h * w, groups * cg * h * w, cg, h, w, ln, blk, nb, tb, bs, pt, pl, d, xplanes,
+                         hb, wb, sc, vb, vstride)
         for k in range(kg):
-            _gather(gyf, (g * kg + k) * ho * wo, 1, ln, tb, 0, 0, nb, bs, d, ho, wo, sc, M)
+            _stage(gyf, (g * kg + k) * ho * wo, groups * kg * ho * wo, blk, ho, wo, 0, 0, d, M, hb - 2 * d, wb - 2 * d,
+                   gplanes)
+            _gather(gplanes, hb - 2 * d, wb - 2 * d, ln, tb, nb, bs, d, sc, M)
             for q0 in range(0, bs, LANES):
                 tmp = _local(sc, _T46)  # tmp[r, j] at (r*4 + j) * LANES
                 for j in range(M):  # columns: tmp[r, j] = sum_i A[r, i] dY[i, j]
@@ -357,9 +392,9 @@ def _weight_block(gyf: np.ndarray, xf: np.ndarray, du: np.ndarray, dtmp: np.ndar
 # --------------------------------------------------------------------------- entry points
 @njit(**_PAR)
 def winograd_forward(x: np.ndarray, u: np.ndarray, bias: np.ndarray, out: np.ndarray, vbuf: np.ndarray,
-                     mbuf: np.ndarray, scratch: np.ndarray, lanes: np.ndarray, checks: np.ndarray, counter: np.ndarray,
-                     hs: np.ndarray, ws: np.ndarray, pt: int, pl: int, d: int, tb: int, vstride: int,
-                     mstride: int) -> None:
+                     mbuf: np.ndarray, scratch: np.ndarray, planes: np.ndarray, lanes: np.ndarray, checks: np.ndarray,
+                     counter: np.ndarray, hs: np.ndarray, ws: np.ndarray, pt: int, pl: int, d: int, tb: int,
+                     vstride: int, mstride: int) -> None:
     """``out = conv(x, w) + bias`` for a 3x3 stride-1 layer, from ``u`` = G w G^T.
 
     Runs ``vbuf.shape[0]`` workers (one ``prange`` iteration each) that take blocks of
@@ -380,6 +415,8 @@ def winograd_forward(x: np.ndarray, u: np.ndarray, bias: np.ndarray, out: np.nda
         Per-worker transformed-input and product blocks (``Plan.buffers``).
     scratch : ndarray, (workers, >= 36 * tb)
         Per-worker staging for the gathered patches and the output tiles.
+    planes : ndarray, (workers, ...)
+        Per-worker zero-bordered input planes (``Plan.planes``), zero on entry.
     lanes : ndarray of intp, (workers, 6 * tb)
         Per-worker tile descriptions (:func:`_lane_info`).
     checks : ndarray, (workers,)
@@ -404,25 +441,29 @@ def winograd_forward(x: np.ndarray, u: np.ndarray, bias: np.ndarray, out: np.nda
     per_image = hs.shape[0] * tw
     total = n * per_image
     blocks = (total + tb - 1) // tb
+    hb, wb = hs.max() + d * (A - 1) + 1, ws.max() + d * (A - 1) + 1
+    if planes.shape[0] < vbuf.shape[0] or planes.shape[1] < ((tb + per_image - 2) // per_image + 1) * hb * wb:
+        raise ValueError("winograd_forward: planes too small for the tiling")
     xf, of = x.reshape(x.size), out.reshape(out.size)
     for t in prange(vbuf.shape[0]):
-        vb, mb, sc, ln = vbuf[t], mbuf[t], scratch[t], lanes[t]
+        vb, mb, sc, pb, ln = vbuf[t], mbuf[t], scratch[t], planes[t], lanes[t]
         check = of.dtype.type(0)
-        blk = _next_block(counter)
-        while blk < blocks:
-            nb = min(tb, total - blk * tb)
-            _lane_info(blk * tb, nb, tw, per_image, hs, ws, c * h * w, k * ho * wo, d, ho, wo, ln, tb)
-            check += _forward_block(xf, u, bias, of, vb, mb, sc, ln, nb, tb, pt, pl, d, vstride, mstride, h, w,
-                                    ho, wo)
-            blk = _next_block(counter)
+        b = _next_block(counter)
+        while b < blocks:
+            nb = min(tb, total - b * tb)
+            blk = _block(b * tb, nb, tw, per_image, hs)
+            _lane_info(b * tb, nb, tw, per_image, hs, ws, blk[0], k * ho * wo, d, ho, wo, ln, tb)
+            check += _forward_block(xf, u, bias, of, vb, mb, sc, pb, ln, blk, nb, tb, pt, pl, d, vstride, mstride,
+                                    h, w, ho, wo, hb, wb)
+            b = _next_block(counter)
         checks[t] = check
 
 
 @njit(**_PAR)
 def winograd_backward_weight(gy: np.ndarray, x: np.ndarray, partial: np.ndarray, dtmp: np.ndarray, vbuf: np.ndarray,
-                             mbuf: np.ndarray, scratch: np.ndarray, lanes: np.ndarray, counter: np.ndarray,
-                             hs: np.ndarray, ws: np.ndarray, pt: int, pl: int, d: int, tb: int, vstride: int,
-                             mstride: int) -> None:
+                             mbuf: np.ndarray, scratch: np.ndarray, planes: np.ndarray, lanes: np.ndarray,
+                             counter: np.ndarray, hs: np.ndarray, ws: np.ndarray, pt: int, pl: int, d: int, tb: int,
+                             vstride: int, mstride: int) -> None:
     """Per-worker partial sums of dU = sum over tiles of (A^T dY A)~ @ (B^T d B)^T.
 
     Their sum over workers is the gradient in the Winograd domain; the adapter turns it
@@ -440,6 +481,9 @@ def winograd_backward_weight(gy: np.ndarray, x: np.ndarray, partial: np.ndarray,
         Per-worker scratch for one GEMM's product before it is added to ``partial``.
     vbuf, mbuf, scratch, lanes, counter, hs, ws, tb, vstride, mstride
         As for :func:`winograd_forward` (``mbuf`` holds the transformed output-gradient tiles).
+    planes : ndarray, (workers, ...)
+        Per-worker zero-bordered input planes, then output-gradient planes
+        (``Plan.planes(weight=True)``), zero on entry.
     pt, pl : int
         The layer's top / left padding.
     d : int
@@ -451,13 +495,19 @@ def winograd_backward_weight(gy: np.ndarray, x: np.ndarray, partial: np.ndarray,
     per_image = hs.shape[0] * tw
     total = n * per_image
     blocks = (total + tb - 1) // tb
+    hb, wb = hs.max() + d * (A - 1) + 1, ws.max() + d * (A - 1) + 1
+    slots = (tb + per_image - 2) // per_image + 1
+    if planes.shape[0] < vbuf.shape[0] or planes.shape[1] < slots * (hb * wb + (hb - 2 * d) * (wb - 2 * d)):
+        raise ValueError("winograd_backward_weight: planes too small for the tiling")
     xf, gyf = x.reshape(x.size), gy.reshape(gy.size)
     for t in prange(vbuf.shape[0]):
         vb, mb, sc, ln = vbuf[t], mbuf[t], scratch[t], lanes[t]
-        blk = _next_block(counter)
-        while blk < blocks:
-            nb = min(tb, total - blk * tb)
-            _lane_info(blk * tb, nb, tw, per_image, hs, ws, c * h * w, k * ho * wo, d, ho, wo, ln, tb)
-            _weight_block(gyf, xf, partial[t], dtmp[t], vb, mb, sc, ln, nb, tb, pt, pl, d, vstride, mstride,
-                          h, w, ho, wo)
-            blk = _next_block(counter)
+        xp, gp = planes[t, :slots * hb * wb], planes[t, slots * hb * wb:]
+        b = _next_block(counter)
+        while b < blocks:
+            nb = min(tb, total - b * tb)
+            blk = _block(b * tb, nb, tw, per_image, hs)
+            _lane_info(b * tb, nb, tw, per_image, hs, ws, blk[0], k * ho * wo, d, ho, wo, ln, tb)
+            _weight_block(gyf, xf, partial[t], dtmp[t], vb, mb, sc, xp, gp, ln, blk, nb, tb, pt, pl, d, vstride,
+                          mstride, h, w, ho, wo, hb, wb)
+            b = _next_block(counter)
