@@ -253,7 +253,6 @@ class BlockedWeightLayout(NamedTuple):
     xs: int  #: elements of a worker's unfolded inputs (``chunk`` images)
     gs: int  #: elements of a worker's output-gradient stage
     partial: int  #: elements of a worker's partial sums
-    tile: tuple[int, int, int]  #: the register tile: (output channels, taps, partial sums per pair)
 
 
 @functools.lru_cache(maxsize=256)  # as blocked_layout; its offsets array is shared: never written
@@ -275,7 +274,7 @@ def blocked_weight_layout(g: ConvGeometry, nt: int, tile: tuple[int, int, int],
     offsets = blocked_offsets(g.c_per_group, g, sh, g.out_w, plane)
     offsets = np.concatenate([offsets, np.zeros(-offsets.size % wq, np.intp)])
     partial = g.groups * -(-g.k_per_group // wj) * wj * offsets.size * lanes
-    layout = BlockedWeightLayout(workers, chunk, plane, offsets, chunk * image, chunk * wj * rows, partial, tile)
+    layout = BlockedWeightLayout(workers, chunk, plane, offsets, chunk * image, chunk * wj * rows, partial)
     if workers * (layout.xs + layout.gs + partial) * item > limit:
         return None
     return layout

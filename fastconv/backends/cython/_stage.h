@@ -16,6 +16,10 @@
 
 #include <stddef.h>
 
+/* the first and the last n of ``bytes`` bytes (n <= bytes <= 2n): two moves of a constant size */
+#define FC_COPY_ENDS(n)                                                                         \
+    { __builtin_memcpy(d, s, n); __builtin_memcpy(d + bytes - (n), s + bytes - (n), n); }
+
 static inline void fc_copy(void *dst, const void *src, size_t bytes)
 {
     char *d = (char *)dst;
@@ -26,19 +30,11 @@ static inline void fc_copy(void *dst, const void *src, size_t bytes)
             __builtin_memcpy(d + i, s + i, 64);
         if (i < bytes)
             __builtin_memcpy(d + bytes - 64, s + bytes - 64, 64);
-    } else if (bytes >= 32) {
-        __builtin_memcpy(d, s, 32);
-        __builtin_memcpy(d + bytes - 32, s + bytes - 32, 32);
-    } else if (bytes >= 16) {
-        __builtin_memcpy(d, s, 16);
-        __builtin_memcpy(d + bytes - 16, s + bytes - 16, 16);
-    } else if (bytes >= 8) {
-        __builtin_memcpy(d, s, 8);
-        __builtin_memcpy(d + bytes - 8, s + bytes - 8, 8);
-    } else if (bytes >= 4) {
-        __builtin_memcpy(d, s, 4);
-        __builtin_memcpy(d + bytes - 4, s + bytes - 4, 4);
-    } else {
+    } else if (bytes >= 32) FC_COPY_ENDS(32)
+    else if (bytes >= 16) FC_COPY_ENDS(16)
+    else if (bytes >= 8) FC_COPY_ENDS(8)
+    else if (bytes >= 4) FC_COPY_ENDS(4)
+    else {
         for (size_t i = 0; i < bytes; i++)
             d[i] = s[i];
     }
