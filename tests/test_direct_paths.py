@@ -195,6 +195,33 @@ def test_blocked_weight_gradient_buffers_and_chunks(backend, monkeypatch):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_blocked_weight_gradient_reads_whole_tile_planes_in_place(backend, threads, monkeypatch):
+    """Output-gradient planes of whole tiles (Ho*Wo a multiple of the tile's lanes) are read in
+    place by the full blocks of channels and staged only for a partial last block: one input
+    channel (mnist-c1's shape, small), a partial block, groups, stride 2, float64, chunks of
+    several images.  The output gradients are followed in memory by NaNs, so a read past their
+    end shows; guard elements around the stage, the unfolded inputs and the partial sums."""
+    monkeypatch.setattr(f"fastconv.backends.{backend}.SERIAL_WORK", 0)
+    calls = spy(monkeypatch, backend, weight=True)
+    guarded = guard_allocations(monkeypatch, backend)
+    rng = np.random.default_rng(12)
+    cases = [(6, 1, 8, 8, 32, 1, 1, np.float32), (5, 3, 8, 8, 6, 1, 1, np.float32),
+             (9, 8, 4, 8, 8, 1, 2, np.float64), (4, 2, 16, 16, 9, 2, 1, np.float32)]
+    for n, c, h, w, k, stride, groups, dtype in cases:
+        x = rng.standard_normal((n, c, h, w)).astype(dtype)
+        weight = rng.standard_normal((k, c // groups, 3, 3)).astype(dtype)
+        kw = dict(stride=stride, padding=1, groups=groups)
+        gy = followed_by_nan(rng.standard_normal(fastconv.conv2d(x, weight, **kw).shape).astype(dtype))
+        assert gy.shape[2] * gy.shape[3] % 8 == 0
+        with num_threads(threads):
+            gw = fastconv.conv2d_backward(gy, x, weight, **kw, backend=backend, algorithm="direct",
+                                          need_input=False, need_bias=False).weight
+        assert_close(gw, fastconv.conv2d_backward(gy, x, weight, **kw, backend="reference").weight, dtype)
+    assert len(calls) == len(cases) and guarded.buffers and guarded.untouched()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_blocked_weight_gradient_with_inf_input(backend, monkeypatch):
     """An Inf that the spare lanes of a plane's last tile read (7x7 outputs: the tile of tap row
     0 runs into input row 8) spoils weight entries it does not belong to; the adapter sees the

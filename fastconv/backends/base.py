@@ -213,26 +213,19 @@ def _offsets(cin: int, kh: int, kw: int, dh: int, sh: int, out_w: int, plane: in
                                 dtype=np.intp)
 
 
-def blocked_weight_preferred(g: ConvGeometry) -> bool:
-    """Whether ``algorithm="auto"`` should run the weight gradient with a channel-blocked kernel
-    where one runs (:func:`blocked_weight_layout`) and Winograd does not take it: every layer
-    but one-input-channel layers with more than 8 outputs (mnist-c1: im2col 1.0-1.4x faster;
-    its column matrix is only R*S rows, and the tile pads 9 taps to 12).  Measured on the
-    2-core box against im2col, 2 threads, three runs: vgg-224 1.5-1.6x faster, the resnet stem
-    1.3-1.5x, stripe-c1 1.3-1.4x, stripe-c2 about 3x; and cifar-64 1.4x (where Winograd is
-    faster still).  pw-1x1 (1x1) 1.2x, since its partial sums are reduced in the kernel; before
-    that (a serial NumPy sum) 0.94-1.02x."""
-    return g.c_per_group > 1 or g.k_per_group <= 8
-
-
 def blocked_runs(op: str, g: ConvGeometry, plan: Callable[[str, ConvGeometry], BlockedLayout | None],
                  weight_layout: Callable[[ConvGeometry], "BlockedWeightLayout | None"]) -> bool:
     """Whether ``algorithm="auto"`` may run ``op`` with a backend's channel-blocked kernel: it
     runs there (``plan`` / ``weight_layout``: the backend's :func:`blocked_layout` /
-    :func:`blocked_weight_layout`), and for the weight gradient the layer is one where it beat
-    im2col (:func:`blocked_weight_preferred`)."""
+    :func:`blocked_weight_layout`).
+
+    For the weight gradient it beat im2col on every layer of the benchmark suite (2-core box,
+    2 threads): vgg-224 1.5-1.6x, the resnet stem 1.3-1.5x, stripe-c1 1.3-1.4x, stripe-c2 about
+    3x, pw-1x1 1.2x, cifar-64 1.4x (where Winograd is faster still) and, since its tiles read
+    whole-tile output-gradient planes in place, the one-channel mnist-c1 1.4-1.6x (before, a
+    copy of every plane made it 1.0-1.4x slower than im2col there)."""
     if op == "conv2d_backward_weight":
-        return blocked_weight_preferred(g) and weight_layout(g) is not None
+        return weight_layout(g) is not None
     return plan(op, g) is not None
 
 

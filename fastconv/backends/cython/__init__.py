@@ -324,7 +324,7 @@ class CythonBackend(WinogradPasses, Backend):
         """Winograd for 3x3 stride-1 layers with at least 16 channels per group in and out;
         the channel-blocked direct kernels wherever they run (at least 4 outputs per group: the
         forward pass at any stride, the input gradient at stride 1, the weight gradient at any
-        stride where :func:`fastconv.backends.base.blocked_weight_preferred`); Winograd from 8
+        stride: :func:`fastconv.backends.base.blocked_runs`); Winograd from 8
         channels in and out where they do not; else im2col + GEMM unless the GEMM would be
         degenerate.
 

@@ -355,7 +355,7 @@ class NumbaBackend(WinogradPasses, Backend):
         runs (at least 4 outputs per group: the forward pass at any stride, the input gradient
         at stride 1; in two full benchmark runs 1.1-3.2x faster than im2col on forward passes,
         except pw-1x1 at 0.99-1.09x, and 0.9-1.6x on input gradients; the weight gradient at any
-        stride where :func:`fastconv.backends.base.blocked_weight_preferred`); else, as before
+        stride: :func:`fastconv.backends.base.blocked_runs`); else, as before
         they existed,
         Winograd for the 3x3 stride-1 layers it can run with at least
         :data:`WINOGRAD_MIN_CHANNELS` channels per group in and out, or at least

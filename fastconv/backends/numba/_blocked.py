@@ -328,8 +328,9 @@ def conv2d_blocked(x, wt, bias, out, xs, offs, counter, plane, nr, ns, sh, sw, p
 def _weight_unit(xf, yf, xw, gw, part, offs, n0, nimg, g, c, h, wd, k, groups, ho, wo, nr, ns, sh, sw, pt, pl, dh, dw,
                  plane, ready):
     """One (chunk of ``nimg`` images from ``n0``, group ``g``) of the weight gradient: unfold the
-    images into ``xw`` (its first ``ready`` image slots hold their zero borders already), stage
-    each block's output gradients in ``gw``, add the tiles into ``part``.  A function of its
+    images into ``xw`` (its first ``ready`` image slots hold their zero borders already), read
+    each block's output gradients in place (a full block of whole tiles) or staged in ``gw``, add
+    the tiles into ``part``.  A function of its
     own, as :func:`_blocked_unit`: a smaller ``prange`` body also compiles faster."""
     cg, kg, f = c // groups, k // groups, ho * wo
     tiles = -(-f // WV)
@@ -340,6 +341,11 @@ def _weight_unit(xf, yf, xw, gw, part, offs, n0, nimg, g, c, h, wd, k, groups, h
         _unfold(xf, ((n0 + i) * c + g * cg) * h * wd, cg, h, wd, ns, sh, sw, dw, pt, pl, ho + (nr - 1) * dh // sh, wo,
                 plane, xw[i * xstride:], i >= ready)
     for kb in range(blocks):
+        if f % WV == 0 and (kb + 1) * WJ <= kg:  # a full block of channels and no spare lanes: read gy in place
+            for tb in range(tap_blocks):
+                _wtile(xw, 0, xstride, offs, tb * WQ, yf, (n0 * k + g * kg + kb * WJ) * f, k * f, f, tiles, nimg, part,
+                       ((g * blocks + kb) * tap_blocks + tb) * (WJ * WQ * WV))
+            continue
         for i in range(nimg):
             for j in range(WJ):
                 d0 = (i * WJ + j) * ldg
