@@ -291,6 +291,9 @@ def forward3x3(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] w, c
 cdef enum:
     COLUMNS_OUTER_BYTES = 1 << 19  # see _blocked_unit
 
+cdef extern from "_stage.h" nogil:
+    void fc_copy(void* dst, const void* src, size_t nbytes)  # a short copy without a call
+
 cdef extern from "_tile.h" nogil:
     enum:
         KBLOCK "FC_KBLOCK"  # output channels per register tile
@@ -524,7 +527,7 @@ def backward_weight_blocked(const floating[:, :, :, ::1] gy, const floating[:, :
                     for j in range(WJ):
                         dst = gsp + (i * WJ + j) * ldg
                         if kb * WJ + j < Kg:
-                            memcpy(dst, &gy[n0 + i, k0 + j, 0, 0], F * sizeof(floating))
+                            fc_copy(dst, &gy[n0 + i, k0 + j, 0, 0], F * sizeof(floating))
                             fill(dst + F, 0, ldg - F)
                         else:
                             fill(dst, 0, ldg)
