@@ -380,11 +380,11 @@ def conv2d_backward_weight_blocked(gy, x, gw, partial, xs, gs, offs, counter, ch
     tiles = -(-f // WV)
     ldg, xstride = tiles * WV, cg * ns * sh * plane
     blocks, tap_blocks = -(-kg // WJ), offs.size // WQ
-    # every access of _wtile stays inside its arrays
-    if (offs.size % WQ or offs.min() < 0 or offs.max() + ldg > xstride or chunk * xstride > xs.shape[1]
+    # every access of _wtile stays inside its arrays (gy's too, read in place: n images)
+    if (gy.shape[0] != n or offs.size % WQ or offs.min() < 0 or offs.max() + ldg > xstride or chunk * xstride > xs.shape[1]
             or chunk * WJ * ldg > gs.shape[1] or partial.shape[1] != groups * blocks * tap_blocks * WJ * WQ * WV
             or gw.shape[0] != k or gw.shape[1] > tap_blocks * WQ):
-        raise ValueError("conv2d_backward_weight_blocked: buffers too small for the geometry")
+        raise ValueError("conv2d_backward_weight_blocked: buffers or output gradient do not fit the geometry")
     xf, yf = x.reshape(x.size), gy.reshape(gy.size)
     units = -(-n // chunk) * groups
     for worker in prange(xs.shape[0]):
