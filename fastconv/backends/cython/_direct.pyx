@@ -501,6 +501,8 @@ def backward_weight_blocked(const floating[:, :, :, ::1] gy, const floating[:, :
     cdef floating* gsp
     cdef floating* part
     cdef floating* dst
+    cdef const floating* grows  # a block's output-gradient rows as its tiles read them ...
+    cdef Py_ssize_t gimage, grow  # ... their image and row strides
     cdef Py_ssize_t[::1] used = np.zeros(nt, np.intp)  # image slots of thread tid's buffer with their zero borders
     cdef bint in_place = F % WV == 0  # no spare lanes to zero
     with nogil, parallel(num_threads=nt):
@@ -518,21 +520,24 @@ def backward_weight_blocked(const floating[:, :, :, ::1] gy, const floating[:, :
             used[tid] = max(used[tid], nimg)
             for kb in range(blocks):
                 k0 = g * Kg + kb * WJ
-                if in_place and (kb + 1) * WJ <= Kg:  # a full block of channels: read gy in place
-                    for tb in range(taps):
-                        _wtile(xsp, xstride, &offs[tb * WQ], &gy[n0, k0, 0, 0], K * F, F, steps, nimg,
-                               part + ((g * blocks + kb) * taps + tb) * (WJ * WQ * WV))
-                    continue
-                for i in range(nimg):
-                    for j in range(WJ):
-                        dst = gsp + (i * WJ + j) * ldg
-                        if kb * WJ + j < Kg:
-                            fc_copy(dst, &gy[n0 + i, k0 + j, 0, 0], F * sizeof(floating))
-                            fill(dst + F, 0, ldg - F)
-                        else:
-                            fill(dst, 0, ldg)
+                if in_place and (kb + 1) * WJ <= Kg:  # a full block of channels: the tiles read gy in place
+                    grows = &gy[n0, k0, 0, 0]
+                    gimage = K * F
+                    grow = F
+                else:  # the block's rows copied into the zero-padded stage
+                    for i in range(nimg):
+                        for j in range(WJ):
+                            dst = gsp + (i * WJ + j) * ldg
+                            if kb * WJ + j < Kg:
+                                fc_copy(dst, &gy[n0 + i, k0 + j, 0, 0], F * sizeof(floating))
+                                fill(dst + F, 0, ldg - F)
+                            else:
+                                fill(dst, 0, ldg)
+                    grows = gsp
+                    gimage = WJ * ldg
+                    grow = ldg
                 for tb in range(taps):
-                    _wtile(xsp, xstride, &offs[tb * WQ], gsp, WJ * ldg, ldg, steps, nimg,
+                    _wtile(xsp, xstride, &offs[tb * WQ], grows, gimage, grow, steps, nimg,
                            part + ((g * blocks + kb) * taps + tb) * (WJ * WQ * WV))
         for e in prange(K * T, schedule="static"):  # after the implied barrier: every partial is complete
             wk = e // T % Kg

@@ -342,20 +342,19 @@ def _weight_unit(xf, yf, xw, gw, part, offs, n0, nimg, g, c, h, wd, k, groups, h
                 plane, xw[i * xstride:], i >= ready)
     for kb in range(blocks):
         if f % WV == 0 and (kb + 1) * WJ <= kg:  # a full block of channels and no spare lanes: read gy in place
-            for tb in range(tap_blocks):
-                _wtile(xw, 0, xstride, offs, tb * WQ, yf, (n0 * k + g * kg + kb * WJ) * f, k * f, f, tiles, nimg, part,
-                       ((g * blocks + kb) * tap_blocks + tb) * (WJ * WQ * WV))
-            continue
-        for i in range(nimg):
-            for j in range(WJ):
-                d0 = (i * WJ + j) * ldg
-                if kb * WJ + j < kg:
-                    _copy(gw, d0, yf, ((n0 + i) * k + g * kg + kb * WJ + j) * f, 1, f)
-                    _fill(gw, d0 + f, ldg - f, zero)
-                else:
-                    _fill(gw, d0, ldg, zero)
+            rows, r0, image, row = yf, (n0 * k + g * kg + kb * WJ) * f, k * f, f
+        else:  # the block's rows copied into the zero-padded stage
+            for i in range(nimg):
+                for j in range(WJ):
+                    d0 = (i * WJ + j) * ldg
+                    if kb * WJ + j < kg:
+                        _copy(gw, d0, yf, ((n0 + i) * k + g * kg + kb * WJ + j) * f, 1, f)
+                        _fill(gw, d0 + f, ldg - f, zero)
+                    else:
+                        _fill(gw, d0, ldg, zero)
+            rows, r0, image, row = gw, 0, WJ * ldg, ldg
         for tb in range(tap_blocks):
-            _wtile(xw, 0, xstride, offs, tb * WQ, gw, 0, WJ * ldg, ldg, tiles, nimg, part,
+            _wtile(xw, 0, xstride, offs, tb * WQ, rows, r0, image, row, tiles, nimg, part,
                    ((g * blocks + kb) * tap_blocks + tb) * (WJ * WQ * WV))
 
 
