@@ -164,6 +164,31 @@ def work(case: Case, pass_: str, dtype: Any = np.float32) -> tuple[str, float]:
     return "byte", float(item * (n_in + n_out) + index_bytes)
 
 
+def keep_freed_memory() -> bool:
+    """Make glibc's ``malloc`` keep freed memory for reuse in this process; return whether it could.
+
+    By default glibc hands every allocation of more than 128 KiB to ``mmap`` (raising that
+    threshold only up to 32 MiB, as large blocks are freed) and returns it to the system on
+    ``free``, so that an array allocated per call is page-faulted in, 4 KiB at a time, on
+    every call.  PyTorch allocates its outputs that way; NumPy asks for transparent huge
+    pages for large arrays and faults far less.  Measured on the development VM, 2 threads:
+    ``F.conv2d`` on vgg-224 took 44 ms per call of which 36 ms were page faults (8.8 ms with
+    freed memory kept), on resnet-stem 13-15 ms or 5.1 ms depending on what ran before it.
+    Timing kernels, not the allocator, both runners call this first (``M_MMAP_THRESHOLD``
+    and ``M_TRIM_THRESHOLD`` at 1 GiB; a no-op returning False off glibc).
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's <malloc.h>
+    return bool(mallopt(m_mmap_threshold, 1 << 30)) and bool(mallopt(m_trim_threshold, 1 << 30))
+
+
 def baseline_available(name: str) -> bool:
     """Whether an external baseline ("torch", "scipy.signal", "scipy.ndimage") can be imported."""
     module = "torch" if name == "torch" else "scipy"

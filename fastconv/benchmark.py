@@ -18,6 +18,11 @@ reference backend, the numpy backend, PyTorch CPU (``torch.nn.functional``,
 same dtype, ``torch.set_num_threads`` = fastconv's threads) and, for the 2-D
 correlations, ``scipy.signal.correlate2d`` and ``scipy.ndimage.correlate``.
 
+Before timing, glibc's ``malloc`` is told to keep freed memory for reuse
+(:func:`fastconv._bench_suite.keep_freed_memory`): otherwise PyTorch's per-call
+outputs are page-faulted in on every call, which made up most of its time on
+the large layers and flipped with what ran before.
+
 The reference backend is timed on one image and its time multiplied by N (marked
 ``~`` in the table, ``"estimated": true`` in the JSON).  ``--quick`` times a batch
 of N/4 (at least 1) with fewer repeats; the output says so.  The speed-ups of a
@@ -30,7 +35,8 @@ checked by :func:`validate`.  In words: an object with
 ``schema``        "fastconv-bench/1"
 ``created``       UTC time, ISO 8601
 ``quick``         bool;  ``batch_divisor``: int (N was divided by it, 1 unless quick)
-``settings``      {"dtype", "threads", "backends", "layers", "passes", "baselines"}
+``settings``      {"dtype", "threads", "backends", "layers", "passes", "baselines",
+                  "keep_freed_memory" (bool: glibc malloc set to reuse freed memory, see below)}
 ``versions``      {"fastconv", "python", "numpy", "scipy", "numba", "cython", "torch"} (str or null)
 ``cpu``           {"model", "machine", "system", "logical_cpus", "usable_cpus",
                   "load_average": [1, 5, 15 min] or null (taken at the start), "blas": [..]}
@@ -98,6 +104,7 @@ JSON_SCHEMA: dict[str, Any] = {
                 "layers": {"type": "array", "items": {"type": "string"}},
                 "passes": {"type": "array", "items": {"type": "string", "enum": list(suite.ALL_PASSES)}},
                 "baselines": {"type": "array", "items": {"type": "string"}},
+                "keep_freed_memory": {"type": "boolean"},
             },
         },
         "versions": {
@@ -709,6 +716,7 @@ def run(args: argparse.Namespace) -> int:
     from . import _dispatch
 
     started = time.perf_counter()
+    kept = suite.keep_freed_memory()
     available = fastconv.available_backends()
     usable = [n for n, i in available.items() if i["available"]]
     names = _names(args.backends, list(_dispatch.REGISTRY), "backend") or usable
@@ -738,6 +746,8 @@ def run(args: argparse.Namespace) -> int:
           f"threads {threads}" + ("  QUICK: batch N/4, few repeats" if args.quick else ""))
     cpu = cpu_info()
     print(f"cpu: {cpu['model']} ({cpu['usable_cpus']} usable of {cpu['logical_cpus']} logical CPUs)")
+    print("malloc: freed memory kept for reuse (no page faults on per-call outputs)" if kept else
+          "malloc: not glibc, left as it is (large per-call outputs may be page-faulted in on every call)")
     if cpu["load_average"] and cpu["load_average"][0] > 0.5 * (cpu["usable_cpus"] or 1):
         print(f"WARNING: load average {cpu['load_average'][0]:.1f} on {cpu['usable_cpus']} CPUs: other work is "
               "running, timings will be noisy")
@@ -781,7 +791,8 @@ def run(args: argparse.Namespace) -> int:
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "quick": bool(args.quick), "batch_divisor": divisor,
         "settings": {"dtype": dtype.name, "threads": threads, "backends": list(backends),
-                     "layers": [c.name for c in cases], "passes": passes, "baselines": baselines},
+                     "layers": [c.name for c in cases], "passes": passes, "baselines": baselines,
+                     "keep_freed_memory": kept},
         "versions": versions(), "cpu": cpu, "peaks": peaks,
         "backends": {n: {"available": i["available"], "reason": i["reason"], "algorithms": list(i["algorithms"])}
                      for n, i in available.items()},

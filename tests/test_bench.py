@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import types
 
 import numpy as np
@@ -10,6 +12,51 @@ import pytest
 
 from fastconv import _bench_suite as suite
 from fastconv import benchmark, cli
+
+
+@pytest.fixture(autouse=True)
+def _process_malloc_left_alone(monkeypatch):
+    """The runs below would set this test process's malloc to keep freed memory for good
+    (``keep_freed_memory`` is process-wide); its effect is tested in a subprocess instead."""
+    monkeypatch.setattr(suite, "keep_freed_memory", lambda: False)
+
+
+_MALLINFO = """
+import ctypes, sys
+from fastconv._bench_suite import keep_freed_memory
+libc = ctypes.CDLL("libc.so.6")
+fields = "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()
+class Info(ctypes.Structure):
+    _fields_ = [(f, ctypes.c_size_t) for f in fields]
+try:
+    libc.mallinfo2.restype = Info
+except AttributeError:
+    sys.exit(3)  # glibc before 2.33
+libc.malloc.restype = ctypes.c_void_p
+libc.malloc.argtypes = [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+def mapped_by_64_mib():  # bytes of malloc's mmap-ed blocks that one 64 MiB allocation adds
+    before = libc.mallinfo2().hblkhd
+    block = libc.malloc(64 << 20)
+    grew = libc.mallinfo2().hblkhd - before
+    libc.free(block)
+    return grew
+default = mapped_by_64_mib()
+kept = keep_freed_memory()
+print(default, kept, mapped_by_64_mib())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def test_keep_freed_memory_serves_large_blocks_from_the_heap():
+    """By default a 64 MiB block is mmap-ed (and unmapped on free: page faults on every
+    allocation); after keep_freed_memory it comes from the heap, which keeps it on free."""
+    proc = subprocess.run([sys.executable, "-c", _MALLINFO], capture_output=True, text=True, timeout=120)
+    if proc.returncode == 3 or "libc.so.6" in proc.stderr:
+        pytest.skip("not glibc >= 2.33 (no mallinfo2)")
+    assert proc.returncode == 0, proc.stderr
+    default, kept, after = proc.stdout.split()
+    assert int(default) >= 64 << 20 and kept == "True" and int(after) == 0
 
 # --------------------------------------------------------------------------- the suite
 
