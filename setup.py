@@ -29,6 +29,14 @@ PORTABLE = os.environ.get("FASTCONV_PORTABLE", "") not in ("", "0")
 SANITIZE = os.environ.get("FASTCONV_SANITIZE", "").strip()
 
 
+#: modules whose auto-vectorised loops work on 16 lanes at a time (the Winograd transforms): with
+#: ``-march=native`` on an AVX-512 machine they are also built with ``-mprefer-vector-width=512``,
+#: which GCC's Intel tunings leave at 256 bits (measured on a 2-core Xeon: mnist-c2's Winograd
+#: forward pass 1.43 -> 1.12 ms, cifar-64's 4.4 -> 3.6 ms; the other modules, whose hot loops are
+#: explicit vectors or short copies, measured alike or up to 8% slower with it, so they keep the
+#: default)
+WIDE_VECTOR_MODULES = {"_winograd"}
+
 OPENMP_PROBE = "#include <omp.h>\nint main(void){return omp_get_max_threads() < 1;}\n"
 PLAIN_PROBE = "int main(void){return 0;}\n"
 
@@ -59,7 +67,7 @@ def _extensions() -> list[Extension]:
     from Cython.Build import cythonize
 
     if sys.platform == "win32":
-        openmp, native = True, False
+        openmp, native, wide = True, False, False
         compile_args = ["/O2", "/openmp"]
         link_args: list[str] = []
     else:
@@ -68,13 +76,14 @@ def _extensions() -> list[Extension]:
         compile_args = ["-O0", "-g"] if DEBUG else ["-O3"]
         compile_args += ["-fopenmp"] if openmp else []
         compile_args += ["-march=native"] if native else []
+        wide = native and _compiler_accepts("-mprefer-vector-width=512", PLAIN_PROBE)
         link_args = ["-fopenmp"] if openmp else []
         if SANITIZE:
             compile_args += [f"-fsanitize={SANITIZE}", "-fno-omit-frame-pointer", "-g"]
             link_args += [f"-fsanitize={SANITIZE}"]
     print(
         f"fastconv build: OpenMP {'on' if openmp else 'off'}, "
-        f"-march=native {'on' if native else 'off'}, debug {'on' if DEBUG else 'off'}, "
+        f"-march=native {'on' if native else 'off'}{' (512-bit vectors preferred in ' + ', '.join(sorted(WIDE_VECTOR_MODULES)) + ')' if wide else ''}, debug {'on' if DEBUG else 'off'}, "
         f"sanitizer {SANITIZE or 'off'}"
     )
     extensions = [
@@ -83,7 +92,8 @@ def _extensions() -> list[Extension]:
             [str(src.relative_to(HERE))],
             include_dirs=[numpy.get_include()],
             define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
-            extra_compile_args=compile_args,
+            extra_compile_args=compile_args + (["-mprefer-vector-width=512"] if wide and src.stem in WIDE_VECTOR_MODULES
+                                               else []),
             extra_link_args=link_args,
         )
         for src in sources
