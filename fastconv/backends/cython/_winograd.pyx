@@ -183,10 +183,21 @@ cdef inline void _gather(const floating* planes, Py_ssize_t Hb, Py_ssize_t Wb, c
     """patch[(i*e + j) * tb + q] = planes[slot*Hb*Wb + (row0 + d*i)*Wb + col0 + d*j] for the tiles q < nb
     (slot, row0 and col0 from ``lanes`` rows 0, 2 and 3; planes staged by ``_stage``), zero for
     nb <= q < round_up(nb, LANES).  Every patch lies inside its staged plane: no tests."""
-    cdef Py_ssize_t q, i, j
+    cdef Py_ssize_t q, q0, lg, i, j, off, full = nb - nb % LANES
+    cdef Py_ssize_t base[LANES]
     cdef const floating* src
     cdef floating* dst
-    for q in range(nb):
+    for lg in range(full // LANES):  # whole lane groups: one element of LANES patches at a time
+        q0 = lg * LANES
+        for q in range(LANES):
+            base[q] = lanes[q0 + q] * Hb * Wb + lanes[2 * tb + q0 + q] * Wb + lanes[3 * tb + q0 + q]
+        for i in range(e):
+            for j in range(e):
+                off = (i * Wb + j) * d
+                dst = patch + (i * e + j) * tb + q0
+                for q in range(LANES):
+                    dst[q] = planes[base[q] + off]
+    for q in range(full, nb):
         src = planes + lanes[q] * Hb * Wb + lanes[2 * tb + q] * Wb + lanes[3 * tb + q]
         dst = patch + q
         for i in range(e):
