@@ -123,6 +123,30 @@ def test_blocked_kernel_on_large_planes(backend):
         assert_close(gx, fastconv.conv2d_backward(gy, x, weight, **kw, backend="reference").input, np.float32)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_blocked_kernel_with_column_pairs_outer(backend, monkeypatch):
+    """Unfolded inputs over 1 MiB with at least 64 taps: the Cython kernel runs the column pairs
+    outer and every block of channels inner (the Numba kernel its usual order).  A stem-like
+    layer with a partial block of channels and a partial last tile, and a dilated float64 one;
+    guard elements around the outputs and the unfolded-input buffers."""
+    monkeypatch.setattr(f"fastconv.backends.{backend}.SERIAL_WORK", 0)
+    calls = spy(monkeypatch, backend)
+    guarded = guard_allocations(monkeypatch, backend)
+    rng = np.random.default_rng(21)
+    for (n, c, h, k, r, stride, pad, dil, dtype) in [(2, 3, 181, 20, 7, 2, 3, 1, np.float32),
+                                                      (2, 8, 70, 9, 5, 1, 4, 2, np.float64)]:
+        x = rng.standard_normal((n, c, h, h + 3)).astype(dtype)
+        weight = rng.standard_normal((k, c, r, r)).astype(dtype)
+        bias = rng.standard_normal(k).astype(dtype)
+        kw = dict(stride=stride, padding=pad, dilation=dil)
+        unfolded = c * r * stride * (h + 2 * pad) * (h + 3) * np.dtype(dtype).itemsize // stride
+        assert c * r * r >= 64 and unfolded > 2**20, unfolded
+        with num_threads(2):
+            out = fastconv.conv2d(x, weight, bias, **kw, backend=backend, algorithm="direct")
+        assert_close(out, fastconv.conv2d(x, weight, bias, **kw, backend="reference"), dtype)
+    assert len(calls) == 2 and guarded.buffers and guarded.untouched()
+
+
 def followed_by_nan(a: np.ndarray) -> np.ndarray:
     """``a`` copied into the front of a buffer whose next image is all NaN: a kernel that reads
     past the end of the returned (contiguous) view puts NaN into its result."""

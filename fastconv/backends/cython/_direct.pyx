@@ -399,12 +399,18 @@ cdef void _blocked_unit(const floating* x, const floating* wt, const floating* b
             memcpy(xs + c * VBLOCK, x + c * plane + full, (F - full) * sizeof(floating))
             fill(xs + c * VBLOCK + F - full, 0, VBLOCK - (F - full))
     cdef Py_ssize_t blocks = (Kg + KBLOCK - 1) // KBLOCK, outer, inner
-    # Read in place and bigger than half of L2, the input would come from memory again for
-    # every block of channels: column blocks outer then, so that each one's T input vectors
-    # stay in L1 for all of them (pw-1x1 forward, 800 KiB per image: 1.4x faster).  Else the
-    # channel blocks outer, so that their weights do (unfolded inputs were just written to
-    # L2; columns outer measured 1.3x slower on vgg-224 and 1.2x on pw-1x1's input gradient).
-    cdef bint columns_outer = in_place and T * F * <Py_ssize_t> sizeof(floating) > COLUMNS_OUTER_BYTES
+    # Where the input the tiles read is bigger than the cache keeps between two blocks of
+    # channels, it would come from L3 or memory again for every block: column pairs outer then,
+    # so that each one's T input vectors stay in L1 for all of them.  Read in place, from half of
+    # a 1 MiB L2 (pw-1x1 forward, 800 KiB per image: 1.4x faster); unfolded (just written, so
+    # in L2), from 1 MiB and with at least 64 taps (resnet-stem, 147 taps on 2.1 MiB: 1.1x
+    # faster; the dilated layer's direct pass, 576 taps on 2.6 MiB: 2x).  Else the channel blocks
+    # outer, so that their weights stay in L1: few taps make little work per column pair, which
+    # then writes output rows of every channel (vgg-224, 27 taps: columns outer 1.3-2.5x slower;
+    # pw-1x1's input gradient 1.2x).
+    cdef Py_ssize_t item = sizeof(floating)
+    cdef bint columns_outer = (T * F * item > COLUMNS_OUTER_BYTES if in_place
+                               else T >= 64 and Cg * S * sh * plane * item > 2 * COLUMNS_OUTER_BYTES)
     cdef Py_ssize_t pairs = (full // VBLOCK + 1) // 2  # tiles go in pairs, the last one alone if odd
     for outer in range(pairs if columns_outer else blocks):
         for inner in range(blocks if columns_outer else pairs):
