@@ -224,14 +224,16 @@ def test_blocked_weight_gradient_reads_whole_tile_planes_in_place(backend, threa
     """Output-gradient planes of whole tiles (Ho*Wo a multiple of the tile's lanes) are read in
     place by the full blocks of channels and staged only for a partial last block: one input
     channel (mnist-c1's shape, small), a partial block, groups, stride 2, float64, chunks of
-    several images.  The output gradients are followed in memory by NaNs, so a read past their
+    several images, planes of several segments.  The output gradients are followed in memory by NaNs, so a read past their
     end shows; guard elements around the stage, the unfolded inputs and the partial sums."""
     monkeypatch.setattr(f"fastconv.backends.{backend}.SERIAL_WORK", 0)
     calls = spy(monkeypatch, backend, weight=True)
     guarded = guard_allocations(monkeypatch, backend)
     rng = np.random.default_rng(12)
     cases = [(6, 1, 8, 8, 32, 1, 1, np.float32), (5, 3, 8, 8, 6, 1, 1, np.float32),
-             (9, 8, 4, 8, 8, 1, 2, np.float64), (4, 2, 16, 16, 9, 2, 1, np.float32)]
+             (9, 8, 4, 8, 8, 1, 2, np.float64), (4, 2, 16, 16, 9, 2, 1, np.float32),
+             # planes of more than one segment (the Cython kernel's 1024 outputs), the last partial
+             (2, 3, 40, 40, 6, 1, 1, np.float32), (3, 2, 40, 72, 8, 1, 1, np.float64)]
     for n, c, h, w, k, stride, groups, dtype in cases:
         x = rng.standard_normal((n, c, h, w)).astype(dtype)
         weight = rng.standard_normal((k, c // groups, 3, 3)).astype(dtype)

@@ -478,9 +478,17 @@ def forward_blocked(const floating[:, :, :, ::1] x, const floating[:, :, ::1] wt
 # channels add nothing (unless the input there is Inf or NaN: the adapter then recomputes with
 # the row-wise kernel above).  Staging every block, as before, took 28% of a one-input-channel
 # layer's time in memcpy (mnist-c1: 0.65 ms; 0.33 ms in place) and was 5-10% slower on
-# stripe-c2 and vgg-224; on cifar-64 the two measured alike.  (Taking large planes in L2-sized segments,
-# with every block of channels passing over one segment, measured 1.3-1.5x slower than
-# whole planes on 56x56 to 224x224 layers.)
+# stripe-c2 and vgg-224; on cifar-64 the two measured alike.
+# Planes read in place go in segments of SEG_STEPS * WV outputs, every block of channels passing
+# over one segment before the next: a tile's 6 input and 4 output-gradient rows of a segment
+# (40 KiB of float32) then stay in L1 while it runs, and the segment's rows of every tap in L2
+# for the next block, where whole planes of the large layers came from L3 for every block
+# (2-core Xeon: vgg-224 9.5 -> 7.7 ms, resnet-stem 9.2 -> 8.5-9.2; the small planes are one
+# segment).  (L2-sized segments, in an earlier session on a Zen 4 with 1 MiB of L2, measured
+# 1.3-1.5x slower than whole planes on 56x56 to 224x224 layers.)
+
+cdef enum:
+    SEG_STEPS = 128  # tile steps (of WV outputs) per segment of a plane read in place (see above)
 
 cdef inline void _wtile(const floating* xs, Py_ssize_t xstride, const Py_ssize_t* offs, const floating* g,
                         Py_ssize_t gstride, Py_ssize_t ldg, Py_ssize_t steps, Py_ssize_t nimg,
@@ -489,6 +497,22 @@ cdef inline void _wtile(const floating* xs, Py_ssize_t xstride, const Py_ssize_t
         fc_wtile_f(xs, xstride, offs, g, gstride, ldg, steps, nimg, acc)
     else:
         fc_wtile_d(xs, xstride, offs, g, gstride, ldg, steps, nimg, acc)
+
+
+cdef inline void _stage_rows(const floating* gy, Py_ssize_t gimage, Py_ssize_t nimg, Py_ssize_t nk, Py_ssize_t F,
+                             Py_ssize_t ldg, floating* dst) noexcept nogil:
+    """dst[(i*WJ + j)*ldg + f] = gy[i*gimage + j*F + f] for i < nimg, j < nk, f < F; zero for
+    F <= f < ldg and for the rows nk <= j < WJ."""
+    cdef Py_ssize_t i, j
+    cdef floating* row
+    for i in range(nimg):
+        for j in range(WJ):
+            row = dst + (i * WJ + j) * ldg
+            if j < nk:
+                fc_copy(row, gy + i * gimage + j * F, F * sizeof(floating))
+                fill(row + F, 0, ldg - F)
+            else:
+                fill(row, 0, ldg)
 
 
 def backward_weight_blocked(const floating[:, :, :, ::1] gy, const floating[:, :, :, ::1] x,
@@ -508,18 +532,18 @@ def backward_weight_blocked(const floating[:, :, :, ::1] gy, const floating[:, :
     cdef Py_ssize_t K = gy.shape[1], Ho = gy.shape[2], Wo = gy.shape[3], Kg = K // groups
     cdef Py_ssize_t F = Ho * Wo, steps = (F + WV - 1) // WV, ldg = steps * WV
     cdef Py_ssize_t xstride = Cg * S * sh * plane, blocks = (Kg + WJ - 1) // WJ, taps = offs.shape[0] // WQ
-    cdef Py_ssize_t units = (N + chunk - 1) // chunk * groups, t, n0, g, nimg, i, j, kb, tb, k0
+    cdef Py_ssize_t units = (N + chunk - 1) // chunk * groups, t, n0, g, nimg, i, kb, tb
     cdef Py_ssize_t T = gw.shape[1], e, wk, wt, src, worker, v
     cdef double total
     cdef int nt = <int> xs.shape[0], tid
     cdef floating* xsp
     cdef floating* gsp
     cdef floating* part
-    cdef floating* dst
     cdef const floating* grows  # a block's output-gradient rows as its tiles read them ...
     cdef Py_ssize_t gimage, grow  # ... their image and row strides
     cdef Py_ssize_t[::1] used = np.zeros(nt, np.intp)  # image slots of thread tid's buffer with their zero borders
     cdef bint in_place = F % WV == 0  # no spare lanes to zero
+    cdef Py_ssize_t seg = SEG_STEPS if in_place else steps, si, s0  # tile steps per segment (staged: whole planes)
     with nogil, parallel(num_threads=nt):
         tid = threadid()
         xsp = &xs[tid, 0]
@@ -533,27 +557,25 @@ def backward_weight_blocked(const floating[:, :, :, ::1] gy, const floating[:, :
                 _unfold_columns(&x[n0 + i, g * Cg, 0, 0], Cg, H, W, S, sh, sw, dw, pt, pl, Ho + (R - 1) * dh // sh, Wo,
                                 plane, xsp + i * xstride, i >= used[tid])
             used[tid] = max(used[tid], nimg)
-            for kb in range(blocks):
-                k0 = g * Kg + kb * WJ
-                if in_place and (kb + 1) * WJ <= Kg:  # a full block of channels: the tiles read gy in place
-                    grows = &gy[n0, k0, 0, 0]
-                    gimage = K * F
-                    grow = F
-                else:  # the block's rows copied into the zero-padded stage
-                    for i in range(nimg):
-                        for j in range(WJ):
-                            dst = gsp + (i * WJ + j) * ldg
-                            if kb * WJ + j < Kg:
-                                fc_copy(dst, &gy[n0 + i, k0 + j, 0, 0], F * sizeof(floating))
-                                fill(dst + F, 0, ldg - F)
-                            else:
-                                fill(dst, 0, ldg)
-                    grows = gsp
-                    gimage = WJ * ldg
-                    grow = ldg
-                for tb in range(taps):
-                    _wtile(xsp, xstride, &offs[tb * WQ], grows, gimage, grow, steps, nimg,
-                           part + ((g * blocks + kb) * taps + tb) * (WJ * WQ * WV))
+            if in_place and Kg % WJ:  # the partial last block's rows, staged once for every segment
+                _stage_rows(&gy[n0, g * Kg + (blocks - 1) * WJ, 0, 0], K * F, nimg, Kg % WJ, F, ldg, gsp)
+            for si in range((steps + seg - 1) // seg):
+                s0 = si * seg
+                for kb in range(blocks):
+                    if in_place and (kb + 1) * WJ <= Kg:  # a full block of channels: the tiles read gy in place
+                        grows = &gy[n0, g * Kg + kb * WJ, 0, 0]
+                        gimage = K * F
+                        grow = F
+                    else:  # the block's rows in the zero-padded stage
+                        if not in_place:
+                            _stage_rows(&gy[n0, g * Kg + kb * WJ, 0, 0], K * F, nimg, min(<Py_ssize_t> WJ, Kg - kb * WJ),
+                                        F, ldg, gsp)
+                        grows = gsp
+                        gimage = WJ * ldg
+                        grow = ldg
+                    for tb in range(taps):
+                        _wtile(xsp + s0 * WV, xstride, &offs[tb * WQ], grows + s0 * WV, gimage, grow,
+                               min(seg, steps - s0), nimg, part + ((g * blocks + kb) * taps + tb) * (WJ * WQ * WV))
         for e in prange(K * T, schedule="static"):  # after the implied barrier: every partial is complete
             wk = e // T % Kg
             wt = e % T
