@@ -247,6 +247,41 @@ def test_blocked_weight_gradient_reads_whole_tile_planes_in_place(backend, threa
     assert len(calls) == len(cases) and guarded.buffers and guarded.untouched()
 
 
+def _wide_lanes() -> int | None:
+    if "cython" not in BACKENDS:
+        return None
+    return importlib.import_module("fastconv.backends.cython._direct").BLOCKED_WEIGHT_WIDE_LANES
+
+
+@pytest.mark.skipif(not _wide_lanes(), reason="the Cython build has no wide weight-gradient tile (no AVX-512)")
+@pytest.mark.parametrize("threads", [1, 2])
+def test_wide_weight_gradient_tile(threads, monkeypatch):
+    """The Cython kernel's wide float32 tile (16 lanes), on every plane of whole wide tiles
+    (the size rule lowered to 0): one segment or several with a partial last one, a partial
+    block of channels, groups, stride 2, a one-input-channel layer; guard elements around the
+    stage, the unfolded inputs and the partial sums, output gradients followed by NaNs."""
+    import fastconv.backends.cython as cy
+
+    monkeypatch.setattr(cy, "SERIAL_WORK", 0)
+    monkeypatch.setattr(cy, "WIDE_WEIGHT_MIN_OUTPUTS", 0)
+    real, lanes = cy._direct.backward_weight_blocked, []
+    monkeypatch.setattr(cy._direct, "backward_weight_blocked", lambda *a: lanes.append(a[-1]) or real(*a))
+    guarded = guard_allocations(monkeypatch, "cython")
+    rng = np.random.default_rng(31)
+    cases = [(3, 1, 8, 8, 32, 1, 1), (5, 3, 8, 8, 6, 1, 1), (4, 2, 16, 16, 9, 2, 1), (2, 4, 48, 48, 10, 1, 2),
+             (2, 3, 64, 40, 10, 1, 1)]
+    for n, c, h, w, k, stride, groups in cases:
+        x = rng.standard_normal((n, c, h, w)).astype(np.float32)
+        weight = rng.standard_normal((k, c // groups, 3, 3)).astype(np.float32)
+        kw = dict(stride=stride, padding=1, groups=groups)
+        gy = followed_by_nan(rng.standard_normal(fastconv.conv2d(x, weight, **kw).shape).astype(np.float32))
+        with num_threads(threads):
+            gw = fastconv.conv2d_backward(gy, x, weight, **kw, backend="cython", algorithm="direct",
+                                          need_input=False, need_bias=False).weight
+        assert_close(gw, fastconv.conv2d_backward(gy, x, weight, **kw, backend="reference").weight, np.float32)
+    assert lanes == [_wide_lanes()] * len(cases) and guarded.buffers and guarded.untouched()
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_blocked_weight_gradient_with_inf_input(backend, monkeypatch):
     """An Inf that the spare lanes of a plane's last tile read (7x7 outputs: the tile of tap row

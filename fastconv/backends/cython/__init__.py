@@ -139,10 +139,26 @@ def _run_blocked(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, out: np.nd
                             *g.dilation, g.groups, lay.in_place)
 
 
+#: float32 weight gradients with more flat outputs per plane than this (and a multiple of the
+#: wide tile's lanes) run ``_direct.backward_weight_blocked``'s wide tile, where the build has
+#: one (see ``_tile.h``: vgg-224's 224x224 planes 1.05-1.3x faster, resnet-stem's 112x112 1.4x on
+#: one thread; 28x28 and smaller planes 5-11% slower)
+WIDE_WEIGHT_MIN_OUTPUTS = 2048
+
+
+def _weight_tile(g: ConvGeometry) -> tuple[int, int, int]:
+    """(channels, taps, lanes) of the weight-gradient tile ``_direct.backward_weight_blocked`` runs for ``g``."""
+    wj, wq, lanes = _direct.BLOCKED_WEIGHT_TILE
+    wide, outputs = _direct.BLOCKED_WEIGHT_WIDE_LANES, g.out_h * g.out_w
+    if wide and g.dtype == np.float32 and outputs > WIDE_WEIGHT_MIN_OUTPUTS and outputs % wide == 0:
+        lanes = wide
+    return wj, wq, lanes
+
+
 def _blocked_weight_layout(g: ConvGeometry) -> BlockedWeightLayout | None:
     """How ``_direct.backward_weight_blocked`` runs, or None when it should not (see
     :func:`fastconv.backends.base.blocked_weight_layout`)."""
-    return blocked_weight_layout(g, _threads(g.flops // 2), _direct.BLOCKED_WEIGHT_TILE, _config.get_workspace_limit())
+    return blocked_weight_layout(g, _threads(g.flops // 2), _weight_tile(g), _config.get_workspace_limit())
 
 
 def _blocked_weight(grad_out: np.ndarray, x: np.ndarray, g: ConvGeometry) -> np.ndarray | None:
@@ -150,7 +166,8 @@ def _blocked_weight(grad_out: np.ndarray, x: np.ndarray, g: ConvGeometry) -> np.
     :func:`fastconv.backends.base.blocked_weight_gradient`)."""
     def kernel(gw, partial, xs, gs, lay):
         _direct.backward_weight_blocked(grad_out, x, gw, partial, xs, gs, lay.offsets, lay.chunk, lay.plane, g.r,
-                                        g.s, *g.stride, g.padding[0], g.padding[2], *g.dilation, g.groups)
+                                        g.s, *g.stride, g.padding[0], g.padding[2], *g.dilation, g.groups,
+                                        _weight_tile(g)[2])
 
     return blocked_weight_gradient(kernel, _blocked_weight_layout(g), g)
 

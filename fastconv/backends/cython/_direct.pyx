@@ -307,9 +307,13 @@ cdef extern from "_tile.h" nogil:
     enum:
         WJ "FC_WJ"  # output channels per weight-gradient tile
         WQ "FC_WQ"  # taps per weight-gradient tile
-        WV "FC_WV"  # partial sums (lanes) per (channel, tap) pair of a weight-gradient tile
+        WV "FC_WV"  # partial sums (lanes) per (channel, tap) pair of a weight-gradient tile ...
+        WV_WIDE "FC_WV_WIDE"  # ... of the wide float tile
+        WIDE_OK "FC_WIDE_OK"  # whether the wide tile runs in one register per vector (AVX-512)
     void fc_wtile_f(const float* xs, Py_ssize_t xstride, const Py_ssize_t* offs, const float* g, Py_ssize_t gstride,
                     Py_ssize_t ldg, Py_ssize_t steps, Py_ssize_t nimg, float* acc)
+    void fc_wtile_wide_f(const float* xs, Py_ssize_t xstride, const Py_ssize_t* offs, const float* g,
+                         Py_ssize_t gstride, Py_ssize_t ldg, Py_ssize_t steps, Py_ssize_t nimg, float* acc)
     void fc_wtile_d(const double* xs, Py_ssize_t xstride, const Py_ssize_t* offs, const double* g,
                     Py_ssize_t gstride, Py_ssize_t ldg, Py_ssize_t steps, Py_ssize_t nimg, double* acc)
 
@@ -467,19 +471,19 @@ def forward_blocked(const floating[:, :, :, ::1] x, const floating[:, :, ::1] wt
 
 
 # The weight gradient in the same layout: gw[k, t] = sum over images and flat outputs f of
-# gy[n, k, f] * xs_n[offs[t] + f].  A tile holds WJ x WQ (channel, tap) pairs as WV partial
+# gy[n, k, f] * xs_n[offs[t] + f].  A tile holds WJ x WQ (channel, tap) pairs as ``lanes`` partial
 # sums each and runs over a chunk of images; each thread adds its tiles into its own row of
 # ``partial``; once every unit is done, the threads sum those rows and the lanes in float64
 # straight into ``gw`` (summed in NumPy, as before, this serial step took 0.6 ms of a 3.6 ms
 # mnist-c2 weight gradient on 2 threads).
 # The tiles read the output gradients in place where the planes are whole tiles (Ho*Wo a
-# multiple of WV) and the block of channels is full.  Elsewhere the rows are copied into a
+# multiple of the lanes) and the block of channels is full.  Elsewhere the rows are copied into a
 # zero-padded stage first, so the spare lanes of a plane's last tile and of a partial block of
 # channels add nothing (unless the input there is Inf or NaN: the adapter then recomputes with
 # the row-wise kernel above).  Staging every block, as before, took 28% of a one-input-channel
 # layer's time in memcpy (mnist-c1: 0.65 ms; 0.33 ms in place) and was 5-10% slower on
 # stripe-c2 and vgg-224; on cifar-64 the two measured alike.
-# Planes read in place go in segments of SEG_STEPS * WV outputs, every block of channels passing
+# Planes read in place go in segments of SEG_OUTPUTS outputs, every block of channels passing
 # over one segment before the next: a tile's 6 input and 4 output-gradient rows of a segment
 # (40 KiB of float32) then stay in L1 while it runs, and the segment's rows of every tap in L2
 # for the next block, where whole planes of the large layers came from L3 for every block
@@ -488,13 +492,16 @@ def forward_blocked(const floating[:, :, :, ::1] x, const floating[:, :, ::1] wt
 # 1.3-1.5x slower than whole planes on 56x56 to 224x224 layers.)
 
 cdef enum:
-    SEG_STEPS = 128  # tile steps (of WV outputs) per segment of a plane read in place (see above)
+    SEG_OUTPUTS = 1024  # flat outputs per segment of a plane read in place (see above)
 
 cdef inline void _wtile(const floating* xs, Py_ssize_t xstride, const Py_ssize_t* offs, const floating* g,
                         Py_ssize_t gstride, Py_ssize_t ldg, Py_ssize_t steps, Py_ssize_t nimg,
-                        floating* acc) noexcept nogil:
+                        floating* acc, bint wide) noexcept nogil:
     if floating is float:
-        fc_wtile_f(xs, xstride, offs, g, gstride, ldg, steps, nimg, acc)
+        if wide:
+            fc_wtile_wide_f(xs, xstride, offs, g, gstride, ldg, steps, nimg, acc)
+        else:
+            fc_wtile_f(xs, xstride, offs, g, gstride, ldg, steps, nimg, acc)
     else:
         fc_wtile_d(xs, xstride, offs, g, gstride, ldg, steps, nimg, acc)
 
@@ -519,18 +526,22 @@ def backward_weight_blocked(const floating[:, :, :, ::1] gy, const floating[:, :
                             floating[:, ::1] gw, floating[:, ::1] partial, floating[:, ::1] xs, floating[:, ::1] gs,
                             const Py_ssize_t[::1] offs, Py_ssize_t chunk, Py_ssize_t plane, Py_ssize_t R,
                             Py_ssize_t S, Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t pt, Py_ssize_t pl, Py_ssize_t dh,
-                            Py_ssize_t dw, Py_ssize_t groups):
+                            Py_ssize_t dw, Py_ssize_t groups, Py_ssize_t lanes):
     """Weight gradient with channel-blocked register tiles on ``xs.shape[0]`` threads, one (chunk
     of ``chunk`` images, group) per work unit (see above).
 
-    Per thread: ``xs`` holds ``chunk`` unfolded inputs of Cg*S*sh planes of ``plane`` elements,
-    ``gs`` ``chunk`` * WJ staged output-gradient rows of ceil(Ho*Wo / WV) * WV, ``partial`` the sums
-    ``[g, kb, tb, j, q, v]`` for tap blocks tb of ``offs`` (a multiple of WQ taps;
-    ``fastconv.backends.base.blocked_weight_layout``).  ``partial`` must be zero on entry.
+    ``lanes``: the tile's partial sums per (channel, tap) pair, WV, or WV_WIDE for float32 (the
+    wide tile).  Per thread: ``xs`` holds ``chunk`` unfolded inputs of Cg*S*sh planes of ``plane``
+    elements, ``gs`` ``chunk`` * WJ staged output-gradient rows of ceil(Ho*Wo / lanes) * lanes,
+    ``partial`` the sums ``[g, kb, tb, j, q, v]`` for tap blocks tb of ``offs`` (a multiple of WQ
+    taps; ``fastconv.backends.base.blocked_weight_layout``).  ``partial`` must be zero on entry.
     """
     cdef Py_ssize_t N = x.shape[0], H = x.shape[2], W = x.shape[3], Cg = x.shape[1] // groups
     cdef Py_ssize_t K = gy.shape[1], Ho = gy.shape[2], Wo = gy.shape[3], Kg = K // groups
-    cdef Py_ssize_t F = Ho * Wo, steps = (F + WV - 1) // WV, ldg = steps * WV
+    if lanes != WV and not (lanes == WV_WIDE and floating is float):
+        raise ValueError(f"backward_weight_blocked: lanes must be {WV} (or {WV_WIDE} for float32), got {lanes}")
+    cdef bint wide = lanes == WV_WIDE
+    cdef Py_ssize_t F = Ho * Wo, steps = (F + lanes - 1) // lanes, ldg = steps * lanes
     cdef Py_ssize_t xstride = Cg * S * sh * plane, blocks = (Kg + WJ - 1) // WJ, taps = offs.shape[0] // WQ
     cdef Py_ssize_t units = (N + chunk - 1) // chunk * groups, t, n0, g, nimg, i, kb, tb
     cdef Py_ssize_t T = gw.shape[1], e, wk, wt, src, worker, v
@@ -542,8 +553,8 @@ def backward_weight_blocked(const floating[:, :, :, ::1] gy, const floating[:, :
     cdef const floating* grows  # a block's output-gradient rows as its tiles read them ...
     cdef Py_ssize_t gimage, grow  # ... their image and row strides
     cdef Py_ssize_t[::1] used = np.zeros(nt, np.intp)  # image slots of thread tid's buffer with their zero borders
-    cdef bint in_place = F % WV == 0  # no spare lanes to zero
-    cdef Py_ssize_t seg = SEG_STEPS if in_place else steps, si, s0  # tile steps per segment (staged: whole planes)
+    cdef bint in_place = F % lanes == 0  # no spare lanes to zero
+    cdef Py_ssize_t seg = SEG_OUTPUTS // lanes if in_place else steps, si, s0  # tile steps per segment (staged: whole planes)
     with nogil, parallel(num_threads=nt):
         tid = threadid()
         xsp = &xs[tid, 0]
@@ -574,21 +585,25 @@ def backward_weight_blocked(const floating[:, :, :, ::1] gy, const floating[:, :
                         gimage = WJ * ldg
                         grow = ldg
                     for tb in range(taps):
-                        _wtile(xsp + s0 * WV, xstride, &offs[tb * WQ], grows + s0 * WV, gimage, grow,
-                               min(seg, steps - s0), nimg, part + ((g * blocks + kb) * taps + tb) * (WJ * WQ * WV))
+                        _wtile(xsp + s0 * lanes, xstride, &offs[tb * WQ], grows + s0 * lanes, gimage, grow,
+                               min(seg, steps - s0), nimg, part + ((g * blocks + kb) * taps + tb) * (WJ * WQ * lanes),
+                               wide)
         for e in prange(K * T, schedule="static"):  # after the implied barrier: every partial is complete
             wk = e // T % Kg
             wt = e % T
-            src = ((((e // T // Kg * blocks + wk // WJ) * taps + wt // WQ) * WJ + wk % WJ) * WQ + wt % WQ) * WV
+            src = ((((e // T // Kg * blocks + wk // WJ) * taps + wt // WQ) * WJ + wk % WJ) * WQ + wt % WQ) * lanes
             total = 0
             for worker in range(partial.shape[0]):
-                for v in range(WV):
+                for v in range(lanes):
                     total = total + partial[worker, src + v]
             gw[e // T, wt] = <floating> total
 
 
 #: (output channels, taps, partial sums per pair) of one ``backward_weight_blocked`` register tile
 BLOCKED_WEIGHT_TILE = (WJ, WQ, WV)
+#: the partial sums per pair of its wide float32 tile, where that runs in one register per
+#: vector (AVX-512 builds), else None
+BLOCKED_WEIGHT_WIDE_LANES = WV_WIDE if WIDE_OK else None
 
 
 #: (output channels, flat outputs) of one ``forward_blocked`` register tile

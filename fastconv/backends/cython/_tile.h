@@ -17,10 +17,16 @@
  * each as FC_WV partial sums over the flat outputs: per FC_WV outputs it loads FC_WQ input
  * vectors and FC_WJ output-gradient vectors for FC_WJ * FC_WQ vector FMAs (24 accumulators
  * and 10 loads; the 4 x 2 x 16 tile it replaced needed 12 loads for 16 FMAs and ran 1.5-2x
- * slower).
+ * slower).  Its float lanes are one ymm register; on a core with two 512-bit FMA units that
+ * is half of its peak, which the large planes reached (resnet-stem: the tile loop ran at
+ * 2 ymm FMAs per cycle).  fc_wtile_wide_f has one zmm of lanes for them (2-core Xeon:
+ * resnet-stem's weight gradient on one thread 17.7 -> 12.4 ms, on two 8.5 -> 7.9-8.7, where the
+ * two cores' caches then limit it; vgg-224's 8.0 -> 6.1-7.6 ms); on small planes, fewer steps per
+ * call to amortise its 24 accumulators' loads and stores, it measured 5-11% slower (stripe-c2,
+ * mnist-c1).
  *
- * FC_TILE(T, SUFFIX) defines fc_tile_SUFFIX and fc_wtile_SUFFIX for element type T (float: f,
- * double: d).
+ * FC_TILE(T, SUFFIX) defines fc_tile_SUFFIX and fc_tile2_SUFFIX for element type T (float: f,
+ * double: d), FC_WTILE(T, NAME, LANES, KEEP) a weight-gradient tile.
  */
 #ifndef FASTCONV_TILE_H
 #define FASTCONV_TILE_H
@@ -32,13 +38,20 @@
 /* the weight gradient's tile: FC_WJ output channels by FC_WQ taps ... */
 #define FC_WJ 4
 #define FC_WQ 6
-/* ... and FC_WV partial sums (lanes) per (channel, tap) pair */
+/* ... and FC_WV partial sums (lanes) per (channel, tap) pair: one ymm register of float or
+ * zmm of double; fc_wtile_wide_f has FC_WV_WIDE (one zmm of float), for large planes on AVX-512
+ * machines (FC_WIDE_OK: whether it runs in one register there) */
 #define FC_WV 8
+#define FC_WV_WIDE 16
+#if defined(__AVX512F__)
+#define FC_WIDE_OK 1
+#else
+#define FC_WIDE_OK 0
+#endif
 
 #define FC_TILE(T, SUFFIX)                                                                      \
     /* FC_VBLOCK elements of T, aligned only as T (loads and stores may be unaligned) */       \
     typedef T fc_vec_##SUFFIX __attribute__((vector_size(FC_VBLOCK * sizeof(T)), aligned(sizeof(T)))); \
-    typedef T fc_wvec_##SUFFIX __attribute__((vector_size(FC_WV * sizeof(T)), aligned(sizeof(T)))); \
                                                                                                 \
     /* out[j*ldo + v] = b[j] + sum_t wt[t*FC_KBLOCK + j] * xs[offs[t] + v], v < FC_VBLOCK, j < nk */ \
     static inline void fc_tile_##SUFFIX(const T *xs, const T *wt, const ptrdiff_t *offs,      \
@@ -85,46 +98,21 @@
             *(V *)(out + j * ldo + FC_VBLOCK) = acc[2 * j + 1];                                 \
         }                                                                                       \
     }                                                                                           \
-                                                                                                \
-    /* acc[(j*FC_WQ + q)*FC_WV + v] += sum over images i < nimg and flat outputs f < steps *      \
-     * FC_WV, f = v mod FC_WV, of g[i*gstride + j*ldg + f] * xs[i*xstride + offs[q] + f]: 24      \
-     * accumulators (ymm for float), so that 4 + 6 vector loads feed 24 vector FMAs */            \
-    static inline void fc_wtile_##SUFFIX(const T *xs, ptrdiff_t xstride, const ptrdiff_t *offs,  \
-                                         const T *g, ptrdiff_t gstride, ptrdiff_t ldg,         \
-                                         ptrdiff_t steps, ptrdiff_t nimg, T *acc)              \
-    {                                                                                           \
-        typedef fc_wvec_##SUFFIX V;                                                             \
-        V *a = (V *)acc;                                                                        \
-        FC_WROW(V, a, 0) FC_WROW(V, a, 1) FC_WROW(V, a, 2) FC_WROW(V, a, 3)                     \
-        for (ptrdiff_t i = 0; i < nimg; i++) {                                                  \
-            const T *x = xs + i * xstride, *g0 = g + i * gstride, *g1 = g0 + ldg;               \
-            const T *g2 = g1 + ldg, *g3 = g2 + ldg;                                             \
-            const T *x0 = x + offs[0], *x1 = x + offs[1], *x2 = x + offs[2];                    \
-            const T *x3 = x + offs[3], *x4 = x + offs[4], *x5 = x + offs[5];                    \
-            for (ptrdiff_t f = 0; f < steps * FC_WV; f += FC_WV) {                              \
-                const V y0 = *(const V *)(g0 + f), y1 = *(const V *)(g1 + f);                   \
-                const V y2 = *(const V *)(g2 + f), y3 = *(const V *)(g3 + f);                   \
-                FC_WTAP(V, SUFFIX, 0, x0) FC_WTAP(V, SUFFIX, 1, x1) FC_WTAP(V, SUFFIX, 2, x2)   \
-                FC_WTAP(V, SUFFIX, 3, x3) FC_WTAP(V, SUFFIX, 4, x4) FC_WTAP(V, SUFFIX, 5, x5)   \
-            }                                                                                   \
-        }                                                                                       \
-        FC_WSTORE(a, 0) FC_WSTORE(a, 1) FC_WSTORE(a, 2) FC_WSTORE(a, 3)                         \
-    }
 
-/* FC_KEEP_f / FC_KEEP_d keep a loaded vector of the weight tile (8 floats: 32 bytes, 8 doubles:
- * 64 bytes) in a register: left alone, GCC folds the load into each of the four FMAs that use
- * it (four loads instead of one, and the tile becomes load-bound).  Only where such a vector
- * fits one x86 register (AVX, AVX-512); elsewhere the asm constraint cannot be met, and they
- * do nothing. */
+
+/* FC_KEEP_32 / FC_KEEP_64 keep a loaded vector of the weight tile (32 or 64 bytes) in a
+ * register: left alone, GCC folds the load into each of the four FMAs that use it (four loads
+ * instead of one, and the tile becomes load-bound).  Only where such a vector fits one x86
+ * register (AVX, AVX-512); elsewhere the asm constraint cannot be met, and they do nothing. */
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__)) && defined(__AVX__)
-#define FC_KEEP_f(v) __asm__("" : "+v"(v))
+#define FC_KEEP_32(v) __asm__("" : "+v"(v))
 #else
-#define FC_KEEP_f(v) ((void)0)
+#define FC_KEEP_32(v) ((void)0)
 #endif
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__)) && defined(__AVX512F__)
-#define FC_KEEP_d(v) __asm__("" : "+v"(v))
+#define FC_KEEP_64(v) __asm__("" : "+v"(v))
 #else
-#define FC_KEEP_d(v) ((void)0)
+#define FC_KEEP_64(v) ((void)0)
 #endif
 /* the weight tile's accumulators a<j><q> for one output channel j, loaded from / stored to a */
 #define FC_WROW(V, src, j)                                                                      \
@@ -134,11 +122,41 @@
     dst[j * FC_WQ + 0] = a##j##0; dst[j * FC_WQ + 1] = a##j##1; dst[j * FC_WQ + 2] = a##j##2;   \
     dst[j * FC_WQ + 3] = a##j##3; dst[j * FC_WQ + 4] = a##j##4; dst[j * FC_WQ + 5] = a##j##5;
 /* tap q of the weight tile: one input vector, four FMAs (one per output channel) */
-#define FC_WTAP(V, SUFFIX, q, xq)                                                               \
-    { V u = *(const V *)(xq + f); FC_KEEP_##SUFFIX(u);                                          \
+#define FC_WTAP(V, KEEP, q, xq)                                                                 \
+    { V u = *(const V *)(xq + f); KEEP(u);                                                      \
       a0##q += y0 * u; a1##q += y1 * u; a2##q += y2 * u; a3##q += y3 * u; }
+
+/* acc[(j*FC_WQ + q)*LANES + v] += sum over images i < nimg and flat outputs f < steps * LANES,
+ * f = v mod LANES, of g[i*gstride + j*ldg + f] * xs[i*xstride + offs[q] + f]: 24 vector
+ * accumulators, so that 4 + 6 vector loads feed 24 vector FMAs.  KEEP: FC_KEEP_32 or FC_KEEP_64,
+ * for the vector's size in bytes. */
+#define FC_WTILE(T, NAME, LANES, KEEP)                                                          \
+    static inline void NAME(const T *xs, ptrdiff_t xstride, const ptrdiff_t *offs, const T *g,   \
+                            ptrdiff_t gstride, ptrdiff_t ldg, ptrdiff_t steps, ptrdiff_t nimg,   \
+                            T *acc)                                                             \
+    {                                                                                           \
+        typedef T V __attribute__((vector_size(LANES * sizeof(T)), aligned(sizeof(T))));        \
+        V *a = (V *)acc;                                                                        \
+        FC_WROW(V, a, 0) FC_WROW(V, a, 1) FC_WROW(V, a, 2) FC_WROW(V, a, 3)                     \
+        for (ptrdiff_t i = 0; i < nimg; i++) {                                                  \
+            const T *x = xs + i * xstride, *g0 = g + i * gstride, *g1 = g0 + ldg;               \
+            const T *g2 = g1 + ldg, *g3 = g2 + ldg;                                             \
+            const T *x0 = x + offs[0], *x1 = x + offs[1], *x2 = x + offs[2];                    \
+            const T *x3 = x + offs[3], *x4 = x + offs[4], *x5 = x + offs[5];                    \
+            for (ptrdiff_t f = 0; f < steps * LANES; f += LANES) {                              \
+                const V y0 = *(const V *)(g0 + f), y1 = *(const V *)(g1 + f);                   \
+                const V y2 = *(const V *)(g2 + f), y3 = *(const V *)(g3 + f);                   \
+                FC_WTAP(V, KEEP, 0, x0) FC_WTAP(V, KEEP, 1, x1) FC_WTAP(V, KEEP, 2, x2)         \
+                FC_WTAP(V, KEEP, 3, x3) FC_WTAP(V, KEEP, 4, x4) FC_WTAP(V, KEEP, 5, x5)         \
+            }                                                                                   \
+        }                                                                                       \
+        FC_WSTORE(a, 0) FC_WSTORE(a, 1) FC_WSTORE(a, 2) FC_WSTORE(a, 3)                         \
+    }
 
 FC_TILE(float, f)
 FC_TILE(double, d)
+FC_WTILE(float, fc_wtile_f, FC_WV, FC_KEEP_32)
+FC_WTILE(float, fc_wtile_wide_f, FC_WV_WIDE, FC_KEEP_64)
+FC_WTILE(double, fc_wtile_d, FC_WV, FC_KEEP_64)
 
 #endif
