@@ -336,6 +336,7 @@ cdef inline void _unfold_columns(const floating* src, Py_ssize_t C, Py_ssize_t H
     cdef Py_ssize_t c, s, p, q, o, off, lo, hi, q0, q1
     cdef bint flat
     cdef const floating* row
+    cdef const floating* srow
     cdef floating* base
     for s in range(S):  # the ranges depend on the tap column and row phase only: no divisions per channel
         off = s * dw - pl
@@ -363,8 +364,13 @@ cdef inline void _unfold_columns(const floating* src, Py_ssize_t C, Py_ssize_t H
                     else:
                         for q in range(q0, q1):
                             fill(base + q * Wo, 0, lo)
-                            for o in range(lo, hi):
-                                base[q * Wo + o] = row[(q - q0) * sh * W + o * sw]
+                            srow = row + (q - q0) * sh * W
+                            if sw == 2:  # a constant stride, which the C compiler vectorises (stems)
+                                for o in range(lo, hi):
+                                    base[q * Wo + o] = srow[2 * o]
+                            else:
+                                for o in range(lo, hi):
+                                    base[q * Wo + o] = srow[o * sw]
                             fill(base + q * Wo + hi, 0, Wo - hi)
 
 
