@@ -25,8 +25,8 @@
  * call to amortise its 24 accumulators' loads and stores, it measured 5-11% slower (stripe-c2,
  * mnist-c1).
  *
- * FC_TILE(T, SUFFIX) defines fc_tile_SUFFIX and fc_tile2_SUFFIX for element type T (float: f,
- * double: d), FC_WTILE(T, NAME, LANES, KEEP) a weight-gradient tile.
+ * FC_TILE(T, SUFFIX) defines fc_tile_SUFFIX for element type T (float: f, double: d), FC_TILE2
+ * fc_tile2_SUFFIX, FC_WTILE(T, NAME, LANES, KEEP) a weight-gradient tile.
  */
 #ifndef FASTCONV_TILE_H
 #define FASTCONV_TILE_H
@@ -72,10 +72,12 @@
         for (ptrdiff_t j = 0; j < nk; j++)                                                      \
             *(fc_vec_##SUFFIX *)(out + j * ldo) = acc[j];                                       \
     }                                                                                           \
-                                                                                                \
-    /* the same for 2*FC_VBLOCK outputs: two vectors per channel, 16 accumulators, so that two   \
-     * loads and 8 broadcasts feed 16 FMAs (float; for double the 16 would not fit a register   \
-     * file) */                                                                                 \
+
+
+/* FC_TILE2(T, SUFFIX): fc_tile2_SUFFIX, fc_tile for 2*FC_VBLOCK outputs, two vectors per channel:
+ * 16 accumulators, so that two loads and 8 broadcasts feed 16 FMAs (float only: for double the
+ * 16 would not fit the register file) */
+#define FC_TILE2(T, SUFFIX)                                                                     \
     static inline void fc_tile2_##SUFFIX(const T *xs, const T *wt, const ptrdiff_t *offs,     \
                                          ptrdiff_t taps, const T *b, T *out, ptrdiff_t ldo,    \
                                          ptrdiff_t nk)                                         \
@@ -97,8 +99,7 @@
             *(V *)(out + j * ldo) = acc[2 * j];                                                 \
             *(V *)(out + j * ldo + FC_VBLOCK) = acc[2 * j + 1];                                 \
         }                                                                                       \
-    }                                                                                           \
-
+    }
 
 /* FC_KEEP_32 / FC_KEEP_64 keep a loaded vector of the weight tile (32 or 64 bytes) in a
  * register: left alone, GCC folds the load into each of the four FMAs that use it (four loads
@@ -155,6 +156,7 @@
 
 FC_TILE(float, f)
 FC_TILE(double, d)
+FC_TILE2(float, f)
 FC_WTILE(float, fc_wtile_f, FC_WV, FC_KEEP_32)
 FC_WTILE(float, fc_wtile_wide_f, FC_WV_WIDE, FC_KEEP_64)
 FC_WTILE(double, fc_wtile_d, FC_WV, FC_KEEP_64)
