@@ -232,8 +232,8 @@ def test_blocked_weight_gradient_reads_whole_tile_planes_in_place(backend, threa
     rng = np.random.default_rng(12)
     cases = [(6, 1, 8, 8, 32, 1, 1, np.float32), (5, 3, 8, 8, 6, 1, 1, np.float32),
              (9, 8, 4, 8, 8, 1, 2, np.float64), (4, 2, 16, 16, 9, 2, 1, np.float32),
-             # planes of more than one segment (the Cython kernel's 1024 outputs), the last partial
-             (2, 3, 40, 40, 6, 1, 1, np.float32), (3, 2, 40, 72, 8, 1, 1, np.float64)]
+             # planes of more than one segment (the Cython kernel's 2048 outputs), the last partial
+             (2, 3, 48, 48, 6, 1, 1, np.float32), (3, 2, 40, 72, 8, 1, 1, np.float64)]
     for n, c, h, w, k, stride, groups, dtype in cases:
         x = rng.standard_normal((n, c, h, w)).astype(dtype)
         weight = rng.standard_normal((k, c // groups, 3, 3)).astype(dtype)

@@ -490,15 +490,17 @@ def forward_blocked(const floating[:, :, :, ::1] x, const floating[:, :, ::1] wt
 # layer's time in memcpy (mnist-c1: 0.65 ms; 0.33 ms in place) and was 5-10% slower on
 # stripe-c2 and vgg-224; on cifar-64 the two measured alike.
 # Planes read in place go in segments of SEG_OUTPUTS outputs, every block of channels passing
-# over one segment before the next: a tile's 6 input and 4 output-gradient rows of a segment
-# (40 KiB of float32) then stay in L1 while it runs, and the segment's rows of every tap in L2
-# for the next block, where whole planes of the large layers came from L3 for every block
-# (2-core Xeon: vgg-224 9.5 -> 7.7 ms, resnet-stem 9.2 -> 8.5-9.2; the small planes are one
-# segment).  (L2-sized segments, in an earlier session on a Zen 4 with 1 MiB of L2, measured
-# 1.3-1.5x slower than whole planes on 56x56 to 224x224 layers.)
+# over one segment before the next, so that the segment's rows of every tap stay in L2 for the
+# next block, where whole planes of the large layers came from L3 for every block.  The best
+# length depends on the core: on a 2-core Xeon (48 KiB L1, 2 MiB L2) 1024 outputs were best
+# (whole planes: vgg-224 9.5 -> 7.7 ms, resnet-stem 9.2 -> 8.5-9.2; 512 measured alike); on a
+# 2-core Zen 4 (32 KiB L1, 1 MiB L2) 1024 was the slowest of 1024, 2048 and 4096, and 2048 is
+# 1.07-1.15x faster than 1024 there (two threads: resnet-stem 13.6-14.9 -> 12.5-13.8 ms, vgg-224
+# 12.1-12.6 -> 10.6-11.6; one thread alike), apparently from the longer runs per tile call;
+# 2048 was not measured on the Xeon.  The small planes are one segment.
 
 cdef enum:
-    SEG_OUTPUTS = 1024  # flat outputs per segment of a plane read in place (see above)
+    SEG_OUTPUTS = 2048  # flat outputs per segment of a plane read in place (see above)
 
 cdef inline void _wtile(const floating* xs, Py_ssize_t xstride, const Py_ssize_t* offs, const floating* g,
                         Py_ssize_t gstride, Py_ssize_t ldg, Py_ssize_t steps, Py_ssize_t nimg,
