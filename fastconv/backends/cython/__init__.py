@@ -34,7 +34,8 @@ from ..._args import ConvGeometry  # noqa: E402
 from .._winograd_passes import WinogradPasses  # noqa: E402
 from ..base import (SERIAL_WORK, Backend, BlockedLayout, BlockedWeightLayout,  # noqa: E402
                     blocked_layout, blocked_runs, blocked_weight_gradient, blocked_weight_layout,
-                    blocked_weights, flat3x3_buffers, flat3x3_preferred, input_grad_kernel, sum_partials)
+                    blocked_weights, flat3x3_buffers, flat3x3_preferred, input_grad_kernel, small_gemm_rows,
+                    sum_partials)
 from . import _direct, _im2col, _pool, _winograd  # noqa: E402
 
 import scipy.linalg  # noqa: E402,F401  (loads the BLAS behind cython_blas, so the thread limit reaches it)
@@ -80,28 +81,34 @@ _COLUMN_BLOCK_BYTES = 1 << 19
 
 class _ThreadBuffers:
     """Private buffers for ``threads`` OpenMP threads that each take chunks of ``chunk`` images:
-    ``cols`` (threads, C*R*S * chunk*P) and ``tmps`` (threads, K * chunk*P), the latter only
-    needed when chunk > 1.  With one image per chunk, its output rows are lowered ``rows``
-    at a time, so that a column block stays within :data:`_COLUMN_BLOCK_BYTES` (L2).
-    Everything together stays within the workspace limit, except that one block of rows
-    per thread (and at least one thread) is always allowed."""
+    ``cols`` (threads, C*R*S * chunk*P) and ``tmps`` (threads, K * chunk*P).  With one image per
+    chunk, its output rows are lowered ``rows`` at a time, so that a column block stays within
+    :data:`_COLUMN_BLOCK_BYTES` (L2); for the input gradient (``op="input"``) also within
+    OpenBLAS's small-matrix GEMMs (:func:`~fastconv.backends.base.small_gemm_rows`), and
+    ``tmps`` then holds a block's K output-gradient rows too, gathered for its GEMM (otherwise
+    it is only needed when chunk > 1).  Everything together stays within the workspace
+    limit, except that one block of rows per thread (and at least one thread) is always allowed."""
 
-    def __init__(self, g: ConvGeometry, nt: int) -> None:
+    def __init__(self, g: ConvGeometry, nt: int, op: str = "forward") -> None:
         p, rows = g.out_h * g.out_w, g.c * g.r * g.s
         limit = _config.get_workspace_limit()
         itemsize = g.dtype.itemsize
         chunk = max(1, -(-_MIN_GEMM_COLUMNS // p))
         self.rows = g.out_h
+        gather = op == "input"  # tmps holds a chunk's or row block's output gradients
         if chunk == 1:  # large images: blocks of output rows
             self.rows = max(1, min(g.out_h, _COLUMN_BLOCK_BYTES // (rows * g.out_w * itemsize)))
-        block = rows * self.rows * g.out_w * itemsize
+            if gather and (small := small_gemm_rows(g)) is not None:
+                self.rows = max(1, min(self.rows, small))
+        block = (rows + (g.k if gather else 0)) * self.rows * g.out_w * itemsize
         self.threads = _config.batch_chunk(block, min(nt, g.n))
         chunk = max(1, min(chunk, -(-g.n // self.threads)))
         while chunk > 1 and self.threads * (rows + g.k) * chunk * p * itemsize > limit:
             chunk -= 1
         self.chunk = chunk
-        self.cols = np.empty((self.threads, rows * (chunk * p if chunk > 1 else self.rows * g.out_w)), g.dtype)
-        self.tmps = np.empty((self.threads, g.k * chunk * p if chunk > 1 else 1), g.dtype)
+        width = chunk * p if chunk > 1 else self.rows * g.out_w  # GEMM columns of a chunk or row block
+        self.cols = np.empty((self.threads, rows * width), g.dtype)
+        self.tmps = np.empty((self.threads, g.k * width if chunk > 1 or gather else 1), g.dtype)
 
 
 class _Workspace:
@@ -259,7 +266,7 @@ class CythonBackend(WinogradPasses, Backend):
             with _blas_for(nt, g.n) as threads:
                 _im2col.pointwise_backward_input(grad_out, w2, gx, g.groups, threads)
         elif plan == "threads":
-            buf = _ThreadBuffers(g, nt)
+            buf = _ThreadBuffers(g, nt, "input")
             with _config.single_threaded_blas():
                 _im2col.backward_input_threads(grad_out, w2, gx, buf.cols, buf.tmps, buf.chunk, buf.rows, g.r, g.s,
                                                *_conv_args(g))

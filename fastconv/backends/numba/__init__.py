@@ -59,7 +59,8 @@ from ..._args import ConvGeometry, PoolGeometry  # noqa: E402
 from .._winograd_passes import WinogradPasses  # noqa: E402
 from ..base import (SERIAL_WORK, Backend, BlockedLayout, BlockedWeightLayout,  # noqa: E402
                     blocked_layout, blocked_runs, blocked_weight_gradient, blocked_weight_layout,
-                    blocked_weights, flat3x3_buffers, flat3x3_preferred, input_grad_kernel, sum_partials)
+                    blocked_weights, flat3x3_buffers, flat3x3_preferred, input_grad_kernel, small_gemm_rows,
+                    sum_partials)
 from ... import _winograd as wino  # noqa: E402
 from . import _blocked, _kernels  # noqa: E402
 from . import _winograd as _wk  # noqa: E402
@@ -192,7 +193,7 @@ def _scratch(slot: str, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
 #: a worker's GEMM should have at least this many columns (small images are grouped until it
 #: does).  Measured over stripe-c1/c2 and mnist-c1/c2 (1 and 2 threads): 512 is as fast as 1024
 #: and 2048 everywhere, and 1.4-1.7x faster on stripe-c2 (8x8 planes), whose 16 x 72 GEMMs
-#: then stay within OpenBLAS's small-matrix kernels (:data:`_SMALL_GEMM`)
+#: then stay within OpenBLAS's small-matrix kernels (:data:`~fastconv.backends.base.SMALL_GEMM`)
 _MIN_GEMM_COLUMNS = 512
 #: a worker's column block (C*R*S x rows*Wo) of one large image and its output block
 #: (K x rows*Wo) together stay under this.  Measured (resnet-stem, vgg-224, 1 and 2 threads):
@@ -200,13 +201,6 @@ _MIN_GEMM_COLUMNS = 512
 #: short GEMMs), a whole image per GEMM 10-40% slower
 _BLOCK_BYTES = 1 << 21
 
-#: OpenBLAS (its SkylakeX kernels, which NumPy's and SciPy's wheels run on Zen 4 too) hands
-#: GEMMs of at most this many multiply-adds to its small-matrix kernels, which run thin
-#: products up to 1.7x faster (one thread, 64x27 @ 27xN: 102 GFLOP/s up to N = 578, 75 above;
-#: 27x64 @ 64xN: 105 vs 62).  Forward and input-gradient row blocks stay within it when one
-#: output row does (vgg-224: 2 rows of 224; input gradient 1.25x, forward 1.08x faster); the
-#: weight gradient's (Kg x rows*Wo) @ (rows*Wo x Cg*R*S) gained nothing from it (0.9x)
-_SMALL_GEMM = 1_000_000
 
 def _threads(g: ConvGeometry) -> int:
     """The numba thread count for a conv pass of layer ``g`` (1 for small layers)."""
@@ -258,7 +252,8 @@ class _ThreadPlan:
     :data:`_MIN_GEMM_COLUMNS` GEMM columns per unit) or, with one image per chunk, blocks of
     ``rows`` output rows, so that a column block and its output block stay within
     :data:`_BLOCK_BYTES` (in cache), and forward / input-gradient GEMMs within
-    :data:`_SMALL_GEMM` where one row's do.  The forward and weight-gradient passes hand out
+    :data:`~fastconv.backends.base.SMALL_GEMM` where one row's do
+    (:func:`~fastconv.backends.base.small_gemm_rows`).  The forward and weight-gradient passes hand out
     row blocks as units of their own, so a batch smaller than the thread count still keeps
     every worker busy; the input gradient hands out whole chunks (an image's row blocks add
     into overlapping input rows).  ``workers`` is the number of workers: the thread count,
@@ -282,9 +277,8 @@ class _ThreadPlan:
         self.rows = g.out_h
         if chunk == 1 and not self.pointwise:
             fit = _BLOCK_BYTES // ((rows + g.k) * g.out_w * item)
-            per_row = g.k_per_group * g.c_per_group * g.r * g.s * g.out_w  # multiply-adds of one row's GEMM
-            if op != "weight" and per_row <= _SMALL_GEMM:
-                fit = min(fit, _SMALL_GEMM // per_row)
+            if op != "weight" and (small := small_gemm_rows(g)) is not None:
+                fit = min(fit, small)
             self.rows = max(1, min(g.out_h, fit))
         per_image = -(-g.out_h // self.rows) if op != "input" else 1
         block = 0 if self.pointwise else (rows + g.k) * self.rows * g.out_w * item
