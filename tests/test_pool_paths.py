@@ -3,7 +3,8 @@
 The Cython kernels (``fastconv/backends/cython/_pool.pyx``) choose between a flat path (W
 a multiple of the column stride, no column padding), a phase-plane path, bands of rows
 for large planes, padded vector loops whose spare lanes read past a row, an in-cache
-gather for the average-pooling gradient and a scatter for the max-pooling gradient.
+gather for the average-pooling gradient (a row copy where its windows tile the plane without
+overlapping) and a scatter for the max-pooling gradient.
 The Numba kernels (``fastconv/backends/numba/_kernels.py``) run a flat path
 (``pool2d_flat``: bands of input rows deinterleaved once, taps as long vector loops,
 border windows one by one) or the general row-by-row kernels; their average-pooling
@@ -89,6 +90,15 @@ FLAT_BACKWARD = [
 ]
 
 
+#: geometries for the Cython average-pooling gradient of windows that tile the plane without
+#: overlapping (no padding, kernel <= stride): gaps between the windows in both directions, a
+#: last window row past the input's end, spare rows and columns after the last window
+TILED_BACKWARD = [
+    ((2, 1), (3, 2), (0, 0), (1, 1), False, 17, 13),
+    ((2, 2), (3, 3), (0, 0), (1, 1), False, 22, 16),
+]
+
+
 def _geometry(g, dtype=np.float64) -> PoolGeometry:
     kernel, stride, padding, dilation, ceil_mode, h, w = g
     return PoolGeometry(2, 3, h, w, kernel, stride, padding, dilation, ceil_mode, True, np.dtype(dtype))
@@ -123,7 +133,7 @@ def test_max_pool_paths_match_reference(g, dtype, backend):
 
 
 @pytest.mark.parametrize("count_include_pad", [True, False])
-@pytest.mark.parametrize("g", [g for g in GEOMETRIES if g[3] == (1, 1)] + FLAT_BACKWARD,
+@pytest.mark.parametrize("g", [g for g in GEOMETRIES if g[3] == (1, 1)] + FLAT_BACKWARD + TILED_BACKWARD,
                          ids=lambda g: f"k{g[0]}s{g[1]}p{g[2]}c{int(g[4])}")
 def test_avg_pool_paths_match_reference(g, count_include_pad, backend):
     rng = np.random.default_rng(g[5] + g[6])
@@ -137,7 +147,8 @@ def test_avg_pool_paths_match_reference(g, count_include_pad, backend):
     assert rel_err(gx, fastconv.avg_pool2d_backward(gy, x.shape, **kw, backend="reference")) <= 1e-12
 
 
-@pytest.mark.parametrize("g", GEOMETRIES[:10] + FLAT_BACKWARD, ids=[f"g{i}" for i in range(10 + len(FLAT_BACKWARD))])
+@pytest.mark.parametrize("g", GEOMETRIES[:10] + FLAT_BACKWARD + TILED_BACKWARD,
+                         ids=[f"g{i}" for i in range(10 + len(FLAT_BACKWARD) + len(TILED_BACKWARD))])
 def test_bitwise_equal_to_torch(g, backend):
     """Same tap order, same tie/NaN rule, same summation order as PyTorch's CPU kernels."""
     torch = pytest.importorskip("torch")
