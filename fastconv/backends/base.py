@@ -95,7 +95,7 @@ def small_gemm_rows(g: ConvGeometry) -> int | None:
     this where it helps.  Numba, forward and input gradient: vgg-224 (2 rows of 224) input
     gradient 1.25x, forward 1.08x faster; the weight gradient's GEMM gained nothing (0.9x).
     Cython, input gradient only (its rows also gathered out of their planes, which lie a
-    multiple of 4 KiB apart there): vgg-224 20.6-23.0 -> 15.8-21.2 ms on two threads; its
+    multiple of 4 KiB apart there): vgg-224 20.6-23.0 -> 14.9-21.2 ms on two threads; its
     forward pass measured 1.07x slower with the cap (one thread)."""
     per_row = g.k_per_group * g.c_per_group * g.r * g.s * g.out_w
     return SMALL_GEMM // per_row if per_row <= SMALL_GEMM else None
