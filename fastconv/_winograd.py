@@ -40,6 +40,7 @@ from functools import lru_cache
 import numpy as np
 
 from ._args import ConvGeometry
+from ._buffers import aligned_rows
 
 #: kernel size the transforms are built for
 R = 3
@@ -245,29 +246,16 @@ class Plan:
         def plane(e: int) -> int:
             return (int(self.hs.max()) + self.d * (e - 1) + 1) * (int(self.ws.max()) + self.d * (e - 1) + 1)
 
-        return np.zeros((self.threads, slots * (plane(self.t.a) + (plane(self.t.m) if weight else 0))), dtype)
+        return aligned_rows(self.threads, slots * (plane(self.t.a) + (plane(self.t.m) if weight else 0)), dtype, 0)
 
     def buffers(self, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Per-thread (vbuf, mbuf, scratch, lanes) for the kernels, rows 64-byte aligned and not
         initialised (the kernels write every element before they read it)."""
         a2 = self.t.a * self.t.a
-        return (aligned_empty(self.threads, a2 * self.vstride, dtype),
-                aligned_empty(self.threads, a2 * self.mstride, dtype),
-                aligned_empty(self.threads, 36 * (self.tb + LANES), dtype),
-                np.empty((self.threads, 6 * self.tb), np.intp))
-
-
-def aligned_empty(rows: int, cols: int, dtype: np.dtype, align: int = 64) -> np.ndarray:
-    """An uninitialised C-contiguous array of ``rows`` rows of at least ``cols`` elements
-    (rounded up) whose rows all start on ``align``-byte boundaries.
-
-    NumPy's own buffers are only 16-byte aligned, so a vector of 16 float32 would straddle
-    two cache lines on most accesses."""
-    dtype = np.dtype(dtype)
-    per_row = -(-cols * dtype.itemsize // align) * align // dtype.itemsize
-    raw = np.empty(rows * per_row * dtype.itemsize + align, np.uint8)
-    start = -raw.ctypes.data % align
-    return raw[start:start + rows * per_row * dtype.itemsize].view(dtype).reshape(rows, per_row)
+        return (aligned_rows(self.threads, a2 * self.vstride, dtype),
+                aligned_rows(self.threads, a2 * self.mstride, dtype),
+                aligned_rows(self.threads, 36 * (self.tb + LANES), dtype),
+                aligned_rows(self.threads, 6 * self.tb, np.intp))
 
 
 def workspace_bytes(a: int, groups: int, cin: int, cout: int, tb: int, threads: int, itemsize: int,

@@ -86,13 +86,6 @@ def test_tile_starts_cover_every_output_once(n_out, d):
     assert covered == list(range(n_out))
 
 
-def test_aligned_buffers():
-    for cols in (1, 15, 17, 1000):
-        a = wino.aligned_empty(3, cols, np.float32)
-        assert a.flags.c_contiguous and a.shape[1] >= cols
-        assert all(a[i].ctypes.data % 64 == 0 for i in range(3))
-
-
 # --------------------------------------------------------------------------- kernels vs the reference
 
 def _winograd_layers(count: int, seed: int) -> list[tuple]:

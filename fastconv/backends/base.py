@@ -14,6 +14,7 @@ from typing import Any, Callable, NamedTuple
 import numpy as np
 
 from .._args import ConvGeometry, PoolGeometry
+from .._buffers import aligned_rows
 
 CONV_OPS = ("conv2d", "conv2d_backward_input", "conv2d_backward_weight")
 
@@ -144,7 +145,7 @@ def flat3x3_buffers(out_h: int, out_w: int, g: ConvGeometry, cin: int, nt: int, 
     threads = min(nt, g.n * g.groups)
     if threads * (cin * plane + stage) * g.dtype.itemsize > limit:
         return None
-    return np.empty((threads, cin * plane), g.dtype), np.empty((threads, stage), g.dtype)
+    return aligned_rows(threads, cin * plane, g.dtype), aligned_rows(threads, stage, g.dtype)
 
 
 #: a channel-blocked direct kernel runs only for at least this many outputs per group (its
@@ -174,7 +175,7 @@ class BlockedLayout(NamedTuple):
 
     def buffer(self, dtype: Any) -> np.ndarray:
         """The workers' unfolded-input buffers, uninitialised."""
-        return np.empty((self.workers, self.width), dtype)
+        return aligned_rows(self.workers, self.width, dtype)
 
     def offsets(self, g: ConvGeometry) -> np.ndarray:
         """Where each tap reads the unfolded input (:func:`blocked_offsets`); in place, where it
@@ -307,7 +308,7 @@ def blocked_weight_gradient(kernel: Callable[..., None], layout: BlockedWeightLa
         return None
     gw = np.empty(g.weight_shape, g.dtype)
     kernel(gw.reshape(g.k, -1), np.zeros((layout.workers, layout.partial), g.dtype),
-           np.empty((layout.workers, layout.xs), g.dtype), np.empty((layout.workers, layout.gs), g.dtype), layout)
+           aligned_rows(layout.workers, layout.xs, g.dtype), aligned_rows(layout.workers, layout.gs, g.dtype), layout)
     return gw if np.isfinite(gw).all() else None
 
 

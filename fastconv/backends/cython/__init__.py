@@ -31,6 +31,7 @@ import numpy as np  # noqa: E402
 
 from ... import _config  # noqa: E402
 from ..._args import ConvGeometry  # noqa: E402
+from ..._buffers import aligned_rows  # noqa: E402
 from .._winograd_passes import WinogradPasses  # noqa: E402
 from ..base import (SERIAL_WORK, Backend, BlockedLayout, BlockedWeightLayout,  # noqa: E402
                     blocked_layout, blocked_runs, blocked_weight_gradient, blocked_weight_layout,
@@ -107,8 +108,8 @@ class _ThreadBuffers:
             chunk -= 1
         self.chunk = chunk
         width = chunk * p if chunk > 1 else self.rows * g.out_w  # GEMM columns of a chunk or row block
-        self.cols = np.empty((self.threads, rows * width), g.dtype)
-        self.tmps = np.empty((self.threads, g.k * width if chunk > 1 or gather else 1), g.dtype)
+        self.cols = aligned_rows(self.threads, rows * width, g.dtype)
+        self.tmps = aligned_rows(self.threads, g.k * width if chunk > 1 or gather else 1, g.dtype)
 
 
 class _Workspace:

@@ -272,26 +272,15 @@ cdef inline void _unfold_chunk(const floating[:, :, :, ::1] x, Py_ssize_t n0, Py
                           R, S, Ho, Wo, sh, sw, pt, pl, dh, dw, los, his, oh0, oh1)
 
 
-cdef inline void _gather_kmajor(const floating[:, :, :, ::1] a, Py_ssize_t n0, Py_ssize_t m,
-                                floating* t_) noexcept nogil:
-    """Serial t_ (K, m*P) <- a[n0:n0+m] (m, K, P)."""
-    cdef Py_ssize_t K = a.shape[1], P = a.shape[2] * a.shape[3], b, k, p
-    cdef const floating* src
+cdef inline void _gather_kmajor(const floating[:, :, :, ::1] a, Py_ssize_t n0, Py_ssize_t m, Py_ssize_t f0,
+                                Py_ssize_t q, floating* t_) noexcept nogil:
+    """Serial t_ (K, m*q) <- a[n0:n0+m, :, f0:f0+q] (flat outputs f0 .. f0+q-1 of every plane of
+    m images): GEMM operand rows q apart, where in place they lie a whole plane apart (vgg-224:
+    200,704 bytes, a multiple of 4 KiB, so that every row falls in the same cache sets)."""
+    cdef Py_ssize_t b, k
     for b in range(m):
-        for k in range(K):
-            src = &a[n0 + b, k, 0, 0]
-            for p in range(P):
-                t_[(k * m + b) * P + p] = src[p]
-
-
-cdef inline void _gather_rows(const floating[:, :, :, ::1] a, Py_ssize_t n, Py_ssize_t f0, Py_ssize_t q,
-                              floating* t_) noexcept nogil:
-    """Serial t_ (K, q) <- a[n, :, f0:f0+q] (flat outputs f0 .. f0+q-1 of every plane): GEMM
-    operand rows q apart, where in place they lie a whole plane apart (vgg-224: 200,704 bytes,
-    a multiple of 4 KiB, so that every row falls in the same cache sets)."""
-    cdef Py_ssize_t k
-    for k in range(a.shape[1]):
-        memcpy(t_ + k * q, &a[n, k, 0, 0] + f0, q * sizeof(floating))
+        for k in range(a.shape[1]):
+            memcpy(t_ + (k * m + b) * q, &a[n0 + b, k, 0, 0] + f0, q * sizeof(floating))
 
 
 def forward_threads(const floating[:, :, :, ::1] x, const floating[:, ::1] w2, const floating[::1] bias,
@@ -373,7 +362,7 @@ def backward_input_threads(const floating[:, :, :, ::1] gy, const floating[:, ::
                     oh0 = blk * rb
                     oh1 = min(oh0 + rb, Ho)
                     Q = (oh1 - oh0) * Wo
-                    _gather_rows(gy, n0, oh0 * Wo, Q, tmp)
+                    _gather_kmajor(gy, n0, 1, oh0 * Wo, Q, tmp)
                     for g in range(groups):
                         _gemm(True, False, CRSg, Q, Kg, <floating> 1, &w2[g * Kg, 0], CRSg, tmp + g * Kg * Q,
                               Q, <floating> 0, col + g * CRSg * Q, Q)
@@ -381,7 +370,7 @@ def backward_input_threads(const floating[:, :, :, ::1] gy, const floating[:, ::
                         _col2im_plane(col + c * R * S * Q, Q, &gx[n0, c, 0, 0], gx.shape[2], gx.shape[3],
                                       R, S, Ho, Wo, sh, sw, pt, pl, dh, dw, los, his, oh0, oh1)
             else:
-                _gather_kmajor(gy, n0, m, tmp)
+                _gather_kmajor(gy, n0, m, 0, P, tmp)
                 for g in range(groups):
                     _gemm(True, False, CRSg, m * P, Kg, <floating> 1, &w2[g * Kg, 0], CRSg, tmp + g * Kg * m * P,
                           m * P, <floating> 0, col + g * CRSg * m * P, m * P)
@@ -424,7 +413,7 @@ def backward_weight_threads(const floating[:, :, :, ::1] gy, const floating[:, :
                               col + g * CRSg * Q, Q, <floating> 1, gw + g * Kg * CRSg, CRSg)
             else:
                 _unfold_chunk(x, n0, m, col, R, S, Ho, Wo, sh, sw, pt, pl, dh, dw, los, his, 0, Ho)
-                _gather_kmajor(gy, n0, m, tmp)
+                _gather_kmajor(gy, n0, m, 0, P, tmp)
                 for g in range(groups):
                     _gemm(False, True, Kg, CRSg, m * P, <floating> 1, tmp + g * Kg * m * P, m * P,
                           col + g * CRSg * m * P, m * P, <floating> 1, gw + g * Kg * CRSg, CRSg)

@@ -54,6 +54,8 @@ from libc.string cimport memcpy
 
 import numpy as np
 
+from fastconv._buffers import aligned_rows
+
 from ._loops cimport _rows_per_chunk
 
 cdef extern from *:
@@ -595,9 +597,9 @@ def max_forward(const floating[:, :, :, ::1] x, floating[:, :, :, ::1] out, int6
         return
     # per thread: the phase planes (-inf everywhere a band does not write), the running maxima
     cdef Py_ssize_t planes_len = max(sh * sw * g.stride, sw * g.flen), m = max(_padded(g.band * g.Wp), g.alen)
-    cdef floating[:, ::1] scratch = np.full((max(nt, 1), planes_len + m), -np.inf, np.asarray(out).dtype)
-    cdef int32_t[:, ::1] boff = np.empty((max(nt, 1), m), np.int32)
-    cdef int64_t[:, ::1] lidx = np.empty((max(nt, 1), max(g.alen, 1)), np.int64)
+    cdef floating[:, ::1] scratch = aligned_rows(max(nt, 1), planes_len + m, np.asarray(out).dtype, -np.inf)
+    cdef int32_t[:, ::1] boff = aligned_rows(max(nt, 1), m, np.int32)
+    cdef int64_t[:, ::1] lidx = aligned_rows(max(nt, 1), max(g.alen, 1), np.int64)
     with nogil:
         for t in prange(planes, num_threads=nt, schedule="dynamic", chunksize=_rows_per_chunk(planes, nt)):
             _pool_plane(&x[t // C, t % C, 0, 0], (planes - t) * H * W, &out[t // C, t % C, 0, 0],
@@ -633,7 +635,7 @@ def avg_forward(const floating[:, :, :, ::1] x, floating[:, :, :, ::1] out,
     cdef const floating[::1] cdiv = cols
     cdef _Plan g = _plan(H, W, Ho, Wo, kh, kw, sh, sw, ph, pw, 1, 1)
     cdef Py_ssize_t planes_len = max(sh * sw * g.stride, sw * g.flen), m = max(_padded(g.band * g.Wp), g.alen)
-    cdef floating[:, ::1] scratch = np.zeros((max(nt, 1), planes_len + m), dtype)
+    cdef floating[:, ::1] scratch = aligned_rows(max(nt, 1), planes_len + m, dtype, 0)
     with nogil:
         for t in prange(planes, num_threads=nt, schedule="dynamic", chunksize=_rows_per_chunk(planes, nt)):
             _pool_plane(&x[t // C, t % C, 0, 0], (planes - t) * H * W, &out[t // C, t % C, 0, 0], NULL,
@@ -857,7 +859,7 @@ def avg_backward(const floating[:, :, :, ::1] gy, floating[:, :, :, ::1] gx,
     cdef floating[:, ::1] rows_
     if (ph == 0 and pw == 0 and kh <= sh and kw <= sw and Ho > 0 and Wo > 0 and (Ho - 1) * sh + kh <= H
             and (Wo - 1) * sw + kw <= W):
-        rows_ = np.empty((max(nt, 1), Wo + max(W, Wo * sw)), dtype)
+        rows_ = aligned_rows(max(nt, 1), Wo + max(W, Wo * sw), dtype)
         with nogil:
             for t in prange(planes, num_threads=nt, schedule="static"):
                 _avg_back_tiled(&gy[t // C, t % C, 0, 0], &gx[t // C, t % C, 0, 0], &rows_[threadid(), 0], H, W,
@@ -869,7 +871,7 @@ def avg_backward(const floating[:, :, :, ::1] gy, floating[:, :, :, ::1] gx,
     cdef _Plan g = _plan(H, W, Ho, Wo, kh, kw, sh, sw, ph, pw, 1, 1)
     # per thread: S (margin, band + si_max rows, spare lanes), then the phase planes
     cdef Py_ssize_t s_len = (g.band + g.si_max + 2) * g.Wp + _PAD
-    cdef floating[:, ::1] scratch = np.zeros((max(nt, 1), s_len + sh * sw * g.stride), dtype)
+    cdef floating[:, ::1] scratch = aligned_rows(max(nt, 1), s_len + sh * sw * g.stride, dtype, 0)
     with nogil:
         for t in prange(planes, num_threads=nt, schedule="dynamic", chunksize=_rows_per_chunk(planes, nt)):
             _avg_back_plane(&gy[t // C, t % C, 0, 0], &gx[t // C, t % C, 0, 0], &scratch[threadid(), 0],
