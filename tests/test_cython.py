@@ -345,10 +345,14 @@ def test_info_and_algorithm_choice():
     assert [be.default_algorithm(op, strided) for op in CONV_OPS] == ["direct", "im2col", "direct"]
     # 3 -> 64 channels: the blocked direct kernels; the input gradient's pass has 3 outputs
     assert [be.default_algorithm(op, few_channels) for op in CONV_OPS] == ["direct", "im2col", "direct"]
-    # the weight gradient: the blocked kernel also for 1x1 layers and for one input channel to many outputs
+    # the weight gradient: the blocked kernel also for 1x1 layers with few weights and for one
+    # input channel to many outputs; im2col (a GEMM per image) for 1x1 layers with many weights
     pointwise = ConvGeometry(8, 64, 16, 16, 64, 1, 1, (1, 1), (0, 0, 0, 0), (1, 1), 1, f32)
+    pointwise_wide = ConvGeometry(8, 256, 16, 16, 64, 1, 1, (1, 1), (0, 0, 0, 0), (1, 1), 1, f32)
     one_to_many = ConvGeometry(64, 1, 28, 28, 32, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1, f32)
     assert be.default_algorithm("conv2d_backward_weight", pointwise) == "direct"
+    assert be.default_algorithm("conv2d_backward_weight", pointwise_wide) == "im2col"
+    assert be.default_algorithm("conv2d", pointwise_wide) == "direct"
     assert be.default_algorithm("conv2d_backward_weight", one_to_many) == "direct"
     # 4 -> 8 channels: the blocked kernels for all three passes
     four = ConvGeometry(400, 4, 8, 8, 8, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1, f32)

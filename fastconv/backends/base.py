@@ -243,12 +243,30 @@ def blocked_runs(op: str, g: ConvGeometry, plan: Callable[[str, ConvGeometry], B
 
     For the weight gradient it beat im2col on every layer of the benchmark suite (2-core box,
     2 threads): vgg-224 1.5-1.6x, the resnet stem 1.3-1.5x, stripe-c1 1.3-1.4x, stripe-c2 about
-    3x, pw-1x1 1.2x, cifar-64 1.4x (where Winograd is faster still) and, since its tiles read
-    whole-tile output-gradient planes in place, the one-channel mnist-c1 1.4-1.6x (before, a
-    copy of every plane made it 1.0-1.4x slower than im2col there)."""
+    3x, cifar-64 1.4x (where Winograd is faster still) and, since its tiles read whole-tile
+    output-gradient planes in place, the one-channel mnist-c1 1.4-1.6x (before, a copy of
+    every plane made it 1.0-1.4x slower than im2col there); pw-1x1 1.2x there too, but on the
+    later Zen 4 and Xeon boxes im2col ran it 1.1-1.2x faster: pointwise layers with many
+    weights (:data:`POINTWISE_GEMM_WEIGHTS`), whose weight gradient is one GEMM per image,
+    are left to im2col."""
     if op == "conv2d_backward_weight":
-        return weight_layout(g) is not None
+        return weight_layout(g) is not None and not (
+            is_pointwise(g) and g.k_per_group * g.c_per_group >= POINTWISE_GEMM_WEIGHTS)
     return plan(op, g) is not None
+
+
+def is_pointwise(g: ConvGeometry) -> bool:
+    """1x1, stride 1, unpadded: every input image already is its (C, H*W) column matrix."""
+    return g.r == g.s == 1 and g.stride == (1, 1) and not any(g.padding)
+
+
+#: from this many weights per group (K/g * C/g) a pointwise layer's weight gradient runs
+#: im2col (one GEMM per image) by default rather than the blocked kernel.  Measured (2-core
+#: Xeon, two threads, float32, blocked / im2col time; Cython, then Numba): 64 -> 64 channels
+#: on 56x56 0.96-0.99, 1.03-0.91; 128 -> 32 on 28x28 0.88-0.97, 0.88-0.94; 64 -> 256 on 56x56
+#: 1.07-1.10, 0.97-1.03; pw-1x1 (256 -> 64, 28x28) 1.11-1.20, 1.10-1.17; 512 -> 512 on
+#: 14x14 2.0, 1.6; on the Zen 4, im2col was also the faster of the two on pw-1x1
+POINTWISE_GEMM_WEIGHTS = 8192
 
 
 #: the weight gradient's blocked kernel takes images in chunks whose unfolded input and

@@ -35,8 +35,8 @@ from ..._buffers import aligned_rows  # noqa: E402
 from .._winograd_passes import WinogradPasses  # noqa: E402
 from ..base import (SERIAL_WORK, Backend, BlockedLayout, BlockedWeightLayout,  # noqa: E402
                     blocked_layout, blocked_runs, blocked_weight_gradient, blocked_weight_layout,
-                    blocked_weights, flat3x3_buffers, flat3x3_preferred, input_grad_kernel, small_gemm_rows,
-                    sum_partials)
+                    blocked_weights, flat3x3_buffers, flat3x3_preferred, input_grad_kernel, is_pointwise,
+                    small_gemm_rows, sum_partials)
 from . import _direct, _im2col, _pool, _winograd  # noqa: E402
 
 import scipy.linalg  # noqa: E402,F401  (loads the BLAS behind cython_blas, so the thread limit reaches it)
@@ -197,7 +197,7 @@ class CythonBackend(WinogradPasses, Backend):
         p, rows = g.out_h * g.out_w, g.c * g.r * g.s
         if algorithm != "im2col" or max(p, rows, g.k, g.c * g.h * g.w) > _INT32_MAX:
             return "direct"  # BLAS takes 32-bit ints; absurdly large planes stay direct
-        if g.r == g.s == 1 and g.stride == (1, 1) and not any(g.padding):
+        if is_pointwise(g):
             return "pointwise"
         if self.im2col_mode != "auto":
             return self.im2col_mode

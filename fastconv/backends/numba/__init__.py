@@ -59,8 +59,8 @@ from ..._args import ConvGeometry, PoolGeometry  # noqa: E402
 from .._winograd_passes import WinogradPasses  # noqa: E402
 from ..base import (SERIAL_WORK, Backend, BlockedLayout, BlockedWeightLayout,  # noqa: E402
                     blocked_layout, blocked_runs, blocked_weight_gradient, blocked_weight_layout,
-                    blocked_weights, flat3x3_buffers, flat3x3_preferred, input_grad_kernel, small_gemm_rows,
-                    sum_partials)
+                    blocked_weights, flat3x3_buffers, flat3x3_preferred, input_grad_kernel, is_pointwise,
+                    small_gemm_rows, sum_partials)
 from ... import _winograd as wino  # noqa: E402
 from . import _blocked, _kernels  # noqa: E402
 from . import _winograd as _wk  # noqa: E402
@@ -167,11 +167,6 @@ def _conv_params(g: ConvGeometry) -> tuple[int, ...]:
     return (g.stride[0], g.stride[1], g.padding[0], g.padding[2], g.dilation[0], g.dilation[1])
 
 
-def _is_pointwise(g: ConvGeometry) -> bool:
-    """1x1, stride 1, unpadded: every input image already is its (C, H*W) column matrix."""
-    return g.r == g.s == 1 and g.stride == (1, 1) and not any(g.padding)
-
-
 _scratch_buffers = threading.local()
 
 
@@ -272,7 +267,7 @@ class _ThreadPlan:
         nt = _threads(g)
         p, rows, item = g.out_h * g.out_w, g.c * g.r * g.s, g.dtype.itemsize
         limit = _config.get_workspace_limit()
-        self.pointwise = _is_pointwise(g)
+        self.pointwise = is_pointwise(g)
         chunk = 1 if self.pointwise else max(1, -(-_MIN_GEMM_COLUMNS // p))
         self.rows = g.out_h
         if chunk == 1 and not self.pointwise:
