@@ -304,6 +304,10 @@ cdef extern from "_tile.h" nogil:
                    double* out, Py_ssize_t ldo, Py_ssize_t nk)
     void fc_tile2_f(const float* xs, const float* wt, const Py_ssize_t* offs, Py_ssize_t taps, const float* b,
                     float* out, Py_ssize_t ldo, Py_ssize_t nk)
+    void fc_tile3_f(const float* xs, const float* wt, const Py_ssize_t* offs, Py_ssize_t taps, const float* b,
+                    float* out, Py_ssize_t ldo, Py_ssize_t nk)
+    enum:
+        TGROUP "FC_TGROUP"  # register tiles side by side (_blocked_unit)
     enum:
         WJ "FC_WJ"  # output channels per weight-gradient tile
         WQ "FC_WQ"  # taps per weight-gradient tile
@@ -375,18 +379,20 @@ cdef inline void _unfold_columns(const floating* src, Py_ssize_t C, Py_ssize_t H
 
 
 cdef inline void _tile(const floating* xs, const floating* wt, const Py_ssize_t* offs, Py_ssize_t T,
-                       const floating* b, floating* out, Py_ssize_t ldo, Py_ssize_t nk, bint pair=False) noexcept nogil:
-    """out[j*ldo + v] = b[j] + sum over taps t of wt[t*KBLOCK + j] * xs[offs[t] + v], j < nk, v < VBLOCK
-    (v < 2*VBLOCK with ``pair``)."""
+                       const floating* b, floating* out, Py_ssize_t ldo, Py_ssize_t nk, Py_ssize_t count=1) noexcept nogil:
+    """out[j*ldo + v] = b[j] + sum over taps t of wt[t*KBLOCK + j] * xs[offs[t] + v], j < nk,
+    v < count*VBLOCK (``count`` tiles side by side, at most 3)."""
+    cdef Py_ssize_t i
     if floating is float:
-        if pair:
+        if count == 3:
+            fc_tile3_f(xs, wt, offs, T, b, out, ldo, nk)
+        elif count == 2:
             fc_tile2_f(xs, wt, offs, T, b, out, ldo, nk)
         else:
             fc_tile_f(xs, wt, offs, T, b, out, ldo, nk)
     else:
-        fc_tile_d(xs, wt, offs, T, b, out, ldo, nk)
-        if pair:
-            fc_tile_d(xs + VBLOCK, wt, offs, T, b, out + VBLOCK, ldo, nk)
+        for i in range(count):
+            fc_tile_d(xs + i * VBLOCK, wt, offs, T, b, out + i * VBLOCK, ldo, nk)
 
 
 cdef void _blocked_unit(const floating* x, const floating* wt, const floating* bias, floating* out,
@@ -410,25 +416,25 @@ cdef void _blocked_unit(const floating* x, const floating* wt, const floating* b
             fill(xs + c * VBLOCK + F - full, 0, VBLOCK - (F - full))
     cdef Py_ssize_t blocks = (Kg + KBLOCK - 1) // KBLOCK, outer, inner
     # Where the input the tiles read is bigger than the cache keeps between two blocks of
-    # channels, it would come from L3 or memory again for every block: column pairs outer then,
+    # channels, it would come from L3 or memory again for every block: column runs outer then,
     # so that each one's T input vectors stay in L1 for all of them.  Read in place, from half of
     # a 1 MiB L2 (pw-1x1 forward, 800 KiB per image: 1.4x faster); unfolded (just written, so
     # in L2), from 1 MiB and with at least 64 taps (resnet-stem, 147 taps on 2.1 MiB: 1.1x
     # faster; the dilated layer's direct pass, 576 taps on 2.6 MiB: 2x).  Else the channel blocks
-    # outer, so that their weights stay in L1: few taps make little work per column pair, which
+    # outer, so that their weights stay in L1: few taps make little work per column run, which
     # then writes output rows of every channel (vgg-224, 27 taps: columns outer 1.3-2.5x slower;
     # pw-1x1's input gradient 1.2x).
     cdef Py_ssize_t item = sizeof(floating)
     cdef bint columns_outer = (T * F * item > COLUMNS_OUTER_BYTES if in_place
                                else T >= 64 and Cg * S * sh * plane * item > 2 * COLUMNS_OUTER_BYTES)
-    cdef Py_ssize_t pairs = (full // VBLOCK + 1) // 2  # tiles go in pairs, the last one alone if odd
-    for outer in range(pairs if columns_outer else blocks):
-        for inner in range(blocks if columns_outer else pairs):
+    cdef Py_ssize_t tiles = full // VBLOCK, runs = (tiles + TGROUP - 1) // TGROUP  # TGROUP tiles at a time
+    for outer in range(runs if columns_outer else blocks):
+        for inner in range(blocks if columns_outer else runs):
             kb, i = (inner, outer) if columns_outer else (outer, inner)
             k0 = kb * KBLOCK
-            f0 = i * 2 * VBLOCK
+            f0 = i * TGROUP * VBLOCK
             _tile(src + f0, wt + kb * T * KBLOCK, offs, T, bias + k0, out + k0 * F + f0, F,
-                  min(<Py_ssize_t> KBLOCK, Kg - k0), f0 + 2 * VBLOCK <= full)
+                  min(<Py_ssize_t> KBLOCK, Kg - k0), min(<Py_ssize_t> TGROUP, tiles - i * TGROUP))
     if full < F:  # the last, partial tile goes through a buffer
         for kb in range(blocks):
             k0 = kb * KBLOCK

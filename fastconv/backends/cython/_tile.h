@@ -8,10 +8,14 @@
  * splits the vectors into whatever registers the target has (two ymm or one zmm for float,
  * on AVX-512 machines), so the code is portable; only the speed depends on the target.
  *
- * Where a plane has two tiles' worth of outputs left, fc_tile2 computes both at once with 16
- * accumulators: 8 accumulators barely cover the FMA latency on a core that issues two vector FMAs
- * per cycle (Intel Xeon, 2 x 512 bits), and the pair halves the broadcasts per FMA (float32
- * forward passes on such a core: mnist-c2 9-13%, pw-1x1 7%, resnet-stem 5% faster).
+ * Where a plane has three tiles' worth of outputs left, fc_tile3 computes them at once with 24
+ * accumulators (fc_tile2 two, with 16): 8 accumulators barely cover the FMA latency on a core
+ * that issues two vector FMAs per cycle (Intel Xeon, 2 x 512 bits), and side-by-side tiles share
+ * the broadcast weights (float32 forward passes on such a core, pairs against single tiles:
+ * mnist-c2 9-13%, pw-1x1 7%, resnet-stem 5% faster; triples against pairs, one thread: vgg-224
+ * 1.16x, pw-1x1 1.08x and its input gradient 1.06x, resnet-stem 1.07x, mnist-c2 1.04x, the
+ * small planes of stripe-c2 and mnist-c1 unchanged; two threads: vgg-224 1.14x, pw-1x1's input
+ * gradient 1.07x, stripe-c2's 1.04x, the others within 2%).
  *
  * The weight gradient's tile (fc_wtile) holds FC_WJ x FC_WQ = 4 x 6 (output channel, tap) pairs,
  * each as FC_WV partial sums over the flat outputs: per FC_WV outputs it loads FC_WQ input
@@ -26,7 +30,7 @@
  * mnist-c1).
  *
  * FC_TILE(T, SUFFIX) defines fc_tile_SUFFIX for element type T (float: f, double: d), FC_TILE2
- * fc_tile2_SUFFIX, FC_WTILE(T, NAME, LANES, KEEP) a weight-gradient tile.
+ * fc_tile2_SUFFIX, FC_TILE3 fc_tile3_SUFFIX, FC_WTILE(T, NAME, LANES, KEEP) a weight-gradient tile.
  */
 #ifndef FASTCONV_TILE_H
 #define FASTCONV_TILE_H
@@ -35,6 +39,7 @@
 
 #define FC_KBLOCK 8
 #define FC_VBLOCK 16
+#define FC_TGROUP 3 /* tiles side by side where a plane has them (fc_tile3) */
 /* the weight gradient's tile: FC_WJ output channels by FC_WQ taps ... */
 #define FC_WJ 4
 #define FC_WQ 6
@@ -101,6 +106,41 @@
         }                                                                                       \
     }
 
+/* FC_TILE3(T, SUFFIX): fc_tile3_SUFFIX, fc_tile for 3*FC_VBLOCK outputs: 24 accumulators, three
+ * loads and 8 broadcasts per 24 FMAs (float only, as FC_TILE2) */
+#define FC_TILE3(T, SUFFIX)                                                                     \
+    static inline void fc_tile3_##SUFFIX(const T *xs, const T *wt, const ptrdiff_t *offs,     \
+                                         ptrdiff_t taps, const T *b, T *out, ptrdiff_t ldo,    \
+                                         ptrdiff_t nk)                                         \
+    {                                                                                           \
+        typedef fc_vec_##SUFFIX V;                                                              \
+        V p0 = b[0] + (V){0}, q0 = p0, r0 = p0, p1 = b[1] + (V){0}, q1 = p1, r1 = p1,           \
+          p2 = b[2] + (V){0}, q2 = p2, r2 = p2, p3 = b[3] + (V){0}, q3 = p3, r3 = p3,           \
+          p4 = b[4] + (V){0}, q4 = p4, r4 = p4, p5 = b[5] + (V){0}, q5 = p5, r5 = p5,           \
+          p6 = b[6] + (V){0}, q6 = p6, r6 = p6, p7 = b[7] + (V){0}, q7 = p7, r7 = p7;           \
+        for (ptrdiff_t t = 0; t < taps; t++) {                                                  \
+            const T *s = xs + offs[t];                                                          \
+            const V x = *(const V *)s, y = *(const V *)(s + FC_VBLOCK), z = *(const V *)(s + 2 * FC_VBLOCK); \
+            const T *w = wt + t * FC_KBLOCK;                                                    \
+            T c;                                                                                \
+            c = w[0]; p0 += x * c; q0 += y * c; r0 += z * c;                                    \
+            c = w[1]; p1 += x * c; q1 += y * c; r1 += z * c;                                    \
+            c = w[2]; p2 += x * c; q2 += y * c; r2 += z * c;                                    \
+            c = w[3]; p3 += x * c; q3 += y * c; r3 += z * c;                                    \
+            c = w[4]; p4 += x * c; q4 += y * c; r4 += z * c;                                    \
+            c = w[5]; p5 += x * c; q5 += y * c; r5 += z * c;                                    \
+            c = w[6]; p6 += x * c; q6 += y * c; r6 += z * c;                                    \
+            c = w[7]; p7 += x * c; q7 += y * c; r7 += z * c;                                    \
+        }                                                                                       \
+        const V acc[3 * FC_KBLOCK] = {p0, q0, r0, p1, q1, r1, p2, q2, r2, p3, q3, r3,           \
+                                      p4, q4, r4, p5, q5, r5, p6, q6, r6, p7, q7, r7};          \
+        for (ptrdiff_t j = 0; j < nk; j++) {                                                    \
+            *(V *)(out + j * ldo) = acc[3 * j];                                                 \
+            *(V *)(out + j * ldo + FC_VBLOCK) = acc[3 * j + 1];                                 \
+            *(V *)(out + j * ldo + 2 * FC_VBLOCK) = acc[3 * j + 2];                             \
+        }                                                                                       \
+    }
+
 /* FC_KEEP_32 / FC_KEEP_64 keep a loaded vector of the weight tile (32 or 64 bytes) in a
  * register: left alone, GCC folds the load into each of the four FMAs that use it (four loads
  * instead of one, and the tile becomes load-bound).  Only where such a vector fits one x86
@@ -157,6 +197,7 @@
 FC_TILE(float, f)
 FC_TILE(double, d)
 FC_TILE2(float, f)
+FC_TILE3(float, f)
 FC_WTILE(float, fc_wtile_f, FC_WV, FC_KEEP_32)
 FC_WTILE(float, fc_wtile_wide_f, FC_WV_WIDE, FC_KEEP_64)
 FC_WTILE(double, fc_wtile_d, FC_WV, FC_KEEP_64)
