@@ -195,6 +195,10 @@ cdef enum:
     SEGMENT = 4096  # flat outputs per segment (16 KiB of float32)
 
 
+cdef extern from "_stage.h" nogil:
+    void fc_copy(void* dst, const void* src, size_t nbytes)  # a short copy without a call
+
+
 cdef inline void _pad_planes(const floating* src, Py_ssize_t planes, Py_ssize_t H, Py_ssize_t W,
                              Py_ssize_t pt, Py_ssize_t pl, Py_ssize_t Hp, Py_ssize_t Wp, Py_ssize_t plane,
                              floating* dst) noexcept nogil:
@@ -214,8 +218,7 @@ cdef inline void _pad_planes(const floating* src, Py_ssize_t planes, Py_ssize_t 
                 continue
             row = src + (p * H + ih) * W
             fill(out, 0, lo)
-            for j in range(lo, hi):
-                out[j] = row[j - pl]
+            fc_copy(out + lo, row + lo - pl, (hi - lo) * sizeof(floating))
             fill(out + hi, 0, Wp - hi)
         fill(dst + p * plane + Hp * Wp, 0, plane - Hp * Wp)
 
@@ -273,7 +276,7 @@ def forward3x3(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] w, c
                         _taps3x3(st, xp + c * plane + oh0 * Wp, &w[k, c, 0, 0], dh * Wp, dw, (oh1 - oh0) * Wp,
                                  c == 0, bias[k])
                     for oh in range(oh0, oh1):  # keep the Wo real columns of every row
-                        memcpy(orow + oh * Wo, st + (oh - oh0) * Wp, Wo * sizeof(floating))
+                        fc_copy(orow + oh * Wo, st + (oh - oh0) * Wp, Wo * sizeof(floating))
 
 
 # --------------------------------------------------------------------------- channel-blocked
@@ -290,9 +293,6 @@ def forward3x3(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] w, c
 
 cdef enum:
     COLUMNS_OUTER_BYTES = 1 << 19  # see _blocked_unit
-
-cdef extern from "_stage.h" nogil:
-    void fc_copy(void* dst, const void* src, size_t nbytes)  # a short copy without a call
 
 cdef extern from "_tile.h" nogil:
     enum:
