@@ -124,11 +124,11 @@ def test_blocked_kernel_on_large_planes(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_blocked_kernel_with_column_pairs_outer(backend, monkeypatch):
-    """Unfolded inputs over 1 MiB with at least 64 taps: the Cython kernel runs the column pairs
-    outer and every block of channels inner (the Numba kernel its usual order).  A stem-like
-    layer with a partial block of channels and a partial last tile, and a dilated float64 one;
-    guard elements around the outputs and the unfolded-input buffers."""
+def test_blocked_kernel_in_panels(backend, monkeypatch):
+    """Unfolded planes whose tiles span several panels (512 KiB of the input the tiles read;
+    the channel blocks sweep each panel in turn), ending in a partial panel: a stem-like layer
+    with a partial block of channels and a partial last tile, and a dilated float64 one; guard
+    elements around the outputs and the unfolded-input buffers."""
     monkeypatch.setattr(f"fastconv.backends.{backend}.SERIAL_WORK", 0)
     calls = spy(monkeypatch, backend)
     guarded = guard_allocations(monkeypatch, backend)
@@ -139,8 +139,11 @@ def test_blocked_kernel_with_column_pairs_outer(backend, monkeypatch):
         weight = rng.standard_normal((k, c, r, r)).astype(dtype)
         bias = rng.standard_normal(k).astype(dtype)
         kw = dict(stride=stride, padding=pad, dilation=dil)
-        unfolded = c * r * stride * (h + 2 * pad) * (h + 3) * np.dtype(dtype).itemsize // stride
-        assert c * r * r >= 64 and unfolded > 2**20, unfolded
+        ho = (h + 2 * pad - dil * (r - 1) - 1) // stride + 1
+        wo = (h + 3 + 2 * pad - dil * (r - 1) - 1) // stride + 1
+        run = c * r * r * 3 * 16 * np.dtype(dtype).itemsize  # input bytes of 3 tiles of 16 outputs (Cython)
+        panel = 2**19 // run * 3 * 16  # outputs per panel (Numba's, of single tiles: about as many)
+        assert ho * wo > 4 * panel and (ho * wo // 16) % (panel // 16), (ho, wo, panel)
         with num_threads(2):
             out = fastconv.conv2d(x, weight, bias, **kw, backend=backend, algorithm="direct")
         assert_close(out, fastconv.conv2d(x, weight, bias, **kw, backend="reference"), dtype)

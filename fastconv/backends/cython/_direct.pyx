@@ -292,7 +292,8 @@ def forward3x3(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] w, c
 # broadcast weights feed KBLOCK vector FMAs), then goes straight to the output.
 
 cdef enum:
-    COLUMNS_OUTER_BYTES = 1 << 19  # see _blocked_unit
+    COLUMNS_OUTER_BYTES = 1 << 19  # in-place planes from which runs go one by one: see _blocked_unit
+    PANEL_BYTES = 1 << 19  # input per panel of column runs: see _blocked_unit
 
 cdef extern from "_tile.h" nogil:
     enum:
@@ -414,27 +415,34 @@ cdef void _blocked_unit(const floating* x, const floating* wt, const floating* b
         for c in range(Cg):
             memcpy(xs + c * VBLOCK, x + c * plane + full, (F - full) * sizeof(floating))
             fill(xs + c * VBLOCK + F - full, 0, VBLOCK - (F - full))
-    cdef Py_ssize_t blocks = (Kg + KBLOCK - 1) // KBLOCK, outer, inner
-    # Where the input the tiles read is bigger than the cache keeps between two blocks of
-    # channels, it would come from L3 or memory again for every block: column runs outer then,
-    # so that each one's T input vectors stay in L1 for all of them.  Read in place, from half of
-    # a 1 MiB L2 (pw-1x1 forward, 800 KiB per image: 1.4x faster); unfolded (just written, so
-    # in L2), from 1 MiB and with at least 64 taps (resnet-stem, 147 taps on 2.1 MiB: 1.1x
-    # faster; the dilated layer's direct pass, 576 taps on 2.6 MiB: 2x).  Else the channel blocks
-    # outer, so that their weights stay in L1: few taps make little work per column run, which
-    # then writes output rows of every channel (vgg-224, 27 taps: columns outer 1.3-2.5x slower;
-    # pw-1x1's input gradient 1.2x).
+    cdef Py_ssize_t blocks = (Kg + KBLOCK - 1) // KBLOCK
+    # The column runs (TGROUP tiles) go in panels: every channel block sweeps one panel before
+    # the next panel starts, so that the panel's input, T * TGROUP * VBLOCK elements per run,
+    # stays in L2 for all the blocks and each block's weights in L1 for the whole panel.
+    # Unfolded input: panels of PANEL_BYTES (2-core Xeon, 2 MiB L2, against the earlier rule
+    # of single runs (panel 1) from 1 MiB of unfolded input and at least 64 taps, whole planes
+    # below: resnet-stem forward 1.40x faster on one thread and 1.24-1.28x on two, vgg-224
+    # 1.05-1.08x, the dilated layer's direct pass, cifar-64, mnist-c1/c2 and stripe-c2 within
+    # 3%; 256 KiB and 1 MiB panels 0-4% slower; single runs 1.25x slower on the stem, and 64-run
+    # panels of the dilated layer's 576 taps (7 MiB) 1.6x slower).  Read in place (1x1): single
+    # runs where the planes the tiles read outgrow half of a 1 MiB L2 (pw-1x1 forward, 800 KiB
+    # per image: 1.4x faster; 4- and 16-run panels measured 2% and 8% slower), whole planes
+    # below.
     cdef Py_ssize_t item = sizeof(floating)
-    cdef bint columns_outer = (T * F * item > COLUMNS_OUTER_BYTES if in_place
-                               else T >= 64 and Cg * S * sh * plane * item > 2 * COLUMNS_OUTER_BYTES)
     cdef Py_ssize_t tiles = full // VBLOCK, runs = (tiles + TGROUP - 1) // TGROUP  # TGROUP tiles at a time
-    for outer in range(runs if columns_outer else blocks):
-        for inner in range(blocks if columns_outer else runs):
-            kb, i = (inner, outer) if columns_outer else (outer, inner)
+    cdef Py_ssize_t panel, p, p0
+    if in_place:
+        panel = 1 if T * F * item > COLUMNS_OUTER_BYTES else max(runs, 1)
+    else:
+        panel = max(1, min(runs, PANEL_BYTES // (T * TGROUP * VBLOCK * item)))
+    for p in range((runs + panel - 1) // panel):
+        p0 = p * panel
+        for kb in range(blocks):
             k0 = kb * KBLOCK
-            f0 = i * TGROUP * VBLOCK
-            _tile(src + f0, wt + kb * T * KBLOCK, offs, T, bias + k0, out + k0 * F + f0, F,
-                  min(<Py_ssize_t> KBLOCK, Kg - k0), min(<Py_ssize_t> TGROUP, tiles - i * TGROUP))
+            for i in range(p0, min(p0 + panel, runs)):
+                f0 = i * TGROUP * VBLOCK
+                _tile(src + f0, wt + kb * T * KBLOCK, offs, T, bias + k0, out + k0 * F + f0, F,
+                      min(<Py_ssize_t> KBLOCK, Kg - k0), min(<Py_ssize_t> TGROUP, tiles - i * TGROUP))
     if full < F:  # the last, partial tile goes through a buffer
         for kb in range(blocks):
             k0 = kb * KBLOCK

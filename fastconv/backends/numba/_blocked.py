@@ -32,7 +32,9 @@ from ._winograd import _next_block
 KBLOCK = 8
 VBLOCK = 16
 #: lanes per LLVM vector: a tile row is VBLOCK // PART vectors (ymm for float32; 16 ymm
-#: accumulators ran 1.4x faster than 8 zmm ones on the stripe-c2 layer, Zen 4)
+#: accumulators ran 1.4x faster than 8 zmm ones on the stripe-c2 layer, Zen 4; on the 2-core
+#: Xeon, two 512-bit FMA units per core, PART = 16 ran resnet-stem 1.34x, vgg-224 1.12x and
+#: mnist-c2 1.25x faster (two threads): not switched, the choice would need to know the core)
 PART = 8
 #: output channels, taps and partial sums (lanes) per (channel, tap) pair of one
 #: weight-gradient tile: 24 accumulators, fed by 4 + 6 vector loads (as the Cython tile)
@@ -40,8 +42,10 @@ WJ = 4
 WQ = 6
 WV = 8
 
-#: see ``_blocked_unit``
+#: see ``_blocked_unit``: in-place planes from which tiles go one by one, and the input per
+#: panel of tiles of an unfolded plane
 COLUMNS_OUTER_BYTES = 1 << 19
+PANEL_BYTES = 1 << 19
 
 _PAR = dict(parallel=True, cache=True, nogil=True)
 _SER = dict(cache=True, nogil=True)
@@ -254,14 +258,18 @@ def _blocked_unit(xf, x0, wf, w0, offs, taps, in_place, bpad, of, o0, xw, stage,
         for c in range(cg):
             _copy(xw, c * VBLOCK, xf, x0 + c * plane + full, 1, f - full)
             _fill(xw, c * VBLOCK + f - full, VBLOCK - (f - full), xw.dtype.type(0))
-    # read in place and over half of L2, column blocks outer (see the Cython kernel)
-    columns_outer = in_place and taps * f * xw.itemsize > COLUMNS_OUTER_BYTES
+    # the tiles in panels that every channel block sweeps in turn (see the Cython kernel):
+    # unfolded, of PANEL_BYTES of input; read in place, single tiles over half of L2, else all
     tiles = full // VBLOCK
-    for outer in range(tiles if columns_outer else blocks):
-        for inner in range(blocks if columns_outer else tiles):
-            kb, i = (inner, outer) if columns_outer else (outer, inner)
-            _tile(src, s0 + i * VBLOCK, wf, w0 + kb * taps * KBLOCK, offs, taps, bpad[kb * KBLOCK:], of,
-                  o0 + kb * KBLOCK * f + i * VBLOCK, f, min(KBLOCK, kg - kb * KBLOCK))
+    if in_place:
+        panel = 1 if taps * f * xw.itemsize > COLUMNS_OUTER_BYTES else max(tiles, 1)
+    else:
+        panel = max(1, min(tiles, PANEL_BYTES // (taps * VBLOCK * xw.itemsize)))
+    for p in range(-(-tiles // panel)):
+        for kb in range(blocks):
+            for i in range(p * panel, min(p * panel + panel, tiles)):
+                _tile(src, s0 + i * VBLOCK, wf, w0 + kb * taps * KBLOCK, offs, taps, bpad[kb * KBLOCK:], of,
+                      o0 + kb * KBLOCK * f + i * VBLOCK, f, min(KBLOCK, kg - kb * KBLOCK))
     if full < f:  # the last, partial tile goes through the stage
         for kb in range(blocks):
             nk = min(KBLOCK, kg - kb * KBLOCK)
