@@ -33,8 +33,9 @@ KBLOCK = 8
 VBLOCK = 16
 #: lanes per LLVM vector: a tile row is VBLOCK // PART vectors (ymm for float32; 16 ymm
 #: accumulators ran 1.4x faster than 8 zmm ones on the stripe-c2 layer, Zen 4; on the 2-core
-#: Xeon, two 512-bit FMA units per core, PART = 16 ran resnet-stem 1.34x, vgg-224 1.12x and
-#: mnist-c2 1.25x faster (two threads): not switched, the choice would need to know the core)
+#: Xeon, two 512-bit FMA units per core, PART = 16 ran the forward passes of resnet-stem 1.34x,
+#: vgg-224 1.12x and mnist-c2 1.25x faster (two threads).  Not switched: the choice would need
+#: to know the core, and the weight-gradient tile's WV = 8 lanes are one PART-wide vector too)
 PART = 8
 #: output channels, taps and partial sums (lanes) per (channel, tap) pair of one
 #: weight-gradient tile: 24 accumulators, fed by 4 + 6 vector loads (as the Cython tile)
