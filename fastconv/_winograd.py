@@ -197,6 +197,11 @@ LANES = 16
 #: tiles per block: measured best or within 5% of the best on layers from 8 to 256 channels
 #: (fewer tiles make the a*a GEMMs too short, more spill the blocks out of L2)
 BLOCK = 64
+#: blocks a pass is cut into at least (where its tiles allow, down to LANES tiles each), whatever
+#: the thread count: enough for up to MIN_BLOCKS / 2 threads to get two blocks each, and the same
+#: blocks for every thread count, so that results do not depend on it (BLAS rounds a column of a
+#: product differently depending on how many columns it has: OpenBLAS's AVX2 edge kernels do)
+MIN_BLOCKS = 8
 #: elements added to each buffer row stride (one cache line of float32)
 STRIDE_PAD = 16
 
@@ -274,8 +279,8 @@ def plan(n: int, groups: int, cin: int, cout: int, out_h: int, out_w: int, d: in
     a = t.a
     hs, ws = tile_starts(out_h, m, d), tile_starts(out_w, m, d)
     total_tiles = n * len(hs) * len(ws)
-    # BLOCK tiles, fewer (a multiple of LANES) when that leaves a thread without two blocks
-    tb = max(LANES, min(BLOCK, -(-total_tiles // (2 * threads)) // LANES * LANES))
+    # BLOCK tiles, fewer (a multiple of LANES) when that makes fewer than MIN_BLOCKS blocks
+    tb = max(LANES, min(BLOCK, -(-total_tiles // MIN_BLOCKS) // LANES * LANES))
     threads = max(1, min(threads, -(-total_tiles // tb)))
     while workspace_bytes(a, groups, cin, cout, tb, threads, itemsize, partials) > limit:
         if tb > LANES:
