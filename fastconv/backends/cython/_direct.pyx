@@ -299,14 +299,11 @@ cdef extern from "_tile.h" nogil:
     enum:
         KBLOCK "FC_KBLOCK"  # output channels per register tile
         VBLOCK "FC_VBLOCK"  # flat outputs per register tile
-    void fc_tile_f(const float* xs, const float* wt, const Py_ssize_t* offs, Py_ssize_t taps, const float* b,
-                   float* out, Py_ssize_t ldo, Py_ssize_t nk)
-    void fc_tile_d(const double* xs, const double* wt, const Py_ssize_t* offs, Py_ssize_t taps, const double* b,
-                   double* out, Py_ssize_t ldo, Py_ssize_t nk)
-    void fc_tile2_f(const float* xs, const float* wt, const Py_ssize_t* offs, Py_ssize_t taps, const float* b,
-                    float* out, Py_ssize_t ldo, Py_ssize_t nk)
-    void fc_tile3_f(const float* xs, const float* wt, const Py_ssize_t* offs, Py_ssize_t taps, const float* b,
-                    float* out, Py_ssize_t ldo, Py_ssize_t nk)
+    # FC_TGROUP tiles at most side by side (``count``)
+    void fc_tiles_f(const float* xs, const float* wt, const Py_ssize_t* offs, Py_ssize_t taps, const float* b,
+                    float* out, Py_ssize_t ldo, Py_ssize_t nk, Py_ssize_t count)
+    void fc_tiles_d(const double* xs, const double* wt, const Py_ssize_t* offs, Py_ssize_t taps, const double* b,
+                    double* out, Py_ssize_t ldo, Py_ssize_t nk, Py_ssize_t count)
     enum:
         TGROUP "FC_TGROUP"  # register tiles side by side (_blocked_unit)
     enum:
@@ -383,17 +380,10 @@ cdef inline void _tile(const floating* xs, const floating* wt, const Py_ssize_t*
                        const floating* b, floating* out, Py_ssize_t ldo, Py_ssize_t nk, Py_ssize_t count=1) noexcept nogil:
     """out[j*ldo + v] = b[j] + sum over taps t of wt[t*KBLOCK + j] * xs[offs[t] + v], j < nk,
     v < count*VBLOCK (``count`` tiles side by side, at most 3)."""
-    cdef Py_ssize_t i
     if floating is float:
-        if count == 3:
-            fc_tile3_f(xs, wt, offs, T, b, out, ldo, nk)
-        elif count == 2:
-            fc_tile2_f(xs, wt, offs, T, b, out, ldo, nk)
-        else:
-            fc_tile_f(xs, wt, offs, T, b, out, ldo, nk)
+        fc_tiles_f(xs, wt, offs, T, b, out, ldo, nk, count)
     else:
-        for i in range(count):
-            fc_tile_d(xs + i * VBLOCK, wt, offs, T, b, out + i * VBLOCK, ldo, nk)
+        fc_tiles_d(xs, wt, offs, T, b, out, ldo, nk, count)
 
 
 cdef void _blocked_unit(const floating* x, const floating* wt, const floating* bias, floating* out,

@@ -1,36 +1,39 @@
 /* Register tiles of the channel-blocked direct convolution (``_direct.pyx``, "channel-blocked").
  *
- * One tile is FC_KBLOCK output channels by FC_VBLOCK consecutive flat outputs.  It is written
- * with GCC / Clang vector extensions rather than left to the auto-vectoriser, which turned
- * the 8 x 16 accumulator array into shuffles instead of keeping it in registers: here each
- * output channel's FC_VBLOCK sums are one vector variable, and every tap costs one vector
- * load of the input, FC_KBLOCK broadcast weights and FC_KBLOCK vector FMAs.  The compiler
- * splits the vectors into whatever registers the target has (two ymm or one zmm for float,
- * on AVX-512 machines), so the code is portable; only the speed depends on the target.
+ * One tile is FC_KBLOCK output channels by FC_VBLOCK consecutive flat outputs; fc_tiles_T computes
+ * up to FC_TGROUP such tiles side by side.  The kernels are written with GCC / Clang vector
+ * extensions over the target's own vector register (FC_VREG bytes: zmm with AVX-512, ymm with
+ * AVX, xmm otherwise) rather than left to the auto-vectoriser, which turned the accumulator
+ * arrays into shuffles instead of keeping them in registers.  Vectors wider than the target's
+ * are no shortcut either: GCC 12 lowered 64-byte vectors on an AVX2 core (Zen 3) into xmm
+ * pieces passed through the stack, 30x slower than PyTorch on mnist-c2.
  *
- * Where a plane has three tiles' worth of outputs left, fc_tile3 computes them at once with 24
- * accumulators (fc_tile2 two, with 16): 8 accumulators barely cover the FMA latency on a core
- * that issues two vector FMAs per cycle (Intel Xeon, 2 x 512 bits), and side-by-side tiles share
- * the broadcast weights (float32 forward passes on such a core, pairs against single tiles:
- * mnist-c2 9-13%, pw-1x1 7%, resnet-stem 5% faster; triples against pairs, one thread: vgg-224
- * 1.16x, pw-1x1 1.08x and its input gradient 1.06x, resnet-stem 1.07x, mnist-c2 1.04x, the
- * small planes of stripe-c2 and mnist-c1 unchanged; two threads: vgg-224 1.14x, pw-1x1's input
- * gradient 1.07x, stripe-c2's 1.04x, the others within 2%).
+ * fc_tiles_T cuts its outputs into panels of FC_PANEL_CH channels by at most FC_PANEL_NV
+ * vectors (fc_panelN_T), whose FC_PANEL_CH * N accumulators stay in registers over every tap:
+ * per tap a panel loads N input vectors and FC_PANEL_CH broadcast weights for FC_PANEL_CH * N
+ * FMAs.  With AVX-512's 32 registers a panel is all 8 channels by 3 vectors (24 accumulators;
+ * 8 barely cover the FMA latency on a core that issues two vector FMAs per cycle, and side-by-
+ * side tiles share the broadcast weights: on a 2-core Xeon, float32 forward passes, pairs
+ * against single tiles: mnist-c2 9-13%, pw-1x1 7%, resnet-stem 5% faster; triples against
+ * pairs, one thread: vgg-224 1.16x, pw-1x1 1.08x, resnet-stem 1.07x, mnist-c2 1.04x).  With 16
+ * registers (AVX2, SSE) a panel is half the channels by up to 3 vectors: 12 accumulators, 3
+ * input vectors and a broadcast.
  *
  * The weight gradient's tile (fc_wtile) holds FC_WJ x FC_WQ = 4 x 6 (output channel, tap) pairs,
- * each as FC_WV partial sums over the flat outputs: per FC_WV outputs it loads FC_WQ input
+ * each as LANES partial sums over the flat outputs: per LANES outputs it loads FC_WQ input
  * vectors and FC_WJ output-gradient vectors for FC_WJ * FC_WQ vector FMAs (24 accumulators
  * and 10 loads; the 4 x 2 x 16 tile it replaced needed 12 loads for 16 FMAs and ran 1.5-2x
- * slower).  Its float lanes are one ymm register; on a core with two 512-bit FMA units that
- * is half of its peak, which the large planes reached (resnet-stem: the tile loop ran at
- * 2 ymm FMAs per cycle).  fc_wtile_wide_f has one zmm of lanes for them (2-core Xeon:
- * resnet-stem's weight gradient on one thread 17.7 -> 12.4 ms, on two 8.5 -> 7.9-8.7, where the
- * two cores' caches then limit it; vgg-224's 8.0 -> 6.1-7.6 ms); on small planes, fewer steps per
- * call to amortise its 24 accumulators' loads and stores, it measured 5-11% slower (stripe-c2,
- * mnist-c1).
+ * slower).  Where 24 lane vectors do not fit the registers (16 registers, or lanes wider than
+ * one), it runs over the output channels in chunks (FC_WCHUNK) that fit.  Float lanes are
+ * FC_WV = 8, one ymm register; on a core with two 512-bit FMA units that is half of its peak,
+ * which the large planes reached (resnet-stem: the tile loop ran at 2 ymm FMAs per cycle).
+ * fc_wtile_wide_f has FC_WV_WIDE = 16 lanes, one zmm, for them (2-core Xeon: resnet-stem's
+ * weight gradient on one thread 17.7 -> 12.4 ms, on two 8.5 -> 7.9-8.7, where the two cores'
+ * caches then limit it; vgg-224's 8.0 -> 6.1-7.6 ms); on small planes, fewer steps per call to
+ * amortise its 24 accumulators' loads and stores, it measured 5-11% slower (stripe-c2, mnist-c1).
  *
- * FC_TILE(T, SUFFIX) defines fc_tile_SUFFIX for element type T (float: f, double: d), FC_TILE2
- * fc_tile2_SUFFIX, FC_TILE3 fc_tile3_SUFFIX, FC_WTILE(T, NAME, LANES, KEEP) a weight-gradient tile.
+ * FC_TILES(T, SUFFIX) defines fc_tiles_SUFFIX for element type T (float: f, double: d),
+ * FC_WTILE(T, NAME, LANES) a weight-gradient tile.
  */
 #ifndef FASTCONV_TILE_H
 #define FASTCONV_TILE_H
@@ -39,7 +42,7 @@
 
 #define FC_KBLOCK 8
 #define FC_VBLOCK 16
-#define FC_TGROUP 3 /* tiles side by side where a plane has them (fc_tile3) */
+#define FC_TGROUP 3 /* tiles side by side where a plane has them (fc_tiles) */
 /* the weight gradient's tile: FC_WJ output channels by FC_WQ taps ... */
 #define FC_WJ 4
 #define FC_WQ 6
@@ -48,158 +51,143 @@
  * machines (FC_WIDE_OK: whether it runs in one register there) */
 #define FC_WV 8
 #define FC_WV_WIDE 16
+
+/* the target's vector register (bytes), and how many of them may hold accumulators */
 #if defined(__AVX512F__)
+#define FC_VREG 64
+#define FC_ACC_REGS 24
 #define FC_WIDE_OK 1
-#else
+#define FC_TAP_UNROLL 1 /* taps per iteration of a panel's loop */
+#elif defined(__AVX__)
+#define FC_VREG 32
+#define FC_ACC_REGS 12
 #define FC_WIDE_OK 0
+#define FC_TAP_UNROLL 4
+#else
+#define FC_VREG 16
+#define FC_ACC_REGS 12
+#define FC_WIDE_OK 0
+#define FC_TAP_UNROLL 4
+#endif
+/* a forward panel: FC_PANEL_CH output channels (a divisor of FC_KBLOCK) by up to FC_PANEL_NV vectors */
+#ifndef FC_PANEL_NV
+#define FC_PANEL_NV 3
+#endif
+#ifndef FC_TAP_CHUNK
+#define FC_TAP_CHUNK 64 /* taps per chunk where a tile takes several panels (fc_tiles) */
+#endif
+#ifndef FC_PANEL_CH
+#define FC_PANEL_CH (FC_ACC_REGS / FC_PANEL_NV < FC_KBLOCK ? FC_ACC_REGS / FC_PANEL_NV : FC_KBLOCK)
+#endif
+#if FC_KBLOCK % FC_PANEL_CH != 0 || FC_VBLOCK * 4 % FC_VREG != 0
+#error "_tile.h: a tile must be whole panels of whole vectors"
 #endif
 
-#define FC_TILE(T, SUFFIX)                                                                      \
-    /* FC_VBLOCK elements of T, aligned only as T (loads and stores may be unaligned) */       \
-    typedef T fc_vec_##SUFFIX __attribute__((vector_size(FC_VBLOCK * sizeof(T)), aligned(sizeof(T)))); \
-                                                                                                \
-    /* out[j*ldo + v] = b[j] + sum_t wt[t*FC_KBLOCK + j] * xs[offs[t] + v], v < FC_VBLOCK, j < nk */ \
-    static inline void fc_tile_##SUFFIX(const T *xs, const T *wt, const ptrdiff_t *offs,      \
-                                        ptrdiff_t taps, const T *b, T *out, ptrdiff_t ldo,     \
-                                        ptrdiff_t nk)                                          \
-    {                                                                                           \
-        fc_vec_##SUFFIX acc0 = b[0] + (fc_vec_##SUFFIX){0}, acc1 = b[1] + (fc_vec_##SUFFIX){0}, \
-                        acc2 = b[2] + (fc_vec_##SUFFIX){0}, acc3 = b[3] + (fc_vec_##SUFFIX){0}, \
-                        acc4 = b[4] + (fc_vec_##SUFFIX){0}, acc5 = b[5] + (fc_vec_##SUFFIX){0}, \
-                        acc6 = b[6] + (fc_vec_##SUFFIX){0}, acc7 = b[7] + (fc_vec_##SUFFIX){0}; \
-        for (ptrdiff_t t = 0; t < taps; t++) {                                                  \
-            const fc_vec_##SUFFIX x = *(const fc_vec_##SUFFIX *)(xs + offs[t]);                 \
-            const T *w = wt + t * FC_KBLOCK;                                                    \
-            acc0 += x * w[0]; acc1 += x * w[1]; acc2 += x * w[2]; acc3 += x * w[3];             \
-            acc4 += x * w[4]; acc5 += x * w[5]; acc6 += x * w[6]; acc7 += x * w[7];             \
-        }                                                                                       \
-        const fc_vec_##SUFFIX acc[FC_KBLOCK] = {acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7}; \
-        for (ptrdiff_t j = 0; j < nk; j++)                                                      \
-            *(fc_vec_##SUFFIX *)(out + j * ldo) = acc[j];                                       \
-    }                                                                                           \
+#define FC_PRAGMA(x) FC_PRAGMA_(x)
+#define FC_PRAGMA_(x) _Pragma(#x)
+/* for (int i = 0; i < n; i++), fully unrolled (n a constant up to 8) */
+#define FC_FOR(i, n) FC_PRAGMA(GCC unroll 8) for (int i = 0; i < (n); i++)
 
-
-/* FC_TILE2(T, SUFFIX): fc_tile2_SUFFIX, fc_tile for 2*FC_VBLOCK outputs, two vectors per channel:
- * 16 accumulators, so that two loads and 8 broadcasts feed 16 FMAs (float only: for double the
- * 16 would not fit the register file) */
-#define FC_TILE2(T, SUFFIX)                                                                     \
-    static inline void fc_tile2_##SUFFIX(const T *xs, const T *wt, const ptrdiff_t *offs,     \
-                                         ptrdiff_t taps, const T *b, T *out, ptrdiff_t ldo,    \
-                                         ptrdiff_t nk)                                         \
+/* fc_panelNV_SUFFIX: out[j*ldo + v] = (add ? out[j*ldo + v] : b[j]) + sum_t wt[t*FC_KBLOCK + j] *
+ * xs[offs[t] + v] for v < NV vectors and j < min(FC_PANEL_CH, nk) */
+#define FC_PANEL(T, SUFFIX, NV)                                                                 \
+    static inline void fc_panel##NV##_##SUFFIX(const T *xs, const T *wt, const ptrdiff_t *offs, \
+                                               ptrdiff_t taps, const T *b, T *out, ptrdiff_t ldo, \
+                                               ptrdiff_t nk, int add)                          \
     {                                                                                           \
-        typedef fc_vec_##SUFFIX V;                                                              \
-        V p0 = b[0] + (V){0}, q0 = p0, p1 = b[1] + (V){0}, q1 = p1, p2 = b[2] + (V){0}, q2 = p2, \
-          p3 = b[3] + (V){0}, q3 = p3, p4 = b[4] + (V){0}, q4 = p4, p5 = b[5] + (V){0}, q5 = p5, \
-          p6 = b[6] + (V){0}, q6 = p6, p7 = b[7] + (V){0}, q7 = p7;                             \
-        for (ptrdiff_t t = 0; t < taps; t++) {                                                  \
-            const V x = *(const V *)(xs + offs[t]), y = *(const V *)(xs + offs[t] + FC_VBLOCK); \
-            const T *w = wt + t * FC_KBLOCK;                                                    \
-            p0 += x * w[0]; q0 += y * w[0]; p1 += x * w[1]; q1 += y * w[1];                     \
-            p2 += x * w[2]; q2 += y * w[2]; p3 += x * w[3]; q3 += y * w[3];                     \
-            p4 += x * w[4]; q4 += y * w[4]; p5 += x * w[5]; q5 += y * w[5];                     \
-            p6 += x * w[6]; q6 += y * w[6]; p7 += x * w[7]; q7 += y * w[7];                     \
+        typedef T V __attribute__((vector_size(FC_VREG), aligned(sizeof(T))));                  \
+        enum { L = FC_VREG / sizeof(T) };                                                       \
+        V acc[FC_PANEL_CH][NV];                                                                 \
+        FC_FOR(j, FC_PANEL_CH) FC_FOR(v, NV)                                                    \
+            acc[j][v] = add ? (j < nk ? *(const V *)(out + j * ldo + v * L) : (V){0}) : b[j] + (V){0}; \
+        FC_PRAGMA(GCC unroll FC_TAP_UNROLL) for (ptrdiff_t t = 0; t < taps; t++) {              \
+            const T *s = xs + offs[t], *w = wt + t * FC_KBLOCK;                                 \
+            V x[NV];                                                                            \
+            FC_FOR(v, NV) x[v] = *(const V *)(s + v * L);                                       \
+            FC_FOR(j, FC_PANEL_CH) {                                                            \
+                const T c = w[j];                                                               \
+                FC_FOR(v, NV) acc[j][v] += x[v] * c;                                            \
+            }                                                                                   \
         }                                                                                       \
-        const V acc[2 * FC_KBLOCK] = {p0, q0, p1, q1, p2, q2, p3, q3, p4, q4, p5, q5, p6, q6, p7, q7}; \
-        for (ptrdiff_t j = 0; j < nk; j++) {                                                    \
-            *(V *)(out + j * ldo) = acc[2 * j];                                                 \
-            *(V *)(out + j * ldo + FC_VBLOCK) = acc[2 * j + 1];                                 \
+        FC_FOR(j, FC_PANEL_CH) if (j < nk) FC_FOR(v, NV) *(V *)(out + j * ldo + v * L) = acc[j][v]; \
+    }
+
+/* fc_tiles_SUFFIX: out[j*ldo + v] = b[j] + sum_t wt[t*FC_KBLOCK + j] * xs[offs[t] + v] for
+ * v < count*FC_VBLOCK and j < nk <= FC_KBLOCK (b and wt padded to FC_KBLOCK channels).  Where
+ * that takes more than one panel, the taps go in chunks of FC_TAP_CHUNK, every panel passing
+ * over a chunk before the next, so that the chunk's input stays in L1 for them all. */
+#define FC_TILES(T, SUFFIX)                                                                     \
+    FC_PANEL(T, SUFFIX, 1) FC_PANEL(T, SUFFIX, 2) FC_PANEL(T, SUFFIX, 3)                         \
+    static inline void fc_tiles_##SUFFIX(const T *xs, const T *wt, const ptrdiff_t *offs,      \
+                                         ptrdiff_t taps, const T *b, T *out, ptrdiff_t ldo,     \
+                                         ptrdiff_t nk, ptrdiff_t count)                         \
+    {                                                                                           \
+        const ptrdiff_t L = FC_VREG / sizeof(T), nv = count * FC_VBLOCK / L;                    \
+        const ptrdiff_t chunk = nv <= FC_PANEL_NV && nk <= FC_PANEL_CH ? taps : FC_TAP_CHUNK;   \
+        for (ptrdiff_t t = 0; t < taps; t += chunk) {                                           \
+            const ptrdiff_t n = taps - t < chunk ? taps - t : chunk;                            \
+            for (ptrdiff_t v = 0; v < nv; v += FC_PANEL_NV)                                     \
+                for (ptrdiff_t j = 0; j < nk; j += FC_PANEL_CH) {                               \
+                    const T *x = xs + v * L, *w = wt + t * FC_KBLOCK + j;                       \
+                    T *o = out + j * ldo + v * L;                                               \
+                    if (nv - v == 1)                                                            \
+                        fc_panel1_##SUFFIX(x, w, offs + t, n, b + j, o, ldo, nk - j, t > 0);    \
+                    else if (nv - v == 2)                                                       \
+                        fc_panel2_##SUFFIX(x, w, offs + t, n, b + j, o, ldo, nk - j, t > 0);    \
+                    else                                                                        \
+                        fc_panel3_##SUFFIX(x, w, offs + t, n, b + j, o, ldo, nk - j, t > 0);    \
+                }                                                                               \
         }                                                                                       \
     }
 
-/* FC_TILE3(T, SUFFIX): fc_tile3_SUFFIX, fc_tile for 3*FC_VBLOCK outputs: 24 accumulators, three
- * loads and 8 broadcasts per 24 FMAs (float only, as FC_TILE2) */
-#define FC_TILE3(T, SUFFIX)                                                                     \
-    static inline void fc_tile3_##SUFFIX(const T *xs, const T *wt, const ptrdiff_t *offs,     \
-                                         ptrdiff_t taps, const T *b, T *out, ptrdiff_t ldo,    \
-                                         ptrdiff_t nk)                                         \
-    {                                                                                           \
-        typedef fc_vec_##SUFFIX V;                                                              \
-        V p0 = b[0] + (V){0}, q0 = p0, r0 = p0, p1 = b[1] + (V){0}, q1 = p1, r1 = p1,           \
-          p2 = b[2] + (V){0}, q2 = p2, r2 = p2, p3 = b[3] + (V){0}, q3 = p3, r3 = p3,           \
-          p4 = b[4] + (V){0}, q4 = p4, r4 = p4, p5 = b[5] + (V){0}, q5 = p5, r5 = p5,           \
-          p6 = b[6] + (V){0}, q6 = p6, r6 = p6, p7 = b[7] + (V){0}, q7 = p7, r7 = p7;           \
-        for (ptrdiff_t t = 0; t < taps; t++) {                                                  \
-            const T *s = xs + offs[t];                                                          \
-            const V x = *(const V *)s, y = *(const V *)(s + FC_VBLOCK), z = *(const V *)(s + 2 * FC_VBLOCK); \
-            const T *w = wt + t * FC_KBLOCK;                                                    \
-            T c;                                                                                \
-            c = w[0]; p0 += x * c; q0 += y * c; r0 += z * c;                                    \
-            c = w[1]; p1 += x * c; q1 += y * c; r1 += z * c;                                    \
-            c = w[2]; p2 += x * c; q2 += y * c; r2 += z * c;                                    \
-            c = w[3]; p3 += x * c; q3 += y * c; r3 += z * c;                                    \
-            c = w[4]; p4 += x * c; q4 += y * c; r4 += z * c;                                    \
-            c = w[5]; p5 += x * c; q5 += y * c; r5 += z * c;                                    \
-            c = w[6]; p6 += x * c; q6 += y * c; r6 += z * c;                                    \
-            c = w[7]; p7 += x * c; q7 += y * c; r7 += z * c;                                    \
-        }                                                                                       \
-        const V acc[3 * FC_KBLOCK] = {p0, q0, r0, p1, q1, r1, p2, q2, r2, p3, q3, r3,           \
-                                      p4, q4, r4, p5, q5, r5, p6, q6, r6, p7, q7, r7};          \
-        for (ptrdiff_t j = 0; j < nk; j++) {                                                    \
-            *(V *)(out + j * ldo) = acc[3 * j];                                                 \
-            *(V *)(out + j * ldo + FC_VBLOCK) = acc[3 * j + 1];                                 \
-            *(V *)(out + j * ldo + 2 * FC_VBLOCK) = acc[3 * j + 2];                             \
-        }                                                                                       \
-    }
-
-/* FC_KEEP_32 / FC_KEEP_64 keep a loaded vector of the weight tile (32 or 64 bytes) in a
- * register: left alone, GCC folds the load into each of the four FMAs that use it (four loads
- * instead of one, and the tile becomes load-bound).  Only where such a vector fits one x86
- * register (AVX, AVX-512); elsewhere the asm constraint cannot be met, and they do nothing. */
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__)) && defined(__AVX__)
-#define FC_KEEP_32(v) __asm__("" : "+v"(v))
+/* FC_KEEP keeps a loaded vector of the weight tile in a register: left alone, GCC folds the
+ * load into each of the FMAs that use it (four loads instead of one, and the tile becomes
+ * load-bound).  x86 GCC / Clang only; elsewhere it does nothing. */
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__)) && defined(__SSE2__)
+#define FC_KEEP(v) __asm__("" : "+v"(v))
 #else
-#define FC_KEEP_32(v) ((void)0)
+#define FC_KEEP(v) ((void)0)
 #endif
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__)) && defined(__AVX512F__)
-#define FC_KEEP_64(v) __asm__("" : "+v"(v))
-#else
-#define FC_KEEP_64(v) ((void)0)
-#endif
-/* the weight tile's accumulators a<j><q> for one output channel j, loaded from / stored to a */
-#define FC_WROW(V, src, j)                                                                      \
-    V a##j##0 = src[j * FC_WQ + 0], a##j##1 = src[j * FC_WQ + 1], a##j##2 = src[j * FC_WQ + 2], \
-      a##j##3 = src[j * FC_WQ + 3], a##j##4 = src[j * FC_WQ + 4], a##j##5 = src[j * FC_WQ + 5];
-#define FC_WSTORE(dst, j)                                                                       \
-    dst[j * FC_WQ + 0] = a##j##0; dst[j * FC_WQ + 1] = a##j##1; dst[j * FC_WQ + 2] = a##j##2;   \
-    dst[j * FC_WQ + 3] = a##j##3; dst[j * FC_WQ + 4] = a##j##4; dst[j * FC_WQ + 5] = a##j##5;
-/* tap q of the weight tile: one input vector, four FMAs (one per output channel) */
-#define FC_WTAP(V, KEEP, q, xq)                                                                 \
-    { V u = *(const V *)(xq + f); KEEP(u);                                                      \
-      a0##q += y0 * u; a1##q += y1 * u; a2##q += y2 * u; a3##q += y3 * u; }
 
-/* acc[(j*FC_WQ + q)*LANES + v] += sum over images i < nimg and flat outputs f < steps * LANES,
- * f = v mod LANES, of g[i*gstride + j*ldg + f] * xs[i*xstride + offs[q] + f]: 24 vector
- * accumulators, so that 4 + 6 vector loads feed 24 vector FMAs.  KEEP: FC_KEEP_32 or FC_KEEP_64,
- * for the vector's size in bytes. */
-#define FC_WTILE(T, NAME, LANES, KEEP)                                                          \
+/* NAME: acc[(j*FC_WQ + q)*LANES + v] += sum over images i < nimg and flat outputs f < steps *
+ * LANES, f = v mod LANES, of g[i*gstride + j*ldg + f] * xs[i*xstride + offs[q] + f], j < FC_WJ,
+ * q < FC_WQ.  Each lane group is P vectors of at most FC_VREG bytes; the channels go in chunks
+ * of JC whose JC * FC_WQ * P accumulators fit FC_ACC_REGS (all four where they fit). */
+#define FC_WTILE(T, NAME, LANES)                                                                \
     static inline void NAME(const T *xs, ptrdiff_t xstride, const ptrdiff_t *offs, const T *g,   \
                             ptrdiff_t gstride, ptrdiff_t ldg, ptrdiff_t steps, ptrdiff_t nimg,   \
                             T *acc)                                                             \
     {                                                                                           \
-        typedef T V __attribute__((vector_size(LANES * sizeof(T)), aligned(sizeof(T))));        \
-        V *a = (V *)acc;                                                                        \
-        FC_WROW(V, a, 0) FC_WROW(V, a, 1) FC_WROW(V, a, 2) FC_WROW(V, a, 3)                     \
-        for (ptrdiff_t i = 0; i < nimg; i++) {                                                  \
-            const T *x = xs + i * xstride, *g0 = g + i * gstride, *g1 = g0 + ldg;               \
-            const T *g2 = g1 + ldg, *g3 = g2 + ldg;                                             \
-            const T *x0 = x + offs[0], *x1 = x + offs[1], *x2 = x + offs[2];                    \
-            const T *x3 = x + offs[3], *x4 = x + offs[4], *x5 = x + offs[5];                    \
-            for (ptrdiff_t f = 0; f < steps * LANES; f += LANES) {                              \
-                const V y0 = *(const V *)(g0 + f), y1 = *(const V *)(g1 + f);                   \
-                const V y2 = *(const V *)(g2 + f), y3 = *(const V *)(g3 + f);                   \
-                FC_WTAP(V, KEEP, 0, x0) FC_WTAP(V, KEEP, 1, x1) FC_WTAP(V, KEEP, 2, x2)         \
-                FC_WTAP(V, KEEP, 3, x3) FC_WTAP(V, KEEP, 4, x4) FC_WTAP(V, KEEP, 5, x5)         \
+        enum { VB = LANES * sizeof(T) < FC_VREG ? LANES * sizeof(T) : FC_VREG, L = VB / sizeof(T), \
+               P = LANES / L, FIT = FC_ACC_REGS / (FC_WQ * P),                                  \
+               JC = FIT < 1 ? 1 : FIT >= FC_WJ ? FC_WJ : FIT >= FC_WJ / 2 ? FC_WJ / 2 : 1 };    \
+        typedef T V __attribute__((vector_size(VB), aligned(sizeof(T))));                       \
+        for (int j0 = 0; j0 < FC_WJ; j0 += JC) {                                                \
+            V a[JC][FC_WQ][P];                                                                  \
+            FC_FOR(j, JC) FC_FOR(q, FC_WQ) FC_FOR(p, P)                                         \
+                a[j][q][p] = *(const V *)(acc + ((j0 + j) * FC_WQ + q) * LANES + p * L);        \
+            for (ptrdiff_t i = 0; i < nimg; i++) {                                              \
+                const T *x = xs + i * xstride, *gi = g + i * gstride + j0 * ldg, *xq[FC_WQ];    \
+                FC_FOR(q, FC_WQ) xq[q] = x + offs[q];                                           \
+                for (ptrdiff_t f = 0; f < steps * LANES; f += LANES) {                          \
+                    V y[JC][P];                                                                 \
+                    FC_FOR(j, JC) FC_FOR(p, P) y[j][p] = *(const V *)(gi + j * ldg + f + p * L); \
+                    FC_FOR(q, FC_WQ) FC_FOR(p, P) {                                             \
+                        V u = *(const V *)(xq[q] + f + p * L);                                  \
+                        FC_KEEP(u);                                                             \
+                        FC_FOR(j, JC) a[j][q][p] += y[j][p] * u;                                \
+                    }                                                                           \
+                }                                                                               \
             }                                                                                   \
+            FC_FOR(j, JC) FC_FOR(q, FC_WQ) FC_FOR(p, P)                                         \
+                *(V *)(acc + ((j0 + j) * FC_WQ + q) * LANES + p * L) = a[j][q][p];              \
         }                                                                                       \
-        FC_WSTORE(a, 0) FC_WSTORE(a, 1) FC_WSTORE(a, 2) FC_WSTORE(a, 3)                         \
     }
 
-FC_TILE(float, f)
-FC_TILE(double, d)
-FC_TILE2(float, f)
-FC_TILE3(float, f)
-FC_WTILE(float, fc_wtile_f, FC_WV, FC_KEEP_32)
-FC_WTILE(float, fc_wtile_wide_f, FC_WV_WIDE, FC_KEEP_64)
-FC_WTILE(double, fc_wtile_d, FC_WV, FC_KEEP_64)
+FC_TILES(float, f)
+FC_TILES(double, d)
+FC_WTILE(float, fc_wtile_f, FC_WV)
+FC_WTILE(float, fc_wtile_wide_f, FC_WV_WIDE)
+FC_WTILE(double, fc_wtile_d, FC_WV)
 
 #endif
