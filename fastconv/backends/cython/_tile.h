@@ -17,14 +17,20 @@
  * against single tiles: mnist-c2 9-13%, pw-1x1 7%, resnet-stem 5% faster; triples against
  * pairs, one thread: vgg-224 1.16x, pw-1x1 1.08x, resnet-stem 1.07x, mnist-c2 1.04x).  With 16
  * registers (AVX2, SSE) a panel is half the channels by up to 3 vectors: 12 accumulators, 3
- * input vectors and a broadcast.
+ * input vectors and a broadcast.  There a tile of three takes four panels, which pass over the
+ * taps in chunks of FC_TAP_CHUNK together, so that a chunk's input is read from L2 once and
+ * from L1 by the other three (the panels loop unrolled by FC_TAP_UNROLL taps).  On the Zen 3,
+ * one thread, a three-tile call of 288 taps (mnist-c2's) ran at 44 GFLOP/s with whole-tap
+ * panels, 74 with chunks of 64 taps (32 and 128 within 3%) and 91 unrolled by 4 (unrolled by 2:
+ * 47; by 8: 82), of a measured sgemm peak of 92; the blocked forward passes went from 0.47x
+ * to 0.8-1.2x PyTorch's speed.  AVX-512 builds keep whole-tap single panels, as measured there.
  *
  * The weight gradient's tile (fc_wtile) holds FC_WJ x FC_WQ = 4 x 6 (output channel, tap) pairs,
  * each as LANES partial sums over the flat outputs: per LANES outputs it loads FC_WQ input
  * vectors and FC_WJ output-gradient vectors for FC_WJ * FC_WQ vector FMAs (24 accumulators
  * and 10 loads; the 4 x 2 x 16 tile it replaced needed 12 loads for 16 FMAs and ran 1.5-2x
  * slower).  Where 24 lane vectors do not fit the registers (16 registers, or lanes wider than
- * one), it runs over the output channels in chunks (FC_WCHUNK) that fit.  Float lanes are
+ * one), it runs over the output channels in chunks that fit.  Float lanes are
  * FC_WV = 8, one ymm register; on a core with two 512-bit FMA units that is half of its peak,
  * which the large planes reached (resnet-stem: the tile loop ran at 2 ymm FMAs per cycle).
  * fc_wtile_wide_f has FC_WV_WIDE = 16 lanes, one zmm, for them (2-core Xeon: resnet-stem's
@@ -70,15 +76,9 @@
 #define FC_TAP_UNROLL 4
 #endif
 /* a forward panel: FC_PANEL_CH output channels (a divisor of FC_KBLOCK) by up to FC_PANEL_NV vectors */
-#ifndef FC_PANEL_NV
 #define FC_PANEL_NV 3
-#endif
-#ifndef FC_TAP_CHUNK
 #define FC_TAP_CHUNK 64 /* taps per chunk where a tile takes several panels (fc_tiles) */
-#endif
-#ifndef FC_PANEL_CH
 #define FC_PANEL_CH (FC_ACC_REGS / FC_PANEL_NV < FC_KBLOCK ? FC_ACC_REGS / FC_PANEL_NV : FC_KBLOCK)
-#endif
 #if FC_KBLOCK % FC_PANEL_CH != 0 || FC_VBLOCK * 4 % FC_VREG != 0
 #error "_tile.h: a tile must be whole panels of whole vectors"
 #endif
