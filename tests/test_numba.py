@@ -439,3 +439,66 @@ def test_second_process_loads_from_cache(tmp_path):
     assert (set(first["times"]) == set(second["times"])
             == {"pool2d_flat[float32]", "conv2d_direct3x3[float32]", "winograd_forward[float32]"})
     assert sum(second["times"].values()) < sum(first["times"].values())
+
+
+def test_register_tiles_fit_the_target(monkeypatch):
+    """The blocked kernels' accumulators are cut to the compile target's vector registers:
+    one 8-channel panel with AVX-512's 32 registers, 4-channel panels with AVX2's 16 ymm,
+    2-channel panels on baseline SSE2 (16 xmm; a float32 row of 16 is then 4 vectors)."""
+    from numba.core import config
+
+    from fastconv.backends.numba import _blocked as bl
+
+    cases = {"skylake-avx512": ("+avx512f,+avx2,+avx", (64, 24)), "haswell": ("+avx2,+avx,+fma", (32, 12)),
+             "generic": ("", (16, 12))}
+    for cpu, (features, expected) in cases.items():
+        monkeypatch.setattr(config, "CPU_NAME", cpu)
+        monkeypatch.setattr(config, "CPU_FEATURES", features)
+        assert bl.target_registers() == expected, cpu
+    # (width, registers per item, budget) -> the largest divisor of width that fits
+    assert bl._panel(bl.KBLOCK, 2, 24) == 8     # AVX-512 float32 and float64: 16 accumulators
+    assert bl._panel(bl.KBLOCK, 2, 12) == 4     # AVX2 float32: two panels of 8
+    assert bl._panel(bl.KBLOCK, 4, 12) == 2     # AVX2 float64, SSE2 float32
+    assert bl._panel(bl.WJ, bl.WQ, 12) == 2     # the weight tile on AVX2, float32
+    assert bl._panel(bl.WJ, 2 * bl.WQ, 12) == 1  # ... float64: one channel of 6 taps
+    assert bl._panel(bl.WJ, bl.WQ, 24) == 4
+
+
+def test_generic_target_matches_reference(tmp_path):
+    """The narrowest register panels (NUMBA_CPU_NAME=generic: SSE2, 2-channel forward panels,
+    1-channel weight-gradient chunks for float64) against the reference in a fresh process."""
+    result = _run("""
+        import json
+        import numpy as np
+        import fastconv as fc
+        rng = np.random.default_rng(3)
+        errs = []
+        for dtype in (np.float32, np.float64):
+            x = rng.standard_normal((3, 6, 11, 9)).astype(dtype)
+            w = rng.standard_normal((10, 3, 3, 2)).astype(dtype)
+            kw = dict(stride=(1, 2), padding=(1, 0), groups=2)
+            out = fc.conv2d(x, w, **kw, backend="numba", algorithm="direct")
+            ref = fc.conv2d(x, w, **kw, backend="reference")
+            gy = rng.standard_normal(ref.shape).astype(dtype)
+            g = fc.conv2d_backward(gy, x, w, **kw, backend="numba", algorithm="direct", need_input=False)
+            gr = fc.conv2d_backward(gy, x, w, **kw, backend="reference", need_input=False)
+            rel = lambda a, b: float(np.linalg.norm((a - b).ravel()) / np.linalg.norm(b.ravel()))
+            errs.append([rel(out, ref), rel(g.weight, gr.weight)])
+        from fastconv.backends.numba import _blocked
+        print(json.dumps({"errs": errs, "registers": _blocked.target_registers()}))
+    """, _env(NUMBA_CPU_NAME="generic", NUMBA_CACHE_DIR=str(tmp_path)))
+    assert result["registers"] == [16, 12]
+    (f32_out, f32_w), (f64_out, f64_w) = result["errs"]
+    assert max(f32_out, f32_w) <= 1e-5 and max(f64_out, f64_w) <= 1e-12
+
+
+def test_pointwise_layers_run_one_gemm_per_image():
+    from fastconv._args import ConvGeometry
+
+    be = _nb().NumbaBackend()
+    f32 = np.dtype(np.float32)
+    pointwise = ConvGeometry(8, 256, 16, 16, 64, 1, 1, (1, 1), (0, 0, 0, 0), (1, 1), 1, f32)
+    padded = ConvGeometry(8, 256, 16, 16, 64, 1, 1, (1, 1), (1, 1, 1, 1), (1, 1), 1, f32)
+    for op in ("conv2d", "conv2d_backward_input", "conv2d_backward_weight"):
+        assert be.default_algorithm(op, pointwise) == "im2col"
+    assert be.default_algorithm("conv2d", padded) == "direct"
