@@ -491,14 +491,3 @@ def test_generic_target_matches_reference(tmp_path):
     (f32_out, f32_w), (f64_out, f64_w) = result["errs"]
     assert max(f32_out, f32_w) <= 1e-5 and max(f64_out, f64_w) <= 1e-12
 
-
-def test_pointwise_layers_run_one_gemm_per_image():
-    from fastconv._args import ConvGeometry
-
-    be = _nb().NumbaBackend()
-    f32 = np.dtype(np.float32)
-    pointwise = ConvGeometry(8, 256, 16, 16, 64, 1, 1, (1, 1), (0, 0, 0, 0), (1, 1), 1, f32)
-    padded = ConvGeometry(8, 256, 16, 16, 64, 1, 1, (1, 1), (1, 1, 1, 1), (1, 1), 1, f32)
-    for op in ("conv2d", "conv2d_backward_input", "conv2d_backward_weight"):
-        assert be.default_algorithm(op, pointwise) == "im2col"
-    assert be.default_algorithm("conv2d", padded) == "direct"

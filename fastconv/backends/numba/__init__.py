@@ -343,7 +343,8 @@ class NumbaBackend(WinogradPasses, Backend):
         channels per group in and out; else the channel-blocked direct kernel wherever it
         runs (at least 4 outputs per group: the forward pass at any stride, the input gradient
         at stride 1; in two full benchmark runs 1.1-3.2x faster than im2col on forward passes,
-        except pw-1x1 at 0.99-1.09x, and 0.9-1.6x on input gradients; the weight gradient at any
+        except pw-1x1 at 0.99-1.09x (1.19x on an AVX2 Zen 3, tiles cut to its 16 registers), and
+        0.9-1.6x on input gradients; the weight gradient at any
         stride: :func:`fastconv.backends.base.blocked_runs`); else, as before
         they existed,
         Winograd for the 3x3 stride-1 layers it can run with at least
@@ -359,10 +360,7 @@ class NumbaBackend(WinogradPasses, Backend):
         400x8x8x8 and 2.3 on the stripe-c2 layer, 0.85-1.0 on 14x14 and 32x32 planes), 12 in
         and out 1.0-3.0, 16 in and out 1.2-3.3; with 4 outputs 16 inputs give 1.04-1.37, 32
         inputs 2-3, 8 or 12 inputs 0.74-1.17; 4 or 6 inputs lose (0.5-0.99) whatever the
-        outputs.  (The Cython backend uses the first of these rules alone.)  1x1 stride-1 unpadded
-        convs (one GEMM per image, no unfolding) with more than one input channel run im2col: the
-        blocked kernel ran pw-1x1 at 0.99-1.09x im2col's speed on AVX-512 cores and 0.5-0.75x on
-        an AVX2 Zen 3 (all three passes, one thread).  One-channel 3x3
+        outputs.  (The Cython backend uses the first of these rules alone.)  One-channel 3x3
         stride-1 layers with few outputs run the flat-plane direct kernel
         (:func:`fastconv.backends.base.flat3x3_preferred`); elsewhere im2col beat the row-wise
         direct kernel on every layer of the benchmark suite.
@@ -373,8 +371,6 @@ class NumbaBackend(WinogradPasses, Backend):
             min(cin, cout) >= WINOGRAD_MIN_CHANNELS or cin >= WINOGRAD_MIN_WIDE_INPUTS and cout >= WINOGRAD_MIN_OUTPUTS)
         if wide and self.unsupported("winograd", op, g) is None:
             return "winograd"
-        if g.r == g.s == 1 and g.stride == (1, 1) and not any(g.padding) and cin > 1:
-            return "im2col"  # one GEMM per image: see the docstring
         if blocked or cin == 1 and cout <= 4 or flat3x3_preferred(op, g):
             return "direct"
         return "im2col"
