@@ -70,7 +70,8 @@ def target_registers() -> tuple[int, int]:
         import llvmlite.binding as ll
 
         have = {name for name, on in ll.get_host_cpu_features().items() if on}
-    else:  # a named CPU: only the features named with it count (none: baseline SSE2)
+    else:  # a named CPU: only the features listed with it count (fewer registers than the name
+        # may imply costs speed, never correctness: "generic" with none listed is SSE2)
         have = {f[1:] for f in (config.CPU_FEATURES or "").split(",") if f.startswith("+")}
     if "avx512f" in have:
         return 64, 24
@@ -81,6 +82,7 @@ def _panel(width: int, per_item: int, budget: int) -> int:
     """The largest divisor of ``width`` whose items, ``per_item`` registers each, fit ``budget``
     registers (at least 1)."""
     return max(d for d in range(1, width + 1) if width % d == 0 and (d * per_item <= budget or d == 1))
+
 
 _PAR = dict(parallel=True, cache=True, nogil=True)
 _SER = dict(cache=True, nogil=True)
