@@ -84,6 +84,13 @@ def _panel(width: int, per_item: int, budget: int) -> int:
     return max(d for d in range(1, width + 1) if width % d == 0 and (d * per_item <= budget or d == 1))
 
 
+def _fitting(width: int, vectors: int, itemsize: int) -> int:
+    """:func:`_panel` for items of ``vectors`` ``<PART x T>`` accumulators of ``itemsize``-byte
+    elements on the compile target (a vector wider than its registers takes several)."""
+    reg_bytes, budget = target_registers()
+    return _panel(width, vectors * max(1, PART * itemsize // reg_bytes), budget)
+
+
 _PAR = dict(parallel=True, cache=True, nogil=True)
 _SER = dict(cache=True, nogil=True)
 _INL = dict(inline="always", cache=True, nogil=True)
@@ -136,9 +143,7 @@ def _tile(typingctx, xs, x0, wt, w0, offs, taps, b, out, o0, ldo, nk):
         wp = builder.gep(_data(context, builder, sig.args[2], wt_), [w0_])
         offp, bp = _data(context, builder, sig.args[4], offs_), _data(context, builder, sig.args[6], b_)
         op = builder.gep(_data(context, builder, sig.args[7], out_), [o0_])
-        reg_bytes, budget = target_registers()
-        per_channel = len(parts) * max(1, PART * align // reg_bytes)
-        width = _panel(KBLOCK, per_channel, budget)
+        width = _fitting(KBLOCK, len(parts), align)
         for j0 in range(0, KBLOCK, width):  # panels of channels whose sums fit the registers
             channels = range(j0, j0 + width)
             acc = {j: [cgutils.alloca_once(builder, vty) for _ in parts] for j in channels}
@@ -185,8 +190,7 @@ def _wtile(typingctx, xs, x0, xstride, offs, o0, g, g0, gstride, ldg, tiles, nim
         gp = builder.gep(_data(context, builder, sig.args[5], g_), [g0_])
         ap = builder.gep(_data(context, builder, sig.args[11], acc_), [a0_])
         offs = [builder.load(builder.gep(offp, [const(q)])) for q in range(WQ)]
-        reg_bytes, budget = target_registers()
-        width = _panel(WJ, WQ * len(parts) * max(1, PART * align // reg_bytes), budget)
+        width = _fitting(WJ, WQ * len(parts), align)
         for j0 in range(0, WJ, width):  # chunks of channels whose sums fit the registers
             channels = range(j0, j0 + width)
             slots = {j: [[cgutils.alloca_once(builder, vty) for _ in parts] for _ in range(WQ)] for j in channels}
