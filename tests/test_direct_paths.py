@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 import fastconv
+from fastconv._args import ConvGeometry
 from fastconv.backends.base import BLOCKED_MIN_OUTPUTS
 
 from conftest import assert_close, guard_allocations, num_threads
@@ -257,22 +258,29 @@ def _wide_lanes() -> int | None:
 
 
 @pytest.mark.skipif(not _wide_lanes(), reason="the Cython build has no wide weight-gradient tile (no AVX-512)")
+@pytest.mark.parametrize("every_plane", [False, True])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_wide_weight_gradient_tile(threads, monkeypatch):
-    """The Cython kernel's wide float32 tile (16 lanes), on every plane of whole wide tiles
-    (the size rule lowered to 0): one segment or several with a partial last one, a partial
-    block of channels, groups, stride 2, a one-input-channel layer; guard elements around the
-    stage, the unfolded inputs and the partial sums, output gradients followed by NaNs."""
+def test_wide_weight_gradient_tile(threads, every_plane, monkeypatch):
+    """The Cython kernel's wide float32 tile (16 lanes): on every plane of whole wide tiles (the
+    size rule lowered to 0) or on every plane at all (the Zen 5 rule): one segment or several
+    with a partial last one, a partial block of channels, groups, stride 2, a one-input-channel
+    layer, and with ``every_plane`` planes that end in a partial tile (7x7, 14x14, 3x5, 1x1);
+    guard elements around the stage, the unfolded inputs and the partial sums, output gradients
+    followed by NaNs."""
     import fastconv.backends.cython as cy
 
     monkeypatch.setattr(cy, "SERIAL_WORK", 0)
     monkeypatch.setattr(cy, "WIDE_WEIGHT_MIN_OUTPUTS", 0)
+    monkeypatch.setattr(cy, "WIDE_WEIGHT_EVERY_PLANE", every_plane)
     real, lanes = cy._direct.backward_weight_blocked, []
     monkeypatch.setattr(cy._direct, "backward_weight_blocked", lambda *a: lanes.append(a[-1]) or real(*a))
     guarded = guard_allocations(monkeypatch, "cython")
     rng = np.random.default_rng(31)
     cases = [(3, 1, 8, 8, 32, 1, 1), (5, 3, 8, 8, 6, 1, 1), (4, 2, 16, 16, 9, 2, 1), (2, 4, 48, 48, 10, 1, 2),
              (2, 3, 64, 40, 10, 1, 1)]
+    if every_plane:
+        cases += [(3, 5, 7, 7, 8, 1, 1), (2, 6, 14, 14, 12, 1, 3), (4, 2, 5, 9, 7, 2, 1), (3, 4, 1, 1, 8, 1, 1),
+                  (2, 3, 30, 13, 9, 1, 1)]
     for n, c, h, w, k, stride, groups in cases:
         x = rng.standard_normal((n, c, h, w)).astype(np.float32)
         weight = rng.standard_normal((k, c // groups, 3, 3)).astype(np.float32)
@@ -283,6 +291,28 @@ def test_wide_weight_gradient_tile(threads, monkeypatch):
                                           need_input=False, need_bias=False).weight
         assert_close(gw, fastconv.conv2d_backward(gy, x, weight, **kw, backend="reference").weight, np.float32)
     assert lanes == [_wide_lanes()] * len(cases) and guarded.buffers and guarded.untouched()
+
+
+@pytest.mark.skipif("cython" not in BACKENDS, reason="the Cython backend is not built")
+def test_wide_weight_tile_rule(monkeypatch):
+    """Which lanes each plane gets: the 8-lane tile on small planes and on planes that are no
+    multiple of the wide lanes, unless the host is one of the every-plane CPUs; float64 never
+    wide; the CPU names that rule covers."""
+    import fastconv.backends.cython as cy
+
+    assert [cy.wide_tile_on_every_plane(name) for name in ("znver5", "znver6", "znver12")] == [True] * 3
+    assert not any(cy.wide_tile_on_every_plane(name) for name in
+                   ("znver4", "znver3", "znver", "znverx", "skylake-avx512", "sapphirerapids", "generic", ""))
+    wide, narrow = _wide_lanes(), cy._direct.BLOCKED_WEIGHT_TILE[2]
+    f32, f64 = np.dtype(np.float32), np.dtype(np.float64)
+
+    def lanes(hw, dtype=f32):
+        return cy._weight_tile(ConvGeometry(2, 4, hw, hw, 8, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1, dtype))[2]
+
+    monkeypatch.setattr(cy, "WIDE_WEIGHT_EVERY_PLANE", False)
+    assert [lanes(14), lanes(48), lanes(47), lanes(64, f64)] == [narrow, wide or narrow, narrow, narrow]
+    monkeypatch.setattr(cy, "WIDE_WEIGHT_EVERY_PLANE", True)
+    assert [lanes(14), lanes(48), lanes(47), lanes(64, f64)] == [wide or narrow] * 3 + [narrow]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -149,16 +149,40 @@ def _run_blocked(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, out: np.nd
 
 #: float32 weight gradients with more flat outputs per plane than this (and a multiple of the
 #: wide tile's lanes) run ``_direct.backward_weight_blocked``'s wide tile, where the build has
-#: one (see ``_tile.h``: vgg-224's 224x224 planes 1.05-1.3x faster, resnet-stem's 112x112 1.4x on
-#: one thread; 28x28 and smaller planes 5-11% slower)
+#: one (see ``_tile.h``: on a 2-core Xeon, vgg-224's 224x224 planes 1.05-1.3x faster,
+#: resnet-stem's 112x112 1.4x on one thread; 28x28 and smaller planes 5-11% slower) ...
 WIDE_WEIGHT_MIN_OUTPUTS = 2048
+
+
+def wide_tile_on_every_plane(cpu_name: str) -> bool:
+    """Whether the wide float32 weight-gradient tile should run on planes of every size on the
+    CPU that LLVM names ``cpu_name``: AMD Zen 5 and later (``znver5``, ...).  On a 2-core Zen 5
+    it beat the 8-lane tile in 20 of 21 alternating rounds over seven layers, small planes
+    included (mnist-c2's 14x14, not a multiple of its lanes: 142 -> 167-176 GFLOP/s; cifar-64
+    1.5x; stripe-c1 and mnist-c1 1.2-1.5x); on the Xeon above it lost on small planes."""
+    family = cpu_name.removeprefix("znver")
+    return family != cpu_name and family.isdigit() and int(family) >= 5
+
+
+def _host_cpu_name() -> str:
+    """The host CPU as LLVM names it (llvmlite comes with numba), or "" where that fails."""
+    try:
+        from llvmlite import binding
+        return binding.get_host_cpu_name()
+    except Exception:  # pragma: no cover - llvmlite missing or broken
+        return ""
+
+
+#: ... and on every plane on the CPUs of :func:`wide_tile_on_every_plane`
+WIDE_WEIGHT_EVERY_PLANE = wide_tile_on_every_plane(_host_cpu_name())
 
 
 def _weight_tile(g: ConvGeometry) -> tuple[int, int, int]:
     """(channels, taps, lanes) of the weight-gradient tile ``_direct.backward_weight_blocked`` runs for ``g``."""
     wj, wq, lanes = _direct.BLOCKED_WEIGHT_TILE
     wide, outputs = _direct.BLOCKED_WEIGHT_WIDE_LANES, g.out_h * g.out_w
-    if wide and g.dtype == np.float32 and outputs > WIDE_WEIGHT_MIN_OUTPUTS and outputs % wide == 0:
+    large = outputs > WIDE_WEIGHT_MIN_OUTPUTS and outputs % (wide or 1) == 0
+    if wide and g.dtype == np.float32 and (WIDE_WEIGHT_EVERY_PLANE or large):
         lanes = wide
     return wj, wq, lanes
 
