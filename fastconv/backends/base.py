@@ -289,12 +289,12 @@ class BlockedWeightLayout(NamedTuple):
 
 
 @functools.lru_cache(maxsize=256)  # as blocked_layout; its offsets array is shared: never written
-def blocked_weight_layout(g: ConvGeometry, nt: int, tile: tuple[int, int, int],
-                          limit: int) -> BlockedWeightLayout | None:
+def blocked_weight_layout(g: ConvGeometry, nt: int, tile: tuple[int, int, int], limit: int,
+                          kept_lanes: int | None = None) -> BlockedWeightLayout | None:
     """The layout of a channel-blocked weight-gradient kernel whose register ``tile`` = (wj, wq,
-    lanes) holds ``wj`` output channels by ``wq`` taps of ``lanes`` partial sums each, or None
-    when it should not
-    run: fewer than :data:`BLOCKED_MIN_OUTPUTS` outputs per group, fewer (image, group) units
+    lanes) holds ``wj`` output channels by ``wq`` taps of ``lanes`` partial sums each, and keeps
+    ``kept_lanes`` of them per pair in its partial sums (default ``lanes``), or None when it
+    should not run: fewer than :data:`BLOCKED_MIN_OUTPUTS` outputs per group, fewer (image, group) units
     than threads, or buffers over ``limit`` bytes.  The input is unfolded as for the forward
     pass (:func:`blocked_layout`)."""
     if g.k_per_group < BLOCKED_MIN_OUTPUTS or (g.n * g.groups < nt and nt > 1):
@@ -306,7 +306,7 @@ def blocked_weight_layout(g: ConvGeometry, nt: int, tile: tuple[int, int, int],
     chunk = max(1, min(BLOCKED_CHUNK_BYTES // ((image + wj * rows) * item), -(-g.n // (4 * workers))))
     offsets = blocked_offsets(g.c_per_group, g, sh, g.out_w, plane)
     offsets = np.concatenate([offsets, np.zeros(-offsets.size % wq, np.intp)])
-    partial = g.groups * -(-g.k_per_group // wj) * wj * offsets.size * lanes
+    partial = g.groups * -(-g.k_per_group // wj) * wj * offsets.size * (kept_lanes or lanes)
     layout = BlockedWeightLayout(workers, chunk, plane, offsets, chunk * image, chunk * wj * rows, partial)
     if workers * (layout.xs + layout.gs + partial) * item > limit:
         return None

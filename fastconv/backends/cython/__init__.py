@@ -190,7 +190,8 @@ def _weight_tile(g: ConvGeometry) -> tuple[int, int, int]:
 def _blocked_weight_layout(g: ConvGeometry) -> BlockedWeightLayout | None:
     """How ``_direct.backward_weight_blocked`` runs, or None when it should not (see
     :func:`fastconv.backends.base.blocked_weight_layout`)."""
-    return blocked_weight_layout(g, _threads(g.flops // 2), _weight_tile(g), _config.get_workspace_limit())
+    return blocked_weight_layout(g, _threads(g.flops // 2), _weight_tile(g), _config.get_workspace_limit(),
+                                 _direct.BLOCKED_WEIGHT_TILE[2])
 
 
 def _blocked_weight(grad_out: np.ndarray, x: np.ndarray, g: ConvGeometry) -> np.ndarray | None:

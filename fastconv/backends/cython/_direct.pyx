@@ -483,7 +483,7 @@ def forward_blocked(const floating[:, :, :, ::1] x, const floating[:, :, ::1] wt
 # The weight gradient in the same layout: gw[k, t] = sum over images and flat outputs f of
 # gy[n, k, f] * xs_n[offs[t] + f].  A tile holds WJ x WQ (channel, tap) pairs as ``lanes`` partial
 # sums each and runs over a chunk of images; each thread adds its tiles into its own row of
-# ``partial``; once every unit is done, the threads sum those rows and the lanes in float64
+# ``partial``, WV lanes per pair (the wide tile folds its lanes into those: see ``_tile.h``); once every unit is done, the threads sum those rows and the lanes in float64
 # straight into ``gw`` (summed in NumPy, as before, this serial step took 0.6 ms of a 3.6 ms
 # mnist-c2 weight gradient on 2 threads).
 # The tiles read the output gradients in place where the planes are whole tiles (Ho*Wo a
@@ -545,8 +545,8 @@ def backward_weight_blocked(const floating[:, :, :, ::1] gy, const floating[:, :
     ``lanes``: the tile's partial sums per (channel, tap) pair, WV, or WV_WIDE for float32 (the
     wide tile).  Per thread: ``xs`` holds ``chunk`` unfolded inputs of Cg*S*sh planes of ``plane``
     elements, ``gs`` ``chunk`` * WJ staged output-gradient rows of ceil(Ho*Wo / lanes) * lanes,
-    ``partial`` the sums ``[g, kb, tb, j, q, v]`` for tap blocks tb of ``offs`` (a multiple of WQ
-    taps; ``fastconv.backends.base.blocked_weight_layout``).  ``partial`` must be zero on entry.
+    ``partial`` the sums ``[g, kb, tb, j, q, v]``, v < WV whatever ``lanes`` is, for tap blocks tb
+    of ``offs`` (a multiple of WQ taps; ``fastconv.backends.base.blocked_weight_layout``).  ``partial`` must be zero on entry.
     """
     cdef Py_ssize_t N = x.shape[0], H = x.shape[2], W = x.shape[3], Cg = x.shape[1] // groups
     cdef Py_ssize_t K = gy.shape[1], Ho = gy.shape[2], Wo = gy.shape[3], Kg = K // groups
@@ -598,15 +598,15 @@ def backward_weight_blocked(const floating[:, :, :, ::1] gy, const floating[:, :
                         grow = ldg
                     for tb in range(taps):
                         _wtile(xsp + s0 * lanes, xstride, &offs[tb * WQ], grows + s0 * lanes, gimage, grow,
-                               min(seg, steps - s0), nimg, part + ((g * blocks + kb) * taps + tb) * (WJ * WQ * lanes),
+                               min(seg, steps - s0), nimg, part + ((g * blocks + kb) * taps + tb) * (WJ * WQ * WV),
                                wide)
         for e in prange(K * T, schedule="static"):  # after the implied barrier: every partial is complete
             wk = e // T % Kg
             wt = e % T
-            src = ((((e // T // Kg * blocks + wk // WJ) * taps + wt // WQ) * WJ + wk % WJ) * WQ + wt % WQ) * lanes
+            src = ((((e // T // Kg * blocks + wk // WJ) * taps + wt // WQ) * WJ + wk % WJ) * WQ + wt % WQ) * WV
             total = 0
             for worker in range(partial.shape[0]):
-                for v in range(lanes):
+                for v in range(WV):
                     total = total + partial[worker, src + v]
             gw[e // T, wt] = <floating> total
 
