@@ -324,10 +324,45 @@ def test_avg_pool_random(seed):
     assert rel_err(gx, gref) <= TOL[dtype]
 
 
-def test_info_and_algorithm_choice():
+def test_blas_is_narrower():
+    """Narrower only with AVX-512 tiles and every OpenBLAS core known and without AVX-512."""
+    from fastconv.backends.cython import blas_is_narrower
+
+    assert blas_is_narrower(True, ["Haswell"]) and blas_is_narrower(True, ["Haswell", "Zen"])
+    assert not blas_is_narrower(False, ["Haswell"])
+    for cores in (["SkylakeX"], ["Haswell", "SKYLAKEX"], ["cooperlake"], ["SapphireRapids"], [], [""], ["", ""]):
+        assert not blas_is_narrower(True, cores), cores
+
+
+def test_algorithm_choice_with_narrow_blas(monkeypatch):
+    """Where the BLAS runs narrower vectors than the tiles, Winograd from 128 channels (not
+    16) and pointwise weight gradients on im2col from 65536 weights (not 8192)."""
+    import fastconv.backends.cython as cy
+    from fastconv._args import ConvGeometry
+
+    be, f32 = cy.CythonBackend(), np.dtype(np.float32)
+
+    def conv(c, k, hw=16, rs=3):
+        return ConvGeometry(8, c, hw, hw, k, rs, rs, (1, 1), (rs // 2,) * 4, (1, 1), 1, f32)
+
+    for narrow, expect in ((False, ["winograd"] * 3), (True, ["direct"] * 3)):
+        monkeypatch.setattr(cy, "NARROW_BLAS", narrow)
+        assert [be.default_algorithm(op, conv(64, 64)) for op in CONV_OPS] == expect
+        assert [be.default_algorithm(op, conv(32, 64, 14)) for op in CONV_OPS] == expect
+        assert [be.default_algorithm(op, conv(128, 128)) for op in CONV_OPS] == ["winograd"] * 3
+        assert be.default_algorithm("conv2d_backward_weight", conv(256, 64, 28, 1)) == ("direct" if narrow else "im2col")
+        assert be.default_algorithm("conv2d_backward_weight", conv(256, 256, 14, 1)) == "im2col"
+        assert be.default_algorithm("conv2d_backward_weight", conv(64, 64, 16, 1)) == "direct"
+
+
+def test_info_and_algorithm_choice(monkeypatch):
+    """The rules of ``default_algorithm`` where the BLAS has the tiles' vector width (see
+    test_algorithm_choice_with_narrow_blas for the other case)."""
+    import fastconv.backends.cython as cy
     from fastconv._args import ConvGeometry
     from fastconv.backends.cython import CythonBackend
 
+    monkeypatch.setattr(cy, "NARROW_BLAS", False)
     be = CythonBackend()
     assert set(be.info()) >= {"openmp", "blas"}
     f32 = np.dtype(np.float32)

@@ -236,7 +236,8 @@ def _offsets(cin: int, kh: int, kw: int, dh: int, sh: int, out_w: int, plane: in
 
 
 def blocked_runs(op: str, g: ConvGeometry, plan: Callable[[str, ConvGeometry], BlockedLayout | None],
-                 weight_layout: Callable[[ConvGeometry], "BlockedWeightLayout | None"]) -> bool:
+                 weight_layout: Callable[[ConvGeometry], "BlockedWeightLayout | None"],
+                 pointwise_gemm_weights: int = 0) -> bool:
     """Whether ``algorithm="auto"`` may run ``op`` with a backend's channel-blocked kernel: it
     runs there (``plan`` / ``weight_layout``: the backend's :func:`blocked_layout` /
     :func:`blocked_weight_layout`).
@@ -247,11 +248,11 @@ def blocked_runs(op: str, g: ConvGeometry, plan: Callable[[str, ConvGeometry], B
     output-gradient planes in place, the one-channel mnist-c1 1.4-1.6x (before, a copy of
     every plane made it 1.0-1.4x slower than im2col there); pw-1x1 1.2x there too, but on the
     later Zen 4 and Xeon boxes im2col ran it 1.1-1.2x faster: pointwise layers with many
-    weights (:data:`POINTWISE_GEMM_WEIGHTS`), whose weight gradient is one GEMM per image,
-    are left to im2col."""
+    weights (``pointwise_gemm_weights`` per group, default :data:`POINTWISE_GEMM_WEIGHTS`),
+    whose weight gradient is one GEMM per image, are left to im2col."""
     if op == "conv2d_backward_weight":
         return weight_layout(g) is not None and not (
-            is_pointwise(g) and g.k_per_group * g.c_per_group >= POINTWISE_GEMM_WEIGHTS)
+            is_pointwise(g) and g.k_per_group * g.c_per_group >= (pointwise_gemm_weights or POINTWISE_GEMM_WEIGHTS))
     return plan(op, g) is not None
 
 

@@ -73,6 +73,11 @@ def _blas_for(nt: int, n: int):
 #: (see default_algorithm)
 WINOGRAD_MIN_CHANNELS = 8
 WINOGRAD_MIN_CHANNELS_BLOCKED = 16
+#: ... and from this many where the BLAS runs narrower vectors than the tiles (NARROW_BLAS)
+WINOGRAD_MIN_CHANNELS_NARROW_BLAS = 128
+#: where it does, pointwise weight gradients run im2col from this many weights per group (not
+#: :data:`fastconv.backends.base.POINTWISE_GEMM_WEIGHTS`)
+POINTWISE_GEMM_WEIGHTS_NARROW_BLAS = 65536
 
 #: a thread's GEMM should have at least this many columns (images are grouped until it does)
 _MIN_GEMM_COLUMNS = 1024
@@ -203,6 +208,38 @@ def _blocked_weight(grad_out: np.ndarray, x: np.ndarray, g: ConvGeometry) -> np.
                                         _weight_tile(g)[2])
 
     return blocked_weight_gradient(kernel, _blocked_weight_layout(g), g)
+
+
+#: OpenBLAS's cores with AVX-512 kernels, as threadpoolctl names them (lowercased)
+AVX512_OPENBLAS_CORES = frozenset({"skylakex", "cooperlake", "sapphirerapids"})
+
+
+def blas_is_narrower(avx512_tiles: bool, openblas_cores: list[str]) -> bool:
+    """Whether the BLAS that im2col and Winograd call runs narrower vectors than the register
+    tiles: tiles built for AVX-512 and OpenBLAS running another core's kernels (every core
+    of ``openblas_cores`` known and none with AVX-512).  That is OpenBLAS pinned to an older
+    core (``OPENBLAS_CORETYPE=Haswell``, as on one 2-core Zen 5 VM) or one that does not know
+    the CPU.  Measured there (2 threads, float32, direct / Winograd time, in-process
+    alternation): 16 -> 32 channels on 28x28 planes 0.44-0.65, mnist-c2 0.6-0.9, cifar-64
+    0.82-0.96, 64 channels on 56x56 0.95, 128 on 16x16 1.03-1.33, 256 on 7x7 0.63 (forward and
+    input gradient; the dilated layer's weight gradient 1.21, its other passes 0.88-0.96); with
+    the pin lifted (OpenBLAS picked SkylakeX) Winograd won from 64 channels as on other
+    machines (cifar-64 direct / Winograd 1.2-1.5; 32 channels 0.73-1.09).  Pointwise weight
+    gradients there, direct / im2col time: 4096 to 32768 weights 0.69-0.80, 65536 0.97-1.54,
+    512 -> 512 channels 2.2."""
+    known = [core.lower() for core in openblas_cores if core]
+    return avx512_tiles and bool(known) and not any(core in AVX512_OPENBLAS_CORES for core in known)
+
+
+def _openblas_cores() -> list[str]:
+    """The core each loaded OpenBLAS runs kernels for (threadpoolctl's "architecture")."""
+    from threadpoolctl import threadpool_info
+
+    return [str(lib.get("architecture") or "") for lib in threadpool_info() if lib.get("internal_api") == "openblas"]
+
+
+#: whether ``default_algorithm`` should favour the direct kernels (see :func:`blas_is_narrower`)
+NARROW_BLAS = blas_is_narrower(bool(_direct.BLOCKED_WEIGHT_WIDE_LANES), _openblas_cores())
 
 
 class CythonBackend(WinogradPasses, Backend):
@@ -388,11 +425,16 @@ class CythonBackend(WinogradPasses, Backend):
         4 input channels).  Depthwise convs (C/groups = 1: each GEMM is a 1-row product) and
         single-channel, single-output convs (the ``correlate2d`` path, whose column matrix
         would be R*S times the image) stay direct, as do one-channel 3x3 stride-1 layers with
-        up to 8 outputs (the flat-plane kernel).
+        up to 8 outputs (the flat-plane kernel).  Where the BLAS runs narrower vectors than the
+        tiles (:data:`NARROW_BLAS`), Winograd waits for :data:`WINOGRAD_MIN_CHANNELS_NARROW_BLAS`
+        channels and pointwise weight gradients for :data:`POINTWISE_GEMM_WEIGHTS_NARROW_BLAS`
+        weights.
         """
         width = min(g.c_per_group, g.k_per_group)
-        blocked = blocked_runs(op, g, _blocked_plan, _blocked_weight_layout)
-        if ((width >= WINOGRAD_MIN_CHANNELS_BLOCKED or width >= WINOGRAD_MIN_CHANNELS and not blocked)
+        blocked = blocked_runs(op, g, _blocked_plan, _blocked_weight_layout,
+                               POINTWISE_GEMM_WEIGHTS_NARROW_BLAS if NARROW_BLAS else 0)
+        wide = WINOGRAD_MIN_CHANNELS_NARROW_BLAS if NARROW_BLAS else WINOGRAD_MIN_CHANNELS_BLOCKED
+        if ((width >= wide or width >= WINOGRAD_MIN_CHANNELS and not blocked)
                 and self.unsupported("winograd", op, g) is None):
             return "winograd"
         if blocked or g.c_per_group == 1 and g.k_per_group <= 4 or flat3x3_preferred(op, g):
