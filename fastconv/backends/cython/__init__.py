@@ -442,5 +442,6 @@ class CythonBackend(WinogradPasses, Backend):
         return "im2col"
 
     def info(self) -> dict[str, Any]:
-        return {"openmp": bool(_direct.OPENMP), "blas": "scipy.linalg.cython_blas",
+        return {"openmp": bool(_direct.OPENMP), "blas": "scipy.linalg.cython_blas", "narrow_blas": NARROW_BLAS,
+                "wide_weight_tile_every_plane": WIDE_WEIGHT_EVERY_PLANE,
                 "threads": _config.get_num_threads(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
