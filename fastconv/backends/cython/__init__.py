@@ -186,8 +186,8 @@ def _weight_tile(g: ConvGeometry) -> tuple[int, int, int]:
     """(channels, taps, lanes) of the weight-gradient tile ``_direct.backward_weight_blocked`` runs for ``g``."""
     wj, wq, lanes = _direct.BLOCKED_WEIGHT_TILE
     wide, outputs = _direct.BLOCKED_WEIGHT_WIDE_LANES, g.out_h * g.out_w
-    large = outputs > WIDE_WEIGHT_MIN_OUTPUTS and outputs % (wide or 1) == 0
-    if wide and g.dtype == np.float32 and (WIDE_WEIGHT_EVERY_PLANE or large):
+    if wide and g.dtype == np.float32 and (
+            WIDE_WEIGHT_EVERY_PLANE or outputs > WIDE_WEIGHT_MIN_OUTPUTS and outputs % wide == 0):
         lanes = wide
     return wj, wq, lanes
 

@@ -483,9 +483,10 @@ def forward_blocked(const floating[:, :, :, ::1] x, const floating[:, :, ::1] wt
 # The weight gradient in the same layout: gw[k, t] = sum over images and flat outputs f of
 # gy[n, k, f] * xs_n[offs[t] + f].  A tile holds WJ x WQ (channel, tap) pairs as ``lanes`` partial
 # sums each and runs over a chunk of images; each thread adds its tiles into its own row of
-# ``partial``, WV lanes per pair (the wide tile folds its lanes into those: see ``_tile.h``); once every unit is done, the threads sum those rows and the lanes in float64
-# straight into ``gw`` (summed in NumPy, as before, this serial step took 0.6 ms of a 3.6 ms
-# mnist-c2 weight gradient on 2 threads).
+# ``partial``, WV lanes per pair (the wide tile folds its lanes into those: see ``_tile.h``);
+# once every unit is done, the threads sum those rows and the lanes in float64 straight into
+# ``gw`` (summed in NumPy, as before, this serial step took 0.6 ms of a 3.6 ms mnist-c2 weight
+# gradient on 2 threads).
 # The tiles read the output gradients in place where the planes are whole tiles (Ho*Wo a
 # multiple of the lanes) and the block of channels is full.  Elsewhere the rows are copied into a
 # zero-padded stage first, so the spare lanes of a plane's last tile and of a partial block of
@@ -546,7 +547,8 @@ def backward_weight_blocked(const floating[:, :, :, ::1] gy, const floating[:, :
     wide tile).  Per thread: ``xs`` holds ``chunk`` unfolded inputs of Cg*S*sh planes of ``plane``
     elements, ``gs`` ``chunk`` * WJ staged output-gradient rows of ceil(Ho*Wo / lanes) * lanes,
     ``partial`` the sums ``[g, kb, tb, j, q, v]``, v < WV whatever ``lanes`` is, for tap blocks tb
-    of ``offs`` (a multiple of WQ taps; ``fastconv.backends.base.blocked_weight_layout``).  ``partial`` must be zero on entry.
+    of ``offs`` (a multiple of WQ taps; ``fastconv.backends.base.blocked_weight_layout``).
+    ``partial`` must be zero on entry.
     """
     cdef Py_ssize_t N = x.shape[0], H = x.shape[2], W = x.shape[3], Cg = x.shape[1] // groups
     cdef Py_ssize_t K = gy.shape[1], Ho = gy.shape[2], Wo = gy.shape[3], Kg = K // groups

@@ -44,7 +44,7 @@
  * pw-1x1 1.24x, 8x8 to 56x56 planes of 32-64 channels 1.08-1.13x, one input channel 1.02x.
  *
  * FC_TILES(T, SUFFIX) defines fc_tiles_SUFFIX for element type T (float: f, double: d),
- * FC_WTILE(T, NAME, LANES) a weight-gradient tile.
+ * FC_WTILE(T, NAME, LANES, KEPT) a weight-gradient tile.
  */
 #ifndef FASTCONV_TILE_H
 #define FASTCONV_TILE_H
@@ -182,7 +182,7 @@
 #define FC_CAT_(a, b) a##b
 
 /* NAME: acc[(j*FC_WQ + q)*FC_WV + v] += sum over images i < nimg and flat outputs f < steps *
- * LANES, f = v mod FC_WV, of g[i*gstride + j*ldg + f] * xs[i*xstride + offs[q] + f], j < FC_WJ,
+ * LANES with f mod FC_WV = v, of g[i*gstride + j*ldg + f] * xs[i*xstride + offs[q] + f], j < FC_WJ,
  * q < FC_WQ.  Each lane group is P vectors of at most FC_VREG bytes; the channels go in chunks
  * of JC whose JC * FC_WQ * P accumulators fit FC_ACC_REGS (all four where they fit).  The sums
  * in acc keep FC_WV lanes per pair whatever LANES is: a wider tile folds its lanes into FC_WV
