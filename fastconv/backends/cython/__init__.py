@@ -232,10 +232,15 @@ def blas_is_narrower(avx512_tiles: bool, openblas_cores: list[str]) -> bool:
 
 
 def _openblas_cores() -> list[str]:
-    """The core each loaded OpenBLAS runs kernels for (threadpoolctl's "architecture")."""
-    from threadpoolctl import threadpool_info
+    """The core each loaded OpenBLAS runs kernels for (threadpoolctl's "architecture"); none
+    where threadpoolctl cannot tell (the backend then keeps its usual rules)."""
+    try:
+        from threadpoolctl import threadpool_info
 
-    return [str(lib.get("architecture") or "") for lib in threadpool_info() if lib.get("internal_api") == "openblas"]
+        return [str(lib.get("architecture") or "") for lib in threadpool_info()
+                if lib.get("internal_api") == "openblas"]
+    except Exception:  # pragma: no cover - a threadpoolctl that fails to inspect the libraries
+        return []
 
 
 #: whether ``default_algorithm`` should favour the direct kernels (see :func:`blas_is_narrower`)
