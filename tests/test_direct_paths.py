@@ -264,7 +264,8 @@ def test_wide_weight_gradient_tile(threads, every_plane, monkeypatch):
     """The Cython kernel's wide float32 tile (16 lanes): on every plane of whole wide tiles (the
     size rule lowered to 0) or on every plane at all (the Zen 5 rule): one segment or several
     with a partial last one, a partial block of channels, groups, stride 2, a one-input-channel
-    layer, and with ``every_plane`` planes that end in a partial tile (7x7, 14x14, 3x5, 1x1);
+    layer, and with ``every_plane`` output planes that end in a partial tile (7x7, 14x14, 3x5
+    at stride 2, 1x1, 30x13);
     guard elements around the stage, the unfolded inputs and the partial sums, output gradients
     followed by NaNs.  Builds without AVX-512 do not pick the tile, but have it, as lane groups of
     several vectors folded into the kept sums: it runs there too."""
