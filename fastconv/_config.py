@@ -97,6 +97,18 @@ def get_autotune() -> bool:
     return bool(_state["autotune"])
 
 
+def blas_libraries() -> list[dict[str, Any]]:
+    """threadpoolctl's description of every BLAS loaded in the process ("internal_api",
+    "version", "num_threads", "architecture", "filepath", ...); empty where threadpoolctl
+    cannot inspect them."""
+    try:
+        from threadpoolctl import threadpool_info
+
+        return [lib for lib in threadpool_info() if lib.get("user_api") == "blas"]
+    except Exception:  # pragma: no cover - threadpoolctl missing or failing on an unusual library
+        return []
+
+
 class single_threaded_blas:
     """Context manager: every BLAS library loaded in the process (NumPy's and SciPy's
     OpenBLAS) runs on one thread inside it.  Re-entrant and shared across Python threads:

@@ -76,6 +76,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from . import _bench_suite as suite
+from . import _config
 
 SCHEMA_ID = "fastconv-bench/1"
 _NUM = {"type": "number"}
@@ -361,14 +362,8 @@ def cpu_info() -> dict[str, Any]:
         usable = len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - not Linux
         usable = None
-    blas = []
-    try:
-        from threadpoolctl import threadpool_info
-
-        blas = [{k: v for k, v in lib.items() if k in ("internal_api", "version", "num_threads", "architecture")}
-                for lib in threadpool_info() if lib.get("user_api") == "blas"]
-    except Exception:
-        pass
+    blas = [{k: v for k, v in lib.items() if k in ("internal_api", "version", "num_threads", "architecture")}
+            for lib in _config.blas_libraries()]
     try:
         load = [round(v, 2) for v in os.getloadavg()]
     except (AttributeError, OSError):  # pragma: no cover - not Unix

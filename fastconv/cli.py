@@ -33,15 +33,11 @@ def run(args: argparse.Namespace) -> int:
           f"{platform.machine()})")
     print(f"threads: {fastconv.get_num_threads()}   workspace limit: {fastconv.get_workspace_limit() / 2**20:.0f} MiB"
           f"   default backend: {fastconv.get_backend()}")
-    try:
-        from threadpoolctl import threadpool_info
+    from fastconv import _config
 
-        for lib in threadpool_info():
-            if lib.get("user_api") == "blas":
-                print(f"BLAS: {lib.get('internal_api')} {lib.get('version')} ({lib.get('num_threads')} threads, "
-                      f"{lib.get('architecture', '?')})  {lib.get('filepath')}")
-    except ImportError:
-        print("BLAS: (threadpoolctl not installed)")
+    for lib in _config.blas_libraries():
+        print(f"BLAS: {lib.get('internal_api')} {lib.get('version')} ({lib.get('num_threads')} threads, "
+              f"{lib.get('architecture', '?')})  {lib.get('filepath')}")
     print("backends:")
     for name, info in fastconv.available_backends().items():
         if info["available"]:

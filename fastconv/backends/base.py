@@ -237,7 +237,7 @@ def _offsets(cin: int, kh: int, kw: int, dh: int, sh: int, out_w: int, plane: in
 
 def blocked_runs(op: str, g: ConvGeometry, plan: Callable[[str, ConvGeometry], BlockedLayout | None],
                  weight_layout: Callable[[ConvGeometry], "BlockedWeightLayout | None"],
-                 pointwise_gemm_weights: int = 0) -> bool:
+                 pointwise_gemm_weights: int | None = None) -> bool:
     """Whether ``algorithm="auto"`` may run ``op`` with a backend's channel-blocked kernel: it
     runs there (``plan`` / ``weight_layout``: the backend's :func:`blocked_layout` /
     :func:`blocked_weight_layout`).

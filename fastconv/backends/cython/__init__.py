@@ -178,8 +178,17 @@ def _host_cpu_name() -> str:
         return ""
 
 
-#: ... and on every plane on the CPUs of :func:`wide_tile_on_every_plane`
-WIDE_WEIGHT_EVERY_PLANE = wide_tile_on_every_plane(_host_cpu_name())
+#: ... and on every plane on the CPUs of :func:`wide_tile_on_every_plane` (None until the first
+#: weight gradient asks: :func:`_wide_weight_every_plane`)
+WIDE_WEIGHT_EVERY_PLANE: bool | None = None
+
+
+def _wide_weight_every_plane() -> bool:
+    """:data:`WIDE_WEIGHT_EVERY_PLANE`, found out on first use (llvmlite's import takes ~30 ms)."""
+    global WIDE_WEIGHT_EVERY_PLANE
+    if WIDE_WEIGHT_EVERY_PLANE is None:
+        WIDE_WEIGHT_EVERY_PLANE = wide_tile_on_every_plane(_host_cpu_name())
+    return WIDE_WEIGHT_EVERY_PLANE
 
 
 def _weight_tile(g: ConvGeometry) -> tuple[int, int, int]:
@@ -187,7 +196,7 @@ def _weight_tile(g: ConvGeometry) -> tuple[int, int, int]:
     wj, wq, lanes = _direct.BLOCKED_WEIGHT_TILE
     wide, outputs = _direct.BLOCKED_WEIGHT_WIDE_LANES, g.out_h * g.out_w
     if wide and g.dtype == np.float32 and (
-            WIDE_WEIGHT_EVERY_PLANE or outputs > WIDE_WEIGHT_MIN_OUTPUTS and outputs % wide == 0):
+            _wide_weight_every_plane() or outputs > WIDE_WEIGHT_MIN_OUTPUTS and outputs % wide == 0):
         lanes = wide
     return wj, wq, lanes
 
@@ -231,20 +240,20 @@ def blas_is_narrower(avx512_tiles: bool, openblas_cores: list[str]) -> bool:
     return avx512_tiles and bool(known) and not any(core in AVX512_OPENBLAS_CORES for core in known)
 
 
-def _openblas_cores() -> list[str]:
-    """The core each loaded OpenBLAS runs kernels for (threadpoolctl's "architecture"); none
-    where threadpoolctl cannot tell (the backend then keeps its usual rules)."""
-    try:
-        from threadpoolctl import threadpool_info
-
-        return [str(lib.get("architecture") or "") for lib in threadpool_info()
-                if lib.get("internal_api") == "openblas"]
-    except Exception:  # pragma: no cover - a threadpoolctl that fails to inspect the libraries
-        return []
+#: whether ``default_algorithm`` should favour the direct kernels (see :func:`blas_is_narrower`;
+#: None until it first asks: :func:`_narrow_blas`)
+NARROW_BLAS: bool | None = None
 
 
-#: whether ``default_algorithm`` should favour the direct kernels (see :func:`blas_is_narrower`)
-NARROW_BLAS = blas_is_narrower(bool(_direct.BLOCKED_WEIGHT_WIDE_LANES), _openblas_cores())
+def _narrow_blas() -> bool:
+    """:data:`NARROW_BLAS`, found out on first use from the core each loaded OpenBLAS runs
+    kernels for (none known where threadpoolctl cannot tell: the usual rules then hold)."""
+    global NARROW_BLAS
+    if NARROW_BLAS is None:
+        cores = [str(lib.get("architecture") or "") for lib in _config.blas_libraries()
+                 if lib.get("internal_api") == "openblas"]
+        NARROW_BLAS = blas_is_narrower(bool(_direct.BLOCKED_WEIGHT_WIDE_LANES), cores)
+    return NARROW_BLAS
 
 
 class CythonBackend(WinogradPasses, Backend):
@@ -435,10 +444,10 @@ class CythonBackend(WinogradPasses, Backend):
         channels and pointwise weight gradients for :data:`POINTWISE_GEMM_WEIGHTS_NARROW_BLAS`
         weights.
         """
-        width = min(g.c_per_group, g.k_per_group)
+        width, narrow = min(g.c_per_group, g.k_per_group), _narrow_blas()
         blocked = blocked_runs(op, g, _blocked_plan, _blocked_weight_layout,
-                               POINTWISE_GEMM_WEIGHTS_NARROW_BLAS if NARROW_BLAS else 0)
-        wide = WINOGRAD_MIN_CHANNELS_NARROW_BLAS if NARROW_BLAS else WINOGRAD_MIN_CHANNELS_BLOCKED
+                               POINTWISE_GEMM_WEIGHTS_NARROW_BLAS if narrow else None)
+        wide = WINOGRAD_MIN_CHANNELS_NARROW_BLAS if narrow else WINOGRAD_MIN_CHANNELS_BLOCKED
         if ((width >= wide or width >= WINOGRAD_MIN_CHANNELS and not blocked)
                 and self.unsupported("winograd", op, g) is None):
             return "winograd"
@@ -447,6 +456,6 @@ class CythonBackend(WinogradPasses, Backend):
         return "im2col"
 
     def info(self) -> dict[str, Any]:
-        return {"openmp": bool(_direct.OPENMP), "blas": "scipy.linalg.cython_blas", "narrow_blas": NARROW_BLAS,
-                "wide_weight_tile_every_plane": WIDE_WEIGHT_EVERY_PLANE,
+        return {"openmp": bool(_direct.OPENMP), "blas": "scipy.linalg.cython_blas", "narrow_blas": _narrow_blas(),
+                "wide_weight_tile_every_plane": _wide_weight_every_plane(),
                 "threads": _config.get_num_threads(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
