@@ -510,6 +510,7 @@ cdef enum:
 cdef inline void _wtile(const floating* xs, Py_ssize_t xstride, const Py_ssize_t* offs, const floating* g,
                         Py_ssize_t gstride, Py_ssize_t ldg, Py_ssize_t steps, Py_ssize_t nimg,
                         floating* acc, bint wide) noexcept nogil:
+    # the tiles need steps >= 1 and nimg >= 1 (``_tile.h``): every call below has both
     if floating is float:
         if wide:
             fc_wtile_wide_f(xs, xstride, offs, g, gstride, ldg, steps, nimg, acc)
