@@ -109,6 +109,12 @@ def blas_libraries() -> list[dict[str, Any]]:
         return []
 
 
+def openblas_cores() -> list[str]:
+    """The core each loaded OpenBLAS runs kernels for, as threadpoolctl names it ("Haswell",
+    "SkylakeX", ...; "" where it does not say)."""
+    return [str(lib.get("architecture") or "") for lib in blas_libraries() if lib.get("internal_api") == "openblas"]
+
+
 class single_threaded_blas:
     """Context manager: every BLAS library loaded in the process (NumPy's and SciPy's
     OpenBLAS) runs on one thread inside it.  Re-entrant and shared across Python threads:

@@ -326,7 +326,7 @@ def test_avg_pool_random(seed):
 
 def test_blas_is_narrower():
     """Narrower only with AVX-512 tiles and every OpenBLAS core known and without AVX-512."""
-    from fastconv.backends.cython import blas_is_narrower
+    from fastconv.backends.base import blas_is_narrower
 
     assert blas_is_narrower(True, ["Haswell"]) and blas_is_narrower(True, ["Haswell", "Zen"])
     assert not blas_is_narrower(False, ["Haswell"])

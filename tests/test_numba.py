@@ -499,3 +499,23 @@ def test_generic_target_matches_reference(tmp_path):
         ref = fc.conv2d_backward(gy, x, w, **kw, backend="reference", need_input=False)
         assert rel_err(got[name + "_y"], fc.conv2d(x, w, **kw, backend="reference")) <= TOL[dtype]
         assert rel_err(got[name + "_gw"], ref.weight) <= TOL[dtype]
+
+
+def test_algorithm_choice_with_narrow_blas(monkeypatch):
+    """Where the BLAS runs narrower vectors than the core offers, Winograd from 64 channels
+    where the blocked kernel runs (not 16); elsewhere from 16."""
+    import fastconv.backends.numba as nbmod
+    from fastconv._args import ConvGeometry
+    from fastconv.backends.base import CONV_OPS
+
+    be, f32 = nbmod.NumbaBackend(), np.dtype(np.float32)
+
+    def conv(c, k, hw=14):
+        return ConvGeometry(8, c, hw, hw, k, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1, f32)
+
+    for narrow, expect in ((False, ["winograd"] * 3), (True, ["direct"] * 3)):
+        monkeypatch.setattr(nbmod, "NARROW_BLAS", narrow)
+        assert [be.default_algorithm(op, conv(16, 16, 28)) for op in CONV_OPS] == expect
+        assert [be.default_algorithm(op, conv(32, 64)) for op in CONV_OPS] == expect
+        assert [be.default_algorithm(op, conv(64, 64, 32)) for op in CONV_OPS] == ["winograd"] * 3
+        assert be.info()["narrow_blas"] is narrow

@@ -344,6 +344,30 @@ def blocked_weights(w: np.ndarray, groups: int, kblock: int) -> np.ndarray:
                                 .reshape(groups, blocks * taps, kblock))
 
 
+#: OpenBLAS's cores with AVX-512 kernels, as threadpoolctl names them (lowercased)
+AVX512_OPENBLAS_CORES = frozenset({"skylakex", "cooperlake", "sapphirerapids"})
+
+
+def blas_is_narrower(avx512_cpu: bool, openblas_cores: list[str]) -> bool:
+    """Whether the BLAS that im2col and Winograd call runs narrower vectors than the core
+    offers the direct kernels: an AVX-512 target (``avx512_cpu``) and OpenBLAS running
+    another core's kernels (every core of ``openblas_cores`` known and none with AVX-512).
+    That is OpenBLAS pinned to an older core (``OPENBLAS_CORETYPE=Haswell``, as on one 2-core
+    Zen 5 VM) or one that does not know the CPU.  Measured there (2 threads, float32, direct /
+    Winograd time, in-process alternation), Cython: 16 -> 32 channels on 28x28 planes
+    0.44-0.65, mnist-c2 0.6-0.9, cifar-64 0.82-0.96, 64 channels on 56x56 0.95, 128 on 16x16
+    1.03-1.33, 256 on 7x7 0.63 (forward and input gradient; the dilated layer's weight
+    gradient 1.21, its other passes 0.88-0.96); with the pin lifted (OpenBLAS picked SkylakeX)
+    Winograd won from 64 channels as on other machines (cifar-64 direct / Winograd 1.2-1.5; 32
+    channels 0.73-1.09).  Pointwise weight gradients there, direct / im2col time: 4096 to
+    32768 weights 0.69-0.80, 65536 0.97-1.54, 512 -> 512 channels 2.2.  Numba: 16 channels on
+    28x28 0.64-0.73, 32 on 28x28 0.89-1.02, mnist-c2 0.81-0.88, cifar-64 1.33-1.52, 128 on
+    16x16 1.50-1.75; with the pin lifted 16 channels 0.88-0.93, 32 0.89-1.33, mnist-c2
+    0.95-1.17, cifar-64 1.7-2.3."""
+    known = [core.lower() for core in openblas_cores if core]
+    return avx512_cpu and bool(known) and not any(core in AVX512_OPENBLAS_CORES for core in known)
+
+
 #: up to this many outputs per group, a one-channel 3x3 stride-1 layer runs the flat-plane
 #: direct kernel faster than im2col (forward and input gradient; im2col wins from 16 outputs)
 FLAT3X3_MAX_OUTPUTS = 8

@@ -33,7 +33,7 @@ from ... import _config  # noqa: E402
 from ..._args import ConvGeometry  # noqa: E402
 from ..._buffers import aligned_rows  # noqa: E402
 from .._winograd_passes import WinogradPasses  # noqa: E402
-from ..base import (SERIAL_WORK, Backend, BlockedLayout, BlockedWeightLayout,  # noqa: E402
+from ..base import (SERIAL_WORK, Backend, BlockedLayout, BlockedWeightLayout, blas_is_narrower,  # noqa: E402
                     blocked_layout, blocked_runs, blocked_weight_gradient, blocked_weight_layout,
                     blocked_weights, flat3x3_buffers, flat3x3_preferred, input_grad_kernel, is_pointwise,
                     small_gemm_rows, sum_partials)
@@ -219,29 +219,8 @@ def _blocked_weight(grad_out: np.ndarray, x: np.ndarray, g: ConvGeometry) -> np.
     return blocked_weight_gradient(kernel, _blocked_weight_layout(g), g)
 
 
-#: OpenBLAS's cores with AVX-512 kernels, as threadpoolctl names them (lowercased)
-AVX512_OPENBLAS_CORES = frozenset({"skylakex", "cooperlake", "sapphirerapids"})
-
-
-def blas_is_narrower(avx512_tiles: bool, openblas_cores: list[str]) -> bool:
-    """Whether the BLAS that im2col and Winograd call runs narrower vectors than the register
-    tiles: tiles built for AVX-512 and OpenBLAS running another core's kernels (every core
-    of ``openblas_cores`` known and none with AVX-512).  That is OpenBLAS pinned to an older
-    core (``OPENBLAS_CORETYPE=Haswell``, as on one 2-core Zen 5 VM) or one that does not know
-    the CPU.  Measured there (2 threads, float32, direct / Winograd time, in-process
-    alternation): 16 -> 32 channels on 28x28 planes 0.44-0.65, mnist-c2 0.6-0.9, cifar-64
-    0.82-0.96, 64 channels on 56x56 0.95, 128 on 16x16 1.03-1.33, 256 on 7x7 0.63 (forward and
-    input gradient; the dilated layer's weight gradient 1.21, its other passes 0.88-0.96); with
-    the pin lifted (OpenBLAS picked SkylakeX) Winograd won from 64 channels as on other
-    machines (cifar-64 direct / Winograd 1.2-1.5; 32 channels 0.73-1.09).  Pointwise weight
-    gradients there, direct / im2col time: 4096 to 32768 weights 0.69-0.80, 65536 0.97-1.54,
-    512 -> 512 channels 2.2."""
-    known = [core.lower() for core in openblas_cores if core]
-    return avx512_tiles and bool(known) and not any(core in AVX512_OPENBLAS_CORES for core in known)
-
-
-#: whether ``default_algorithm`` should favour the direct kernels (see :func:`blas_is_narrower`;
-#: None until it first asks: :func:`_narrow_blas`)
+#: whether ``default_algorithm`` should favour the direct kernels (see
+#: :func:`fastconv.backends.base.blas_is_narrower`; None until it first asks: :func:`_narrow_blas`)
 NARROW_BLAS: bool | None = None
 
 
@@ -250,9 +229,7 @@ def _narrow_blas() -> bool:
     kernels for (none known where threadpoolctl cannot tell: the usual rules then hold)."""
     global NARROW_BLAS
     if NARROW_BLAS is None:
-        cores = [str(lib.get("architecture") or "") for lib in _config.blas_libraries()
-                 if lib.get("internal_api") == "openblas"]
-        NARROW_BLAS = blas_is_narrower(bool(_direct.BLOCKED_WEIGHT_WIDE_LANES), cores)
+        NARROW_BLAS = blas_is_narrower(bool(_direct.BLOCKED_WEIGHT_WIDE_LANES), _config.openblas_cores())
     return NARROW_BLAS
 
 

@@ -57,7 +57,7 @@ import numpy as np  # noqa: E402
 from ... import _config  # noqa: E402
 from ..._args import ConvGeometry, PoolGeometry  # noqa: E402
 from .._winograd_passes import WinogradPasses  # noqa: E402
-from ..base import (SERIAL_WORK, Backend, BlockedLayout, BlockedWeightLayout,  # noqa: E402
+from ..base import (SERIAL_WORK, Backend, BlockedLayout, BlockedWeightLayout, blas_is_narrower,  # noqa: E402
                     blocked_layout, blocked_runs, blocked_weight_gradient, blocked_weight_layout,
                     blocked_weights, flat3x3_buffers, flat3x3_preferred, input_grad_kernel, is_pointwise,
                     small_gemm_rows, sum_partials)
@@ -301,9 +301,25 @@ class _ThreadPlan:
 #: (see default_algorithm)
 WINOGRAD_MIN_CHANNELS = 8
 WINOGRAD_MIN_CHANNELS_BLOCKED = 16
+#: ... and from this many where the BLAS runs narrower vectors than the core offers (NARROW_BLAS)
+WINOGRAD_MIN_CHANNELS_NARROW_BLAS = 64
 #: ... or from this many input channels per group with at least WINOGRAD_MIN_OUTPUTS outputs
 WINOGRAD_MIN_WIDE_INPUTS = 16
 WINOGRAD_MIN_OUTPUTS = 4
+
+
+#: whether ``default_algorithm`` should favour the direct kernels (see
+#: :func:`fastconv.backends.base.blas_is_narrower`; None until it first asks: :func:`_narrow_blas`)
+NARROW_BLAS: bool | None = None
+
+
+def _narrow_blas() -> bool:
+    """:data:`NARROW_BLAS`, found out on first use from the compile target's registers and the
+    core each loaded OpenBLAS runs kernels for."""
+    global NARROW_BLAS
+    if NARROW_BLAS is None:
+        NARROW_BLAS = blas_is_narrower(_blocked.target_registers()[0] == 64, _config.openblas_cores())
+    return NARROW_BLAS
 
 
 #: the ``bias`` argument of :func:`_kernels.conv2d_im2col` for a layer without bias, by dtype
@@ -353,7 +369,9 @@ class NumbaBackend(WinogradPasses, Backend):
         im2col + GEMM unless the GEMM would be degenerate: depthwise-like convs (one input
         channel per group, few outputs per group; each GEMM is then a 1-row product) and the
         single-channel ``correlate2d`` path, whose column matrix would be R*S times the image,
-        stay direct.
+        stay direct.  Where the BLAS runs narrower vectors than the core offers (:data:`NARROW_BLAS`),
+        Winograd waits for :data:`WINOGRAD_MIN_CHANNELS_NARROW_BLAS` channels where the blocked
+        kernel runs.
 
         Measured on the 2-core box (float32, 2 threads, all three passes, numba im2col time /
         numba Winograd time): 8 in and out 0.84-1.57 (wins on small planes, e.g. 1.2-1.6 on
@@ -367,7 +385,8 @@ class NumbaBackend(WinogradPasses, Backend):
         """
         cin, cout = g.c_per_group, g.k_per_group
         blocked = blocked_runs(op, g, _blocked_plan, _blocked_weight_layout)
-        wide = min(cin, cout) >= WINOGRAD_MIN_CHANNELS_BLOCKED or not blocked and (
+        least = WINOGRAD_MIN_CHANNELS_NARROW_BLAS if _narrow_blas() else WINOGRAD_MIN_CHANNELS_BLOCKED
+        wide = min(cin, cout) >= least or not blocked and (
             min(cin, cout) >= WINOGRAD_MIN_CHANNELS or cin >= WINOGRAD_MIN_WIDE_INPUTS and cout >= WINOGRAD_MIN_OUTPUTS)
         if wide and self.unsupported("winograd", op, g) is None:
             return "winograd"
@@ -514,6 +533,7 @@ class NumbaBackend(WinogradPasses, Backend):
             "numba_version": numba.__version__,
             "threading_layer": layer,
             "max_threads": numba.config.NUMBA_NUM_THREADS,
+            "narrow_blas": _narrow_blas(),
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
             "compile_seconds": compile_times(),
         }
