@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 import fastconv
+from fastconv import _args
 from fastconv._args import ConvGeometry
 from fastconv.backends.base import BLOCKED_MIN_OUTPUTS
 
@@ -208,7 +209,7 @@ def test_blocked_weight_gradient_buffers_and_chunks(backend, monkeypatch):
     monkeypatch.setattr(f"fastconv.backends.{backend}.SERIAL_WORK", 0)
     calls = spy(monkeypatch, backend, weight=True)
     guarded = guard_allocations(monkeypatch, backend)
-    rng = np.random.default_rng(5)
+    rng, chunks = np.random.default_rng(5), []
     for (n, c, h, w, k, r, s, stride, pad) in [(11, 3, 7, 5, 6, 3, 3, 1, 1), (3, 4, 20, 23, 9, 5, 3, (2, 1), 2),
                                                (2, 2, 9, 9, 4, 3, 3, 1, 0)]:
         x = rng.standard_normal((n, c, h, w)).astype(np.float32)
@@ -218,8 +219,11 @@ def test_blocked_weight_gradient_buffers_and_chunks(backend, monkeypatch):
         with num_threads(2):
             gw = fastconv.conv2d_backward(gy, x, weight, **kw, backend=backend, algorithm="direct",
                                           need_input=False, need_bias=False).weight
+            geometry = _args.conv2d_args("t", x, weight, None, stride, pad, 1, 1).geometry
+            chunks.append(importlib.import_module(f"fastconv.backends.{backend}")._blocked_weight_layout(geometry).chunk)
         assert_close(gw, fastconv.conv2d_backward(gy, x, weight, **kw, backend="reference").weight, np.float32)
     assert len(calls) == 3 and guarded.buffers and guarded.untouched()
+    assert chunks[0] > 1 and 11 % chunks[0] and chunks[2] == 1, chunks
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -317,6 +321,30 @@ def test_wide_weight_tile_rule(monkeypatch):
     assert [lanes(14), lanes(48), lanes(47), lanes(64, f64)] == [narrow, wide or narrow, narrow, narrow]
     monkeypatch.setattr(cy, "WIDE_WEIGHT_EVERY_PLANE", True)
     assert [lanes(14), lanes(48), lanes(47), lanes(64, f64)] == [wide or narrow] * 3 + [narrow]
+
+
+@pytest.mark.skipif("cython" not in BACKENDS, reason="the Cython backend is not built")
+def test_weight_gradient_chunks_fill_the_tile_steps():
+    """The Cython weight gradient takes small planes in chunks of images that give its tiles at
+    least WEIGHT_TILE_MIN_STEPS steps per call, within BLOCKED_CHUNK_CACHE_BYTES of buffers and
+    at most a quarter of each worker's images; planes with enough steps go one by one."""
+    import fastconv.backends.cython as cy
+    from fastconv.backends.base import BLOCKED_CHUNK_CACHE_BYTES
+
+    for n, c, hw, k, dtype in [(64, 32, 14, 64, np.float32), (400, 8, 8, 16, np.float32), (64, 64, 7, 128, np.float64),
+                               (64, 128, 7, 128, np.float32), (5, 8, 8, 16, np.float32), (64, 8, 28, 16, np.float32)]:
+        g = ConvGeometry(n, c, hw, hw, k, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1, np.dtype(dtype))
+        lay, lanes = cy._blocked_weight_layout(g), cy._weight_tile(g)[2]
+        steps = -(-hw * hw // lanes)
+        within = (lay.xs + lay.gs) * g.dtype.itemsize <= BLOCKED_CHUNK_CACHE_BYTES
+        quarter = -(-n // (4 * lay.workers))
+        assert 1 <= lay.chunk <= quarter, (g, lay.chunk)
+        if steps >= cy.WEIGHT_TILE_MIN_STEPS:
+            assert lay.chunk == 1, (g, lay.chunk)
+        else:
+            assert within or lay.chunk == 1, (g, lay.chunk)
+            assert lay.chunk * steps >= cy.WEIGHT_TILE_MIN_STEPS or lay.chunk == quarter or not (
+                (lay.xs + lay.gs) // lay.chunk * (lay.chunk + 1) * g.dtype.itemsize <= BLOCKED_CHUNK_CACHE_BYTES), (g, lay.chunk)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -201,11 +201,17 @@ def _weight_tile(g: ConvGeometry) -> tuple[int, int, int]:
     return wj, wq, lanes
 
 
+#: tile steps per call of the blocked weight gradient's register tiles: planes with fewer go in
+#: chunks of several images (``fastconv.backends.base.BLOCKED_CHUNK_CACHE_BYTES``), so that
+#: the tiles' loads and stores of their 24 accumulators weigh less
+WEIGHT_TILE_MIN_STEPS = 32
+
+
 def _blocked_weight_layout(g: ConvGeometry) -> BlockedWeightLayout | None:
     """How ``_direct.backward_weight_blocked`` runs, or None when it should not (see
     :func:`fastconv.backends.base.blocked_weight_layout`)."""
     return blocked_weight_layout(g, _threads(g.flops // 2), _weight_tile(g), _config.get_workspace_limit(),
-                                 _direct.BLOCKED_WEIGHT_TILE[2])
+                                 _direct.BLOCKED_WEIGHT_TILE[2], WEIGHT_TILE_MIN_STEPS)
 
 
 def _blocked_weight(grad_out: np.ndarray, x: np.ndarray, g: ConvGeometry) -> np.ndarray | None:
