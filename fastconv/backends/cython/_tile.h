@@ -185,13 +185,14 @@
  * LANES with f mod FC_WV = v, of g[i*gstride + j*ldg + f] * xs[i*xstride + offs[q] + f], j < FC_WJ,
  * q < FC_WQ; nimg >= 1 and steps >= 1.  Its loops are do-while for that: with a zero-trip path
  * around them, GCC 12 copied the 24 accumulators to the stack and back in every call, and perf
- * put 36% of the tile's time on mnist-c2's 13-step planes outside its inner loop (21% after) (2-core Zen 5, in-process A/B, 30 alternating
- * rounds, 2 threads: mnist-c2 1.10x, 30 of 30; stripe-c2 1.13x; cifar-64 1.05x).  Each lane group is P vectors of at most FC_VREG bytes; the channels go in chunks
- * of JC whose JC * FC_WQ * P accumulators fit FC_ACC_REGS (all four where they fit).  The sums
- * in acc keep FC_WV lanes per pair whatever LANES is: a wider tile folds its lanes into FC_WV
- * when it stores them (one extract and one add per accumulator) and loads them into the low
- * lanes of zeroed accumulators, so that the partial sums a thread sweeps once per image are no
- * larger than the narrow tile's (mnist-c2: 590 KiB, not 1.2 MiB, against a 1 MiB L2). */
+ * put 36% of the tile's time on mnist-c2's 13-step planes outside its inner loop (21% after;
+ * 2-core Zen 5, in-process A/B, 30 alternating rounds, 2 threads: mnist-c2 1.10x, faster in 30
+ * of 30; stripe-c2 1.13x; cifar-64 1.05x).  Each lane group is P vectors of at most FC_VREG
+ * bytes; the channels go in chunks of JC whose JC * FC_WQ * P accumulators fit FC_ACC_REGS (all
+ * four where they fit).  The sums in acc keep FC_WV lanes per pair whatever LANES is: a wider
+ * tile folds its lanes into FC_WV when it stores them (one extract and one add per accumulator)
+ * and loads them into the low lanes of zeroed accumulators, so that the partial sums a thread
+ * sweeps once per chunk of images are no larger than the narrow tile's (mnist-c2: 590 KiB, not 1.2 MiB, against a 1 MiB L2). */
 #define FC_WTILE(T, NAME, LANES, KEPT)                                                             \
     static inline void NAME(const T *xs, ptrdiff_t xstride, const ptrdiff_t *offs, const T *g,   \
                             ptrdiff_t gstride, ptrdiff_t ldg, ptrdiff_t steps, ptrdiff_t nimg,   \
