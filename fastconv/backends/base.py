@@ -313,12 +313,13 @@ def blocked_weight_layout(g: ConvGeometry, nt: int, tile: tuple[int, int, int], 
     (wj, wq, lanes), sh, item = tile, g.stride[0], g.dtype.itemsize
     plane = blocked_plane(g.out_h, g.out_w, g.r, g.dilation[0], sh, lanes)
     workers, image = min(nt, g.n * g.groups), g.c_per_group * g.s * sh * plane
-    rows = -(-g.out_h * g.out_w // lanes) * lanes
+    steps = -(-g.out_h * g.out_w // lanes)
+    rows = steps * lanes
     per_image = (image + wj * rows) * item
     if min_steps is None:
         chunk = BLOCKED_CHUNK_BYTES // per_image
     else:
-        chunk = min(-(-min_steps * lanes // rows), BLOCKED_CHUNK_CACHE_BYTES // per_image)
+        chunk = min(-(-min_steps // steps), BLOCKED_CHUNK_CACHE_BYTES // per_image)
     chunk = max(1, min(chunk, -(-g.n // (4 * workers))))
     offsets = blocked_offsets(g.c_per_group, g, sh, g.out_w, plane)
     offsets = np.concatenate([offsets, np.zeros(-offsets.size % wq, np.intp)])
