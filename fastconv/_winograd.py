@@ -302,6 +302,12 @@ def pass_shape(op: str, g: ConvGeometry) -> tuple[int, int, int, int, bool]:
     return g.c_per_group, g.k_per_group, g.out_h, g.out_w, op == "conv2d_backward_weight"
 
 
+def pass_tiles(op: str, g: ConvGeometry) -> int:
+    """Output tiles of the tiled pass that computes ``op``, over the whole batch."""
+    _, _, out_h, out_w, _ = pass_shape(op, g)
+    return g.n * len(tile_starts(out_h, TILE, g.dilation[0])) * len(tile_starts(out_w, TILE, g.dilation[1]))
+
+
 def plan_for(op: str, g: ConvGeometry, threads: int, limit: int) -> Plan | str:
     """:func:`plan` for one op of a layer (a string says why it cannot run)."""
     cin, cout, out_h, out_w, partials = pass_shape(op, g)

@@ -342,8 +342,8 @@ def test_algorithm_choice_with_narrow_blas(monkeypatch):
 
     be, f32 = cy.CythonBackend(), np.dtype(np.float32)
 
-    def conv(c, k, hw=16, rs=3):
-        return ConvGeometry(8, c, hw, hw, k, rs, rs, (1, 1), (rs // 2,) * 4, (1, 1), 1, f32)
+    def conv(c, k, hw=16, rs=3, n=32):  # 32 images of 16x16 or 14x14: 512 tiles of 4x4
+        return ConvGeometry(n, c, hw, hw, k, rs, rs, (1, 1), (rs // 2,) * 4, (1, 1), 1, f32)
 
     for narrow, expect in ((False, ["winograd"] * 3), (True, ["direct"] * 3)):
         monkeypatch.setattr(cy, "NARROW_BLAS", narrow)
@@ -354,6 +354,10 @@ def test_algorithm_choice_with_narrow_blas(monkeypatch):
         assert pointwise == ("direct" if narrow else "im2col")
         assert be.default_algorithm("conv2d_backward_weight", conv(256, 256, 14, 1)) == "im2col"
         assert be.default_algorithm("conv2d_backward_weight", conv(64, 64, 16, 1)) == "direct"
+        # fewer tiles than WINOGRAD_MIN_TILES_BLOCKED stay on the blocked kernels
+        assert [be.default_algorithm(op, conv(128, 128, n=31)) for op in CONV_OPS] == ["direct"] * 3
+        one_image = conv(256, 256, 14, n=1)  # (its weight gradient has no blocked kernel: its partial sums
+        assert [be.default_algorithm(op, one_image) for op in CONV_OPS[:2]] == ["direct"] * 2  # are too large)
 
 
 def test_info_and_algorithm_choice(monkeypatch):
@@ -368,7 +372,7 @@ def test_info_and_algorithm_choice(monkeypatch):
     assert set(be.info()) >= {"openmp", "blas"}
     f32 = np.dtype(np.float32)
     depthwise = ConvGeometry(8, 32, 16, 16, 32, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 32, f32)
-    wide = ConvGeometry(8, 64, 16, 16, 64, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1, f32)
+    wide = ConvGeometry(32, 64, 16, 16, 64, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1, f32)  # 512 tiles
     signal = ConvGeometry(1, 1, 1024, 1024, 1, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1, f32)
     few_channels = ConvGeometry(8, 3, 32, 32, 64, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1, f32)
     strided = ConvGeometry(8, 64, 16, 16, 64, 3, 3, (2, 2), (1, 1, 1, 1), (1, 1), 1, f32)
@@ -394,13 +398,14 @@ def test_info_and_algorithm_choice(monkeypatch):
     four = ConvGeometry(400, 4, 8, 8, 8, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1, f32)
     with num_threads(2):
         assert [be.default_algorithm(op, four) for op in CONV_OPS] == ["direct"] * 3
-    # 8 -> 16 channels: blocked where it runs (all three passes), else Winograd; not for a
-    # single image on 2 threads
+    # 8 -> 16 channels: blocked where it runs (all three passes), else Winograd; a single image
+    # on 2 threads: the blocked forward kernel shares its output channels out (forward pass and
+    # input gradient), the weight gradient's does not run on fewer images than threads
     eight = ConvGeometry(400, 8, 8, 8, 16, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1, f32)
     one_image = ConvGeometry(1, 8, 64, 64, 16, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1, f32)
     with num_threads(2):
         assert [be.default_algorithm(op, eight) for op in CONV_OPS] == ["direct"] * 3
-        assert [be.default_algorithm(op, one_image) for op in CONV_OPS] == ["winograd"] * 3
+        assert [be.default_algorithm(op, one_image) for op in CONV_OPS] == ["direct", "direct", "winograd"]
     first_layer = ConvGeometry(400, 1, 16, 16, 8, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1, f32)
     assert be.default_algorithm("conv2d", first_layer) == "direct"
     assert be.default_algorithm("conv2d_backward_input", first_layer) == "direct"

@@ -246,7 +246,7 @@ def test_unsupported_layers_raise_a_clear_error(backend, bad, reason):
 def test_workspace_limit(backend):
     """Below the Winograd workspace, "auto" moves to another algorithm and an explicit request
     says how much memory it needs."""
-    x = np.ones((2, 128, 8, 8), np.float32)  # 128 channels: Winograd's by default on every machine
+    x = np.ones((32, 128, 16, 16), np.float32)  # 128 channels, 512 tiles: Winograd's by default on every machine
     w = np.ones((128, 128, 3, 3), np.float32) / 100
     g = _args.conv2d_args("t", x, w, None, 1, 1, 1, 1).geometry
     impl = _dispatch._load(backend)

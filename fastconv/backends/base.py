@@ -172,6 +172,9 @@ class BlockedLayout(NamedTuple):
     #: 1x1, stride 1, no padding: the kernel reads the input planes in place (``plane`` is
     #: then H*W) and the buffer only stages the last, partial tile's columns (cin * tile)
     in_place: bool = False
+    #: work units per (image, group), each with a share of the output channels' register-tile
+    #: blocks: more than one where there are fewer (image, group) pairs than threads
+    parts: int = 1
 
     def buffer(self, dtype: Any) -> np.ndarray:
         """The workers' unfolded-input buffers, uninitialised."""
@@ -189,12 +192,18 @@ class BlockedLayout(NamedTuple):
 # cached: asked twice per "auto" call (to choose, then to run), 4 us each; so the module's
 # constants (BLOCKED_MIN_OUTPUTS, BLOCKED_CHUNK_BYTES) count as read once per geometry
 @functools.lru_cache(maxsize=256)
-def blocked_layout(op: str, g: ConvGeometry, nt: int, tile: int, limit: int) -> BlockedLayout | None:
+def blocked_layout(op: str, g: ConvGeometry, nt: int, tile: int, limit: int,
+                   split: int | None = None) -> BlockedLayout | None:
     """How a channel-blocked direct kernel runs ``op`` ("conv2d", any stride, or
     "conv2d_backward_input", stride 1: the forward pass of grad_out with the rotated kernel),
     or None when it should not run: another op, fewer than :data:`BLOCKED_MIN_OUTPUTS` outputs
-    per group, fewer (image, group) work units than threads (the row-parallel kernels split
-    finer), or buffers over ``limit`` bytes.
+    per group, buffers over ``limit`` bytes, or fewer (image, group) pairs than threads where
+    the kernel cannot ``split`` them.
+
+    ``split``: the output channels per register-tile block, where the kernel can share an
+    (image, group)'s blocks among ``parts`` work units (each unfolding the unit's input
+    itself), so that a single image still uses every thread; None where it cannot (the
+    row-parallel kernels then split finer).
 
     A worker's buffer holds its unit's input unfolded along the kernel's columns and split
     into the vertical stride's row phases: C/g * S * sh planes of ``plane`` elements
@@ -205,16 +214,18 @@ def blocked_layout(op: str, g: ConvGeometry, nt: int, tile: int, limit: int) -> 
         (out_h, out_w), cin, cout, stride = (g.h, g.w), g.k_per_group, g.c_per_group, (1, 1)
     else:
         return None
-    if cout < BLOCKED_MIN_OUTPUTS or (g.n * g.groups < nt and nt > 1):
+    units = g.n * g.groups
+    if cout < BLOCKED_MIN_OUTPUTS or (units < nt and split is None):
         return None
-    workers = min(nt, g.n * g.groups)
+    parts = min(-(-nt // units), -(-cout // split)) if units < nt else 1  # split: not None here
+    workers = min(nt, units * parts)
     if g.r == g.s == 1 and g.stride == (1, 1) and not any(g.padding):
-        return BlockedLayout(workers, cin * tile, out_h * out_w, cin, out_w, stride, in_place=True)
+        return BlockedLayout(workers, cin * tile, out_h * out_w, cin, out_w, stride, in_place=True, parts=parts)
     plane = blocked_plane(out_h, out_w, g.r, g.dilation[0], stride[0], tile)
     width = cin * g.s * stride[0] * plane
     if workers * width * g.dtype.itemsize > limit:
         return None
-    return BlockedLayout(workers, width, plane, cin, out_w, stride)
+    return BlockedLayout(workers, width, plane, cin, out_w, stride, parts=parts)
 
 
 def blocked_offsets(cin: int, g: ConvGeometry, sh: int, out_w: int, plane: int) -> np.ndarray:

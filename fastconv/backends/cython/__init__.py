@@ -37,6 +37,7 @@ from ..base import (SERIAL_WORK, Backend, BlockedLayout, BlockedWeightLayout, bl
                     blocked_layout, blocked_runs, blocked_weight_gradient, blocked_weight_layout,
                     blocked_weights, flat3x3_buffers, flat3x3_preferred, input_grad_kernel, is_pointwise,
                     small_gemm_rows, sum_partials)
+from ... import _winograd as wino  # noqa: E402
 from . import _direct, _im2col, _pool, _winograd  # noqa: E402
 
 import scipy.linalg  # noqa: E402,F401  (loads the BLAS behind cython_blas, so the thread limit reaches it)
@@ -75,6 +76,13 @@ WINOGRAD_MIN_CHANNELS = 8
 WINOGRAD_MIN_CHANNELS_BLOCKED = 16
 #: ... and from this many where the BLAS runs narrower vectors than the tiles (NARROW_BLAS)
 WINOGRAD_MIN_CHANNELS_NARROW_BLAS = 128
+#: ... and, where the blocked direct kernel runs, only for passes of at least this many tiles
+#: (whole blocks of BLOCK tiles for MIN_BLOCKS blocks, ``fastconv._winograd``): below, its blocks
+#: shrink and every block's GEMMs read all the transformed weights for fewer tiles.  2-core Zen 5,
+#: narrow BLAS, float32 forward passes, direct / Winograd time: one image of 128 channels on
+#: 28x28 (49 tiles) 0.19, 256 on 14x14 (16) 0.26, four such images (64) 0.47, two of 128 on
+#: 28x28 (98) 0.76; the suite's Winograd layers have 2048 (cifar-64) and 3136 tiles (dilated)
+WINOGRAD_MIN_TILES_BLOCKED = 512
 #: where it does, pointwise weight gradients run im2col from this many weights per group (not
 #: :data:`fastconv.backends.base.POINTWISE_GEMM_WEIGHTS`)
 POINTWISE_GEMM_WEIGHTS_NARROW_BLAS = 65536
@@ -141,7 +149,8 @@ def _flat3x3(out_h: int, out_w: int, g: ConvGeometry, cin: int, nt: int) -> tupl
 def _blocked_plan(op: str, g: ConvGeometry) -> BlockedLayout | None:
     """How ``_direct.forward_blocked`` runs ``op``, or None when it should not (see
     :func:`fastconv.backends.base.blocked_layout`)."""
-    return blocked_layout(op, g, _threads(g.flops // 2), _direct.BLOCKED_TILE[1], _config.get_workspace_limit())
+    return blocked_layout(op, g, _threads(g.flops // 2), _direct.BLOCKED_TILE[1], _config.get_workspace_limit(),
+                          split=_direct.BLOCKED_TILE[0])
 
 
 def _run_blocked(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, out: np.ndarray, lay: BlockedLayout,
@@ -149,7 +158,7 @@ def _run_blocked(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, out: np.nd
     """``_direct.forward_blocked`` with ``weight`` as its pass sees it, (Kout, Cin/g, R, S)."""
     _direct.forward_blocked(x, blocked_weights(weight, g.groups, _direct.BLOCKED_TILE[0]), bias, out,
                             lay.buffer(g.dtype), lay.offsets(g), lay.plane, g.r, g.s, *lay.stride, *pads,
-                            *g.dilation, g.groups, lay.in_place)
+                            *g.dilation, g.groups, lay.in_place, lay.parts)
 
 
 #: float32 weight gradients with more flat outputs per plane than this (and a multiple of the
@@ -425,14 +434,19 @@ class CythonBackend(WinogradPasses, Backend):
         up to 8 outputs (the flat-plane kernel).  Where the BLAS runs narrower vectors than the
         tiles (:data:`NARROW_BLAS`), Winograd waits for :data:`WINOGRAD_MIN_CHANNELS_NARROW_BLAS`
         channels and pointwise weight gradients for :data:`POINTWISE_GEMM_WEIGHTS_NARROW_BLAS`
-        weights.
+        weights.  Where the blocked kernels run, Winograd also needs a pass of at least
+        :data:`WINOGRAD_MIN_TILES_BLOCKED` tiles (small batches of small planes stay direct),
+        and they run a single image on every thread, sharing its output channels out.
         """
         width, narrow = min(g.c_per_group, g.k_per_group), _narrow_blas()
         blocked = blocked_runs(op, g, _blocked_plan, _blocked_weight_layout,
                                POINTWISE_GEMM_WEIGHTS_NARROW_BLAS if narrow else None)
         wide = WINOGRAD_MIN_CHANNELS_NARROW_BLAS if narrow else WINOGRAD_MIN_CHANNELS_BLOCKED
-        if ((width >= wide or width >= WINOGRAD_MIN_CHANNELS and not blocked)
-                and self.unsupported("winograd", op, g) is None):
+        if blocked:
+            winograd = width >= wide and wino.pass_tiles(op, g) >= WINOGRAD_MIN_TILES_BLOCKED
+        else:
+            winograd = width >= WINOGRAD_MIN_CHANNELS
+        if winograd and self.unsupported("winograd", op, g) is None:
             return "winograd"
         if blocked or g.c_per_group == 1 and g.k_per_group <= 4 or flat3x3_preferred(op, g):
             return "direct"

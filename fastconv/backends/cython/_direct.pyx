@@ -390,9 +390,11 @@ cdef void _blocked_unit(const floating* x, const floating* wt, const floating* b
                         const Py_ssize_t* offs, Py_ssize_t T, floating* xs, bint in_place, Py_ssize_t Cg,
                         Py_ssize_t H, Py_ssize_t W, Py_ssize_t Kg, Py_ssize_t Ho, Py_ssize_t Wo, Py_ssize_t R,
                         Py_ssize_t S, Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t dh, Py_ssize_t dw, Py_ssize_t pt,
-                        Py_ssize_t pl, Py_ssize_t plane, bint borders) noexcept nogil:
-    """One (image, group): out[k, f] for k < Kg, f < Ho*Wo, from x[c] for c < Cg (see above);
-    ``borders``: the first unit on this buffer (see ``_unfold_columns``).
+                        Py_ssize_t pl, Py_ssize_t plane, bint borders, Py_ssize_t kb0,
+                        Py_ssize_t kb1) noexcept nogil:
+    """One (image, group), or its share of the output channels: out[k, f] for KBLOCK*kb0 <= k <
+    min(KBLOCK*kb1, Kg), f < Ho*Wo, from x[c] for c < Cg (see above); ``borders``: the first
+    unit on this buffer (see ``_unfold_columns``).
     ``in_place`` (1x1, stride 1, no padding): the tiles read ``x`` itself, and ``xs`` holds
     only the last, partial tile's columns of every channel, VBLOCK apart."""
     cdef floating acc[KBLOCK * VBLOCK]
@@ -405,7 +407,6 @@ cdef void _blocked_unit(const floating* x, const floating* wt, const floating* b
         for c in range(Cg):
             memcpy(xs + c * VBLOCK, x + c * plane + full, (F - full) * sizeof(floating))
             fill(xs + c * VBLOCK + F - full, 0, VBLOCK - (F - full))
-    cdef Py_ssize_t blocks = (Kg + KBLOCK - 1) // KBLOCK
     # The column runs (TGROUP tiles) go in panels: every channel block sweeps one panel before
     # the next panel starts, so that the panel's input, T * TGROUP * VBLOCK elements per run,
     # stays in L2 for all the blocks and each block's weights in L1 for the whole panel.
@@ -427,14 +428,14 @@ cdef void _blocked_unit(const floating* x, const floating* wt, const floating* b
         panel = max(1, min(runs, PANEL_BYTES // (T * TGROUP * VBLOCK * item)))
     for p in range((runs + panel - 1) // panel):
         p0 = p * panel
-        for kb in range(blocks):
+        for kb in range(kb0, kb1):
             k0 = kb * KBLOCK
             for i in range(p0, min(p0 + panel, runs)):
                 f0 = i * TGROUP * VBLOCK
                 _tile(src + f0, wt + kb * T * KBLOCK, offs, T, bias + k0, out + k0 * F + f0, F,
                       min(<Py_ssize_t> KBLOCK, Kg - k0), min(<Py_ssize_t> TGROUP, tiles - i * TGROUP))
     if full < F:  # the last, partial tile goes through a buffer
-        for kb in range(blocks):
+        for kb in range(kb0, kb1):
             k0 = kb * KBLOCK
             nk = min(<Py_ssize_t> KBLOCK, Kg - k0)
             if in_place:
@@ -448,9 +449,10 @@ cdef void _blocked_unit(const floating* x, const floating* wt, const floating* b
 def forward_blocked(const floating[:, :, :, ::1] x, const floating[:, :, ::1] wt, const floating[::1] bias,
                     floating[:, :, :, ::1] out, floating[:, ::1] xs, const Py_ssize_t[::1] offs, Py_ssize_t plane,
                     Py_ssize_t R, Py_ssize_t S, Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t pt, Py_ssize_t pl,
-                    Py_ssize_t dh, Py_ssize_t dw, Py_ssize_t groups, bint in_place):
-    """Convolution with channel-blocked register tiles on ``xs.shape[0]`` threads, one (image,
-    group) per work unit.
+                    Py_ssize_t dh, Py_ssize_t dw, Py_ssize_t groups, bint in_place, Py_ssize_t parts=1):
+    """Convolution with channel-blocked register tiles on ``xs.shape[0]`` threads, ``parts``
+    work units per (image, group), which share its blocks of KBLOCK output channels (each
+    unfolding the input itself: ``parts`` > 1 keeps every thread busy on fewer images).
 
     ``wt[g, kb*T + t, j]`` is weight (g*Kg + kb*KBLOCK + j, c, r, s) for tap t = (c*R + r)*S + s
     (zero past Kg: ``fastconv.backends.base.blocked_weights``); ``offs[t]`` is where tap t reads
@@ -462,7 +464,10 @@ def forward_blocked(const floating[:, :, :, ::1] x, const floating[:, :, ::1] wt
     """
     cdef Py_ssize_t N = x.shape[0], H = x.shape[2], W = x.shape[3], Cg = x.shape[1] // groups
     cdef Py_ssize_t K = out.shape[1], Ho = out.shape[2], Wo = out.shape[3], Kg = K // groups
-    cdef Py_ssize_t T = offs.shape[0] // 2 if in_place else offs.shape[0], t, n, g
+    cdef Py_ssize_t T = offs.shape[0] // 2 if in_place else offs.shape[0], t, n, g, part
+    cdef Py_ssize_t blocks = (Kg + KBLOCK - 1) // KBLOCK, kb0, kb1
+    if parts < 1:
+        raise ValueError(f"forward_blocked: parts must be at least 1, got {parts}")
     cdef int nt = <int> xs.shape[0], tid
     cdef floating* xsp
     bias_pad = np.zeros(K + KBLOCK, np.asarray(bias).dtype)
@@ -472,12 +477,17 @@ def forward_blocked(const floating[:, :, :, ::1] x, const floating[:, :, ::1] wt
     with nogil, parallel(num_threads=nt):
         tid = threadid()
         xsp = &xs[tid, 0]
-        for t in prange(N * groups, schedule="dynamic"):
-            n = t // groups
-            g = t % groups
-            _blocked_unit(&x[n, g * Cg, 0, 0], &wt[g, 0, 0], &bp[g * Kg], &out[n, g * Kg, 0, 0], &offs[0], T, xsp,
-                          in_place, Cg, H, W, Kg, Ho, Wo, R, S, sh, sw, dh, dw, pt, pl, plane, not used[tid])
-            used[tid] = 1
+        for t in prange(N * groups * parts, schedule="dynamic"):
+            part = t % parts
+            n = t // parts // groups
+            g = t // parts % groups
+            kb0 = part * blocks // parts
+            kb1 = (part + 1) * blocks // parts
+            if kb1 > kb0:
+                _blocked_unit(&x[n, g * Cg, 0, 0], &wt[g, 0, 0], &bp[g * Kg], &out[n, g * Kg, 0, 0], &offs[0], T,
+                              xsp, in_place, Cg, H, W, Kg, Ho, Wo, R, S, sh, sw, dh, dw, pt, pl, plane,
+                              not used[tid], kb0, kb1)
+                used[tid] = 1
 
 
 # The weight gradient in the same layout: gw[k, t] = sum over images and flat outputs f of
