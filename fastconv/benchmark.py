@@ -25,7 +25,8 @@ the large layers and flipped with what ran before.
 
 The reference backend is timed on one image and its time multiplied by N (marked
 ``~`` in the table, ``"estimated": true`` in the JSON).  ``--quick`` times a batch
-of N/4 (at least 1) with fewer repeats; the output says so.  The speed-ups of a
+of N/4 (at least 1) with fewer repeats; the output says so.  ``--batch N`` times every
+layer at batch N instead (``--batch 1``: single-image inference).  The speed-ups of a
 fastconv backend use the algorithm each *other* backend picks by default
 ("auto"); in the table, ``*`` marks the algorithm that "auto" picks.
 
@@ -36,7 +37,8 @@ checked by :func:`validate`.  In words: an object with
 ``created``       UTC time, ISO 8601
 ``quick``         bool;  ``batch_divisor``: int (N was divided by it, 1 unless quick)
 ``settings``      {"dtype", "threads", "backends", "layers", "passes", "baselines",
-                  "keep_freed_memory" (bool: glibc malloc set to reuse freed memory, see below)}
+                  "keep_freed_memory" (bool: glibc malloc set to reuse freed memory, see below),
+                  "batch" (int: every layer's batch, from ``--batch``; null: the suite's)}
 ``versions``      {"fastconv", "python", "numpy", "scipy", "numba", "cython", "torch"} (str or null)
 ``cpu``           {"model", "machine", "system", "logical_cpus", "usable_cpus",
                   "load_average": [1, 5, 15 min] or null (taken at the start), "blas": [..]}
@@ -106,6 +108,7 @@ JSON_SCHEMA: dict[str, Any] = {
                 "passes": {"type": "array", "items": {"type": "string", "enum": list(suite.ALL_PASSES)}},
                 "baselines": {"type": "array", "items": {"type": "string"}},
                 "keep_freed_memory": {"type": "boolean"},
+                "batch": {"type": ["integer", "null"], "minimum": 1},
             },
         },
         "versions": {
@@ -409,13 +412,18 @@ class Job:
         return self.reported_n / self.case.n
 
 
+def sized(case: suite.Case, divisor: int, batch: int | None = None) -> suite.Case:
+    """``case`` at the batch it is timed with: ``batch`` where given, else N / ``divisor`` (at least 1)."""
+    return case.with_batch(batch if batch is not None else max(1, case.n // divisor))
+
+
 def plan(cases: Iterable[suite.Case], passes: Iterable[str], backends: dict[str, Any], baselines: Iterable[str],
-         dtype: np.dtype, divisor: int, quick: bool) -> list[Job]:
-    """Every (case, pass, implementation, algorithm) to time, in table order."""
+         dtype: np.dtype, divisor: int, quick: bool, batch: int | None = None) -> list[Job]:
+    """Every (case, pass, implementation, algorithm) to time, in table order (batches: :func:`sized`)."""
     jobs = []
     passes = tuple(passes)
     for case in cases:
-        case = case.with_batch(max(1, case.n // divisor))
+        case = sized(case, divisor, batch)
         for pass_ in case.passes:
             if pass_ not in passes:
                 continue
@@ -512,7 +520,8 @@ def auto_picks(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return picks
 
 
-def add_tuned_picks(picks: list[dict[str, Any]], backends: dict[str, Any], dtype: np.dtype, divisor: int) -> None:
+def add_tuned_picks(picks: list[dict[str, Any]], backends: dict[str, Any], dtype: np.dtype, divisor: int,
+                    batch: int | None = None) -> None:
     """Fill ``tuned``: what :func:`fastconv._autotune.choose` picks for each entry of
     :func:`auto_picks` (it times the candidates itself, on a workspace-bounded batch), and
     ``tuned_ratio``: the benchmark's time of that algorithm / the best time."""
@@ -520,7 +529,7 @@ def add_tuned_picks(picks: list[dict[str, Any]], backends: dict[str, Any], dtype
 
     for p in _progress(picks, "autotune"):
         case = suite.CASES_BY_NAME[p["layer"]]
-        g = case.with_batch(max(1, case.n // divisor)).geometry(dtype)
+        g = sized(case, divisor, batch).geometry(dtype)
         p["tuned"] = _autotune.choose(backends[p["backend"]], suite.conv_op(p["pass"]), g)
         p["tuned_ratio"] = p["times_ms"][p["tuned"]] / p["best_ms"]
 
@@ -676,6 +685,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     parser.add_argument("--threads", type=_positive, help="thread count for fastconv, BLAS and PyTorch")
     parser.add_argument("--quick", action="store_true", help="batch N/4 and few repeats (about a minute)")
+    parser.add_argument("--batch", type=_positive, metavar="N",
+                        help="time every layer at batch N instead of the suite's (1: single-image inference)")
     parser.add_argument("--no-compare", action="store_true", help="skip PyTorch and SciPy")
     parser.add_argument("--autotune", action="store_true",
                         help="also report what the autotuner (fastconv.set_autotune) picks per layer")
@@ -735,10 +746,11 @@ def run(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(threads)
-    divisor = 4 if args.quick else 1
+    divisor = 4 if args.quick and args.batch is None else 1
 
     print(f"fastconv bench  fastconv {fastconv.__version__}  numpy {np.__version__}  dtype {dtype}  "
-          f"threads {threads}" + ("  QUICK: batch N/4, few repeats" if args.quick else ""))
+          f"threads {threads}" + (f"  BATCH {args.batch} for every layer" if args.batch is not None else "")
+          + ("  QUICK: few repeats" + ("" if args.batch is not None else ", batch N/4") if args.quick else ""))
     cpu = cpu_info()
     print(f"cpu: {cpu['model']} ({cpu['usable_cpus']} usable of {cpu['logical_cpus']} logical CPUs)")
     print("malloc: freed memory kept for reuse (no page faults on per-call outputs)" if kept else
@@ -753,13 +765,13 @@ def run(args: argparse.Namespace) -> int:
     print(f"machine: {gemm} peak {peaks['gemm_gflops']:.1f} GFLOP/s (numpy.matmul {peaks['gemm_size']}^2), "
           f"copy bandwidth {peaks['copy_gbps']:.1f} GB/s (numpy.copyto, read + write)")
 
-    jobs = plan(cases, passes, backends, baselines, dtype, divisor, args.quick)
+    jobs = plan(cases, passes, backends, baselines, dtype, divisor, args.quick, args.batch)
     rows = _rows(jobs, dtype, peaks)
     compare = [n for n in ("reference", "numpy") if n in backends] + baselines
     add_speedups(rows, compare)
     picks = auto_picks(rows)
     if args.autotune:
-        add_tuned_picks(picks, backends, dtype, divisor)
+        add_tuned_picks(picks, backends, dtype, divisor, args.batch)
     compiled = compile_seconds(backends)
 
     print()
@@ -773,8 +785,11 @@ def run(args: argparse.Namespace) -> int:
              "* = the algorithm \"auto\" picks"]
     if "reference" in backends:
         notes.append("reference (n=1)~ : timed on one image, scaled by N (speed-ups vs it marked ~)")
+    if args.batch is not None:
+        notes.append(f"--batch: every layer at batch N={args.batch}, not the suite's")
     if args.quick:
-        notes.append("--quick: every batch N is N/4 (at least 1) and few repeats; numbers are rougher")
+        notes.append("--quick: few repeats; numbers are rougher"
+                     + ("" if args.batch is not None else "; every batch N is N/4 (at least 1)"))
     print("\n".join("note: " + n for n in notes))
     print()
     print(format_best(rows))
@@ -787,7 +802,7 @@ def run(args: argparse.Namespace) -> int:
         "quick": bool(args.quick), "batch_divisor": divisor,
         "settings": {"dtype": dtype.name, "threads": threads, "backends": list(backends),
                      "layers": [c.name for c in cases], "passes": passes, "baselines": baselines,
-                     "keep_freed_memory": kept},
+                     "keep_freed_memory": kept, "batch": args.batch},
         "versions": versions(), "cpu": cpu, "peaks": peaks,
         "backends": {n: {"available": i["available"], "reason": i["reason"], "algorithms": list(i["algorithms"])}
                      for n, i in available.items()},

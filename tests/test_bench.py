@@ -215,6 +215,24 @@ def test_quick_bench_end_to_end(tmp_path, capsys):
         assert out_png.stat().st_size > 0
 
 
+def test_bench_at_a_batch_of_choice(tmp_path, capsys):
+    """``--batch N`` times every layer at batch N (here with ``--quick``, which then only cuts
+    the repeats) and records it; a non-positive batch is refused."""
+    out_json = tmp_path / "bench.json"
+    rc = cli.main(["bench", "--quick", "--batch", "3", "--layers", "stripe-c2,maxpool-2x2", "--passes", "forward",
+                   "--backends", "numpy", "--no-compare", "--json", str(out_json)])
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    assert "BATCH 3 for every layer" in text and "batch N=3" in text
+    doc = json.loads(out_json.read_text())
+    assert benchmark.validate(doc) == [] and doc["settings"]["batch"] == 3 and doc["batch_divisor"] == 1
+    assert {(r["layer"], r["n"]) for r in doc["results"]} == {("stripe-c2", 3), ("maxpool-2x2", 3)}
+    assert benchmark.validate({**doc, "settings": {**doc["settings"], "batch": 0}}) != []
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--batch", "0"])
+    assert "must be a positive integer" in capsys.readouterr().err
+
+
 def test_quick_bench_with_autotune(tmp_path, capsys):
     import fastconv
 
