@@ -103,35 +103,40 @@ def test_blocked_kernel_writes_nothing_past_its_arrays(backend, monkeypatch):
     assert len(calls) >= 18 and guarded.buffers and guarded.untouched()
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("threads", [2, 3])
 @pytest.mark.parametrize("seed", range(12))
-def test_blocked_kernel_shares_an_image_among_threads(threads, seed, monkeypatch):
-    """Fewer (image, group) pairs than threads: the Cython kernel shares each pair's blocks of
-    output channels among up to that many work units per pair, each unfolding the input into
-    its own thread's buffer; guard elements stay untouched."""
-    from fastconv.backends.cython import _direct
+def test_blocked_kernel_shares_an_image_among_threads(backend, threads, seed, monkeypatch):
+    """Fewer (image, group) pairs than threads: the kernel shares each pair's blocks of 8 output
+    channels among up to that many work units per pair, each unfolding the input into its own
+    worker's buffer; guard elements stay untouched."""
+    monkeypatch.setattr(f"fastconv.backends.{backend}.SERIAL_WORK", 0)
+    module, name, _ = KERNELS[backend]
+    module = importlib.import_module(module)
+    real, parts = getattr(module, name), []
 
-    monkeypatch.setattr("fastconv.backends.cython.SERIAL_WORK", 0)
-    real, parts = _direct.forward_blocked, []
-
-    def recording(*args):
+    def recording(*args, **kwargs):  # (x, weights, bias, out, ..., groups, in_place, parts) in both backends
         pairs, kg = args[0].shape[0] * args[-3], args[3].shape[1] // args[-3]
-        parts.append((pairs, -(-kg // _direct.BLOCKED_TILE[0]), args[-1]))  # ..., blocks, parts
-        return real(*args)
+        parts.append((pairs, -(-kg // 8), args[-1]))  # ..., blocks, parts
+        return real(*args, **kwargs)
 
-    monkeypatch.setattr(_direct, "forward_blocked", recording)
-    guarded = guard_allocations(monkeypatch, "cython")
+    monkeypatch.setattr(module, name, recording)
+    guarded = guard_allocations(monkeypatch, backend)
     x, weight, bias, kw, _, gy = draw(seed)
     x, gy = np.ascontiguousarray(x[:1]), np.ascontiguousarray(gy[:1])  # one image: ``groups`` pairs
     out = fastconv.conv2d(x, weight, bias, **kw, backend="reference")
     with num_threads(threads):
-        got = fastconv.conv2d(x, weight, bias, **kw, backend="cython", algorithm="direct")
-        gx = fastconv.conv2d_backward(gy, x, weight, **kw, backend="cython", algorithm="direct",
+        got = fastconv.conv2d(x, weight, bias, **kw, backend=backend, algorithm="direct")
+        gx = fastconv.conv2d_backward(gy, x, weight, **kw, backend=backend, algorithm="direct",
                                       need_weight=False, need_bias=False).input
     assert_close(got, out, x.dtype)
     assert_close(gx, fastconv.conv2d_backward(gy, x, weight, **kw, backend="reference").input, x.dtype)
     assert len(parts) == (2 if kw["stride"] == (1, 1) else 1), "the blocked kernel did not run"
-    assert all(p == (min(-(-threads // pairs), blocks) if pairs < threads else 1) for pairs, blocks, p in parts)
+    if backend == "numba":  # numba runs at most NUMBA_NUM_THREADS workers
+        import numba
+
+        threads = min(threads, numba.config.NUMBA_NUM_THREADS)
+    assert all(p == (min(-(-threads // pairs), blocks) if pairs < threads else 1) for pairs, blocks, p in parts), parts
     pairs, blocks, p = parts[0]  # the forward pass
     assert p > 1 or pairs >= threads or blocks == 1, parts
     assert guarded.untouched()

@@ -519,3 +519,23 @@ def test_algorithm_choice_with_narrow_blas(monkeypatch):
         assert [be.default_algorithm(op, conv(32, 64)) for op in CONV_OPS] == expect
         assert [be.default_algorithm(op, conv(64, 64, 32)) for op in CONV_OPS] == ["winograd"] * 3
         assert be.info()["narrow_blas"] is narrow
+
+
+@pytest.mark.parametrize("narrow", [False, True])
+def test_small_batches_of_small_planes_stay_direct(narrow, monkeypatch):
+    """Where the blocked kernel runs, Winograd also needs WINOGRAD_MIN_TILES_BLOCKED output
+    tiles over the batch: one image of 256 channels on 14x14 (16 tiles) stays direct, eight
+    (128 tiles) run Winograd."""
+    import fastconv.backends.numba as nbmod
+    from fastconv._args import ConvGeometry
+    from fastconv.backends.base import CONV_OPS
+
+    monkeypatch.setattr(nbmod, "NARROW_BLAS", narrow)
+    be, f32 = nbmod.NumbaBackend(), np.dtype(np.float32)
+
+    def conv(n):
+        return ConvGeometry(n, 256, 14, 14, 256, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1, f32)
+
+    with num_threads(2):
+        assert [be.default_algorithm(op, conv(1)) for op in CONV_OPS[:2]] == ["direct"] * 2
+        assert [be.default_algorithm(op, conv(8)) for op in CONV_OPS[:2]] == ["winograd"] * 2

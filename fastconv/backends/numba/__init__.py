@@ -212,7 +212,7 @@ def _flat3x3(out_h: int, out_w: int, g: ConvGeometry, cin: int) -> tuple[np.ndar
 def _blocked_plan(op: str, g: ConvGeometry) -> BlockedLayout | None:
     """How ``_blocked.conv2d_blocked`` runs ``op``, or None when it should not (see
     :func:`fastconv.backends.base.blocked_layout`)."""
-    return blocked_layout(op, g, _threads(g), _blocked.VBLOCK, _config.get_workspace_limit())
+    return blocked_layout(op, g, _threads(g), _blocked.VBLOCK, _config.get_workspace_limit(), split=_blocked.KBLOCK)
 
 
 def _run_blocked(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, out: np.ndarray, lay: BlockedLayout,
@@ -220,7 +220,7 @@ def _run_blocked(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, out: np.nd
     """``_blocked.conv2d_blocked`` with ``weight`` as its pass sees it, (Kout, Cin/g, R, S)."""
     _conv2d_blocked(x, blocked_weights(weight, g.groups, _blocked.KBLOCK), bias, out, lay.buffer(g.dtype),
                     lay.offsets(g), np.zeros(1, np.int64), lay.plane, g.r, g.s, *lay.stride, *pads, *g.dilation,
-                    g.groups, lay.in_place, threads=lay.workers)
+                    g.groups, lay.in_place, lay.parts, threads=lay.workers)
 
 
 def _blocked_weight_layout(g: ConvGeometry) -> BlockedWeightLayout | None:
@@ -306,6 +306,12 @@ WINOGRAD_MIN_CHANNELS_NARROW_BLAS = 64
 #: ... or from this many input channels per group with at least WINOGRAD_MIN_OUTPUTS outputs
 WINOGRAD_MIN_WIDE_INPUTS = 16
 WINOGRAD_MIN_OUTPUTS = 4
+#: where the blocked kernels run, Winograd also needs a pass of this many output tiles (over the
+#: batch).  Measured, 2 threads, narrow BLAS, float32, direct / Winograd time, forward and input
+#: gradient: 256 channels on 14x14 planes, one image (16 tiles) 0.48-0.58, two (32) 0.63-0.66,
+#: four (64) 0.80-0.81; 128 on 28x28, one image (49) 0.93-1.01, two (98) 1.16-1.18, eight (392)
+#: 2.2-2.3; 64 on 56x56, one image (196) 1.5
+WINOGRAD_MIN_TILES_BLOCKED = 96
 
 
 #: whether ``default_algorithm`` should favour the direct kernels (see
@@ -371,7 +377,9 @@ class NumbaBackend(WinogradPasses, Backend):
         single-channel ``correlate2d`` path, whose column matrix would be R*S times the image,
         stay direct.  Where the BLAS runs narrower vectors than the core offers (:data:`NARROW_BLAS`),
         Winograd waits for :data:`WINOGRAD_MIN_CHANNELS_NARROW_BLAS` channels where the blocked
-        kernel runs.
+        kernel runs, and for a pass of at least :data:`WINOGRAD_MIN_TILES_BLOCKED` tiles (small
+        batches of small planes stay direct; the blocked kernels share a single image's output
+        channels among the threads).
 
         Measured on the 2-core box (float32, 2 threads, all three passes, numba im2col time /
         numba Winograd time): 8 in and out 0.84-1.57 (wins on small planes, e.g. 1.2-1.6 on
@@ -386,7 +394,8 @@ class NumbaBackend(WinogradPasses, Backend):
         cin, cout = g.c_per_group, g.k_per_group
         blocked = blocked_runs(op, g, _blocked_plan, _blocked_weight_layout)
         least = WINOGRAD_MIN_CHANNELS_NARROW_BLAS if _narrow_blas() else WINOGRAD_MIN_CHANNELS_BLOCKED
-        wide = min(cin, cout) >= least or not blocked and (
+        enough_tiles = not blocked or wino.pass_tiles(op, g) >= WINOGRAD_MIN_TILES_BLOCKED
+        wide = min(cin, cout) >= least and enough_tiles or not blocked and (
             min(cin, cout) >= WINOGRAD_MIN_CHANNELS or cin >= WINOGRAD_MIN_WIDE_INPUTS and cout >= WINOGRAD_MIN_OUTPUTS)
         if wide and self.unsupported("winograd", op, g) is None:
             return "winograd"

@@ -290,8 +290,9 @@ def _unfold(xf, s0, planes, h, wd, ns, sh, sw, dw, pt, pl, hq, wo, plane, dst, b
 
 @njit(**_SER)
 def _blocked_unit(xf, x0, wf, w0, offs, taps, in_place, bpad, of, o0, xw, stage, cg, h, wd, kg, ho, wo, nr, ns, sh,
-                  sw, dh, dw, pt, pl, plane, borders):
-    """One (image, group): outputs of (flat) ``of[o0:]``, Kg planes, from the Cg input planes at
+                  sw, dh, dw, pt, pl, plane, borders, kb0, kb1):
+    """One (image, group), or its blocks ``kb0 <= kb < kb1`` of KBLOCK output channels: outputs of
+    (flat) ``of[o0:]``, Kg planes, from the Cg input planes at
     ``xf[x0:]``, the group's weights at ``wf[w0:]`` and biases at ``bpad[0:]`` (see above).
     ``in_place`` (1x1, stride 1, no padding): the tiles read ``xf`` at ``offs[:taps]``, and
     ``xw`` holds only the last, partial tile's columns, read at ``offs[taps:]``.  A function
@@ -299,7 +300,6 @@ def _blocked_unit(xf, x0, wf, w0, offs, taps, in_place, bpad, of, o0, xw, stage,
     first unit on ``xw`` (see :func:`_unfold_columns`)."""
     f = ho * wo
     full = f - f % VBLOCK
-    blocks = -(-kg // KBLOCK)
     src, s0 = xf, x0
     if not in_place:
         _unfold(xf, x0, cg, h, wd, ns, sh, sw, dw, pt, pl, ho + (nr - 1) * dh // sh, wo, plane, xw, borders)
@@ -316,12 +316,12 @@ def _blocked_unit(xf, x0, wf, w0, offs, taps, in_place, bpad, of, o0, xw, stage,
     else:
         panel = max(1, min(tiles, PANEL_BYTES // (taps * VBLOCK * xw.itemsize)))
     for p in range(-(-tiles // panel)):
-        for kb in range(blocks):
+        for kb in range(kb0, kb1):
             for i in range(p * panel, min(p * panel + panel, tiles)):
                 _tile(src, s0 + i * VBLOCK, wf, w0 + kb * taps * KBLOCK, offs, taps, bpad[kb * KBLOCK:], of,
                       o0 + kb * KBLOCK * f + i * VBLOCK, f, min(KBLOCK, kg - kb * KBLOCK))
     if full < f:  # the last, partial tile goes through the stage
-        for kb in range(blocks):
+        for kb in range(kb0, kb1):
             nk = min(KBLOCK, kg - kb * KBLOCK)
             if in_place:
                 _tile(xw, 0, wf, w0 + kb * taps * KBLOCK, offs[taps:], taps, bpad[kb * KBLOCK:], stage, 0, VBLOCK, nk)
@@ -332,9 +332,12 @@ def _blocked_unit(xf, x0, wf, w0, offs, taps, in_place, bpad, of, o0, xw, stage,
 
 
 @njit(**_PAR)
-def conv2d_blocked(x, wt, bias, out, xs, offs, counter, plane, nr, ns, sh, sw, pt, pl, dh, dw, groups, in_place):
-    """Convolution with channel-blocked register tiles on ``xs.shape[0]`` workers, one (image,
-    group) per work unit taken from the shared ``counter``.
+def conv2d_blocked(x, wt, bias, out, xs, offs, counter, plane, nr, ns, sh, sw, pt, pl, dh, dw, groups, in_place,
+                   parts):
+    """Convolution with channel-blocked register tiles on ``xs.shape[0]`` workers, ``parts`` work
+    units per (image, group), taken from the shared ``counter``, which share its blocks of KBLOCK
+    output channels (each unfolding the input itself: ``parts`` > 1 keeps every worker busy on
+    fewer images).
 
     ``wt[g, kb*T + t, j]`` is weight (g*Kg + kb*KBLOCK + j, c, r, s) for tap t = (c*R + r)*S + s,
     zero past Kg (``fastconv.backends.base.blocked_weights``); ``offs[t]`` is where tap t reads
@@ -362,23 +365,25 @@ def conv2d_blocked(x, wt, bias, out, xs, offs, counter, plane, nr, ns, sh, sw, p
             offs[taps:].max() + VBLOCK <= xs.shape[1])
     else:
         ok = ok and body.max() + -(-f // VBLOCK) * VBLOCK <= size and size <= xs.shape[1]
-    if not ok:
-        raise ValueError("conv2d_blocked: buffers too small for the geometry")
+    if not ok or parts < 1:
+        raise ValueError("conv2d_blocked: buffers too small for the geometry, or parts < 1")
     bpad = np.zeros(k + KBLOCK, out.dtype)
     bpad[:k] = bias
     xf, of, wf = x.reshape(x.size), out.reshape(out.size), wt.reshape(wt.size)
-    units = n * groups
+    units = n * groups * parts
     for worker in prange(xs.shape[0]):
         xw = xs[worker]
         stage = np.empty(KBLOCK * VBLOCK, out.dtype)
         borders = True
         u = _next_block(counter)
         while u < units:
-            i, g = u // groups, u % groups
-            _blocked_unit(xf, (i * c + g * cg) * h * wd, wf, g * blocks * taps * KBLOCK, offs, taps, in_place,
-                          bpad[g * kg:], of, (i * k + g * kg) * f, xw, stage, cg, h, wd, kg, ho, wo, nr, ns, sh, sw,
-                          dh, dw, pt, pl, plane, borders)
-            borders = False
+            i, g, part = u // parts // groups, u // parts % groups, u % parts
+            kb0, kb1 = part * blocks // parts, (part + 1) * blocks // parts
+            if kb1 > kb0:
+                _blocked_unit(xf, (i * c + g * cg) * h * wd, wf, g * blocks * taps * KBLOCK, offs, taps, in_place,
+                              bpad[g * kg:], of, (i * k + g * kg) * f, xw, stage, cg, h, wd, kg, ho, wo, nr, ns, sh,
+                              sw, dh, dw, pt, pl, plane, borders, kb0, kb1)
+                borders = False
             u = _next_block(counter)
 
 
