@@ -143,6 +143,23 @@ def test_blocked_kernel_shares_an_image_among_threads(backend, threads, seed, mo
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("tiles", range(1, 11))
+@pytest.mark.parametrize("rest", [0, 5])
+def test_blocked_kernel_splits_every_tile_count(backend, tiles, rest, monkeypatch):
+    """One-row planes of ``tiles`` whole register tiles of 16 outputs (plus ``rest``): the
+    Cython kernel deals a plane's tiles into runs of at most three as evenly as it can (four
+    go 2 + 2), every split must cover each output once."""
+    calls = spy(monkeypatch, backend)
+    rng = np.random.default_rng(tiles)
+    x = rng.standard_normal((2, 5, 1, 16 * tiles + rest)).astype(np.float32)
+    weight = rng.standard_normal((11, 5, 1, 3)).astype(np.float32)
+    kw = dict(padding=(0, 1))
+    out = fastconv.conv2d(x, weight, **kw, backend=backend, algorithm="direct")
+    assert calls, "the blocked kernel did not run"
+    assert_close(out, fastconv.conv2d(x, weight, **kw, backend="reference"), np.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_blocked_kernel_on_large_planes(backend):
     """Planes of many register tiles, with rows wider and narrower than the output (padding
     beyond the kernel's reach, "valid"), a one-row plane, strided layers."""
