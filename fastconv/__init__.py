@@ -7,7 +7,11 @@
 (8, 16, 32, 32)
 """
 
-from ._config import (
+from . import _config
+
+_config.default_openmp_wait()  # before any backend loads libgomp
+
+from ._config import (  # noqa: E402
     get_autotune,
     get_num_threads,
     get_workspace_limit,
@@ -16,8 +20,8 @@ from ._config import (
     set_workspace_limit,
     single_threaded_blas,
 )
-from ._dispatch import available_backends, get_backend, use_backend
-from .functional import (
+from ._dispatch import available_backends, get_backend, use_backend  # noqa: E402
+from .functional import (  # noqa: E402
     Conv2dGrads,
     avg_pool2d,
     avg_pool2d_backward,
@@ -28,7 +32,7 @@ from .functional import (
     max_pool2d,
     max_pool2d_backward,
 )
-from .shapes import conv_output_size, conv_params, receptive_field
+from .shapes import conv_output_size, conv_params, receptive_field  # noqa: E402
 
 __version__ = "0.1.0"
 

@@ -714,9 +714,10 @@ def _select_cases(layers: list[str] | None) -> list[suite.Case]:
 def run(args: argparse.Namespace) -> int:
     """Run the benchmark described by ``args`` (see :func:`add_arguments`); print the table."""
     if not args.no_compare and suite.baseline_available("torch"):
-        # PyTorch first, as a user who has it would: it then runs on its own OpenMP runtime with
-        # its default (spinning) wait policy.  Loading fastconv's backends first would give it
-        # theirs, set to passive waiting, which slowed its small convolutions by up to 40%.
+        # PyTorch first, as a user who has it would: its libgomp then serves fastconv's kernels
+        # too, and reads the environment as importing fastconv left it (``fastconv._config.
+        # default_openmp_wait``: a short spin, unless the user chose a wait policy), so both run
+        # with the same idle workers.
         import torch  # noqa: F401
     import fastconv
     from . import _dispatch
@@ -755,6 +756,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"cpu: {cpu['model']} ({cpu['usable_cpus']} usable of {cpu['logical_cpus']} logical CPUs)")
     print("malloc: freed memory kept for reuse (no page faults on per-call outputs)" if kept else
           "malloc: not glibc, left as it is (large per-call outputs may be page-faulted in on every call)")
+    print(f"openmp: {_config.openmp_wait()} (how idle workers wait; libgomp read it when it loaded)")
     if cpu["load_average"] and cpu["load_average"][0] > 0.5 * (cpu["usable_cpus"] or 1):
         print(f"WARNING: load average {cpu['load_average'][0]:.1f} on {cpu['usable_cpus']} CPUs: other work is "
               "running, timings will be noisy")

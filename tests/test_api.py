@@ -225,3 +225,17 @@ def test_set_num_threads_reaches_blas_loaded_later():
             "print(sorted({i['num_threads'] for i in threadpool_info() if i['user_api'] == 'blas'}))")
     out = python_child(["-c", code], check=True)
     assert out.stdout.strip().splitlines()[-1] == "[1]"
+
+
+@pytest.mark.parametrize("preset, expected", [
+    ({}, "GOMP_SPINCOUNT=3000"),
+    ({"OMP_WAIT_POLICY": "PASSIVE"}, "OMP_WAIT_POLICY=PASSIVE"),
+    ({"GOMP_SPINCOUNT": "7"}, "GOMP_SPINCOUNT=7"),
+])
+def test_openmp_wait_default_leaves_a_users_choice(preset, expected):
+    """Importing fastconv sets a short OpenMP spin (before any backend loads libgomp, which
+    reads the environment once) only where the user chose no wait policy."""
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")} | preset
+    code = "import fastconv\nprint(fastconv._config.openmp_wait())\n"
+    out = python_child(["-c", code], check=True, env=env)
+    assert out.stdout.strip().splitlines()[-1] == expected

@@ -17,30 +17,22 @@ backend unavailable) when the extensions have not been compiled.
 from __future__ import annotations
 
 import contextlib
-import os
 from typing import Any
 
-# OpenMP threads that finish early busy-wait by default.  On a machine shared with other
-# processes (2 cores, load 5-15 when this was measured) a spinning thread steals the core
-# from the one still working and 2-thread calls ran 3-5x slower than 1-thread ones; with
-# passive waiting they never do.  libgomp reads this once, when it is loaded (by the imports
-# below), and only if the user has not chosen a policy.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from ... import _config  # noqa: E402
-from ..._args import ConvGeometry  # noqa: E402
-from ..._buffers import aligned_rows  # noqa: E402
-from .._winograd_passes import WinogradPasses  # noqa: E402
-from ..base import (SERIAL_WORK, Backend, BlockedLayout, BlockedWeightLayout, blas_is_narrower,  # noqa: E402
+from ... import _config
+from ..._args import ConvGeometry
+from ..._buffers import aligned_rows
+from .._winograd_passes import WinogradPasses
+from ..base import (SERIAL_WORK, Backend, BlockedLayout, BlockedWeightLayout, blas_is_narrower,
                     blocked_layout, blocked_runs, blocked_weight_gradient, blocked_weight_layout,
                     blocked_weights, flat3x3_buffers, flat3x3_preferred, input_grad_kernel, is_pointwise,
                     small_gemm_rows, sum_partials)
-from ... import _winograd as wino  # noqa: E402
-from . import _direct, _im2col, _pool, _winograd  # noqa: E402
+from ... import _winograd as wino
+from . import _direct, _im2col, _pool, _winograd
 
-import scipy.linalg  # noqa: E402,F401  (loads the BLAS behind cython_blas, so the thread limit reaches it)
+import scipy.linalg  # noqa: F401  (loads the BLAS behind cython_blas, so the thread limit reaches it)
 
 _config.apply_blas_limit()
 
@@ -455,4 +447,4 @@ class CythonBackend(WinogradPasses, Backend):
     def info(self) -> dict[str, Any]:
         return {"openmp": bool(_direct.OPENMP), "blas": "scipy.linalg.cython_blas", "narrow_blas": _narrow_blas(),
                 "wide_weight_tile_every_plane": _wide_weight_every_plane(),
-                "threads": _config.get_num_threads(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
+                "threads": _config.get_num_threads(), "openmp_wait": _config.openmp_wait()}

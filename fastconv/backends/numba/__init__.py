@@ -38,32 +38,24 @@ winograd
 from __future__ import annotations
 
 import contextlib
-import os
 import threading
 import time
 from types import ModuleType
 from typing import Any, Callable, Hashable
 
-# numba's "omp" threading layer runs on libgomp, whose idle threads busy-wait by default and
-# then steal the cores from the threads still working (and from BLAS) on a shared or
-# oversubscribed machine.  libgomp reads this once, when numba first loads it (the first
-# parallel kernel call), and only if the user has not chosen a policy.  The Cython backend
-# sets the same default for the same reason.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import numba
+import numpy as np
 
-import numba  # noqa: E402
-import numpy as np  # noqa: E402
-
-from ... import _config  # noqa: E402
-from ..._args import ConvGeometry, PoolGeometry  # noqa: E402
-from .._winograd_passes import WinogradPasses  # noqa: E402
-from ..base import (SERIAL_WORK, Backend, BlockedLayout, BlockedWeightLayout, blas_is_narrower,  # noqa: E402
+from ... import _config
+from ..._args import ConvGeometry, PoolGeometry
+from .._winograd_passes import WinogradPasses
+from ..base import (SERIAL_WORK, Backend, BlockedLayout, BlockedWeightLayout, blas_is_narrower,
                     blocked_layout, blocked_runs, blocked_weight_gradient, blocked_weight_layout,
                     blocked_weights, flat3x3_buffers, flat3x3_preferred, input_grad_kernel, is_pointwise,
                     small_gemm_rows, sum_partials)
-from ... import _winograd as wino  # noqa: E402
-from . import _blocked, _kernels  # noqa: E402
-from . import _winograd as _wk  # noqa: E402
+from ... import _winograd as wino
+from . import _blocked, _kernels
+from . import _winograd as _wk
 
 _lock = threading.Lock()
 _compile_seconds: dict[str, float] = {}
@@ -543,6 +535,6 @@ class NumbaBackend(WinogradPasses, Backend):
             "threading_layer": layer,
             "max_threads": numba.config.NUMBA_NUM_THREADS,
             "narrow_blas": _narrow_blas(),
-            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+            "openmp_wait": _config.openmp_wait(),
             "compile_seconds": compile_times(),
         }
