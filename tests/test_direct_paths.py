@@ -421,3 +421,21 @@ def test_blocked_weight_gradient_with_inf_input(backend, monkeypatch):
     assert np.array_equal(np.isfinite(gw), np.isfinite(want)) and np.isfinite(want[:, :, 0]).all()
     finite = np.isfinite(want)
     assert_close(gw[finite], want[finite], np.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_one_channel_input_gradients_take_the_flat_kernel(backend):
+    """``auto`` runs the input gradient of a one-channel 3x3 layer on the flat-plane direct
+    kernel whatever its outputs (it sums them into one plane), when there is an image per
+    thread; a single image large enough for two threads (the kernel would not run) goes to
+    im2col, a smaller one runs the kernel on one thread."""
+    from fastconv import _dispatch
+
+    be = _dispatch._load(backend)
+    f32 = np.dtype(np.float32)
+    with num_threads(2):
+        for k in (8, 32, 64):
+            batch = ConvGeometry(64, 1, 28, 28, k, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1, f32)
+            one = ConvGeometry(1, 1, 28, 28, k, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1, f32)
+            assert be.default_algorithm("conv2d_backward_input", batch) == "direct", k
+            assert be.default_algorithm("conv2d_backward_input", one) == ("direct" if k == 8 else "im2col"), k

@@ -395,16 +395,24 @@ def blas_is_narrower(avx512_cpu: bool, openblas_cores: list[str]) -> bool:
     return avx512_cpu and bool(known) and not any(core in AVX512_OPENBLAS_CORES for core in known)
 
 
-#: up to this many outputs per group, a one-channel 3x3 stride-1 layer runs the flat-plane
-#: direct kernel faster than im2col (forward and input gradient; im2col wins from 16 outputs)
+#: up to this many outputs per group, a one-channel 3x3 stride-1 layer's forward pass runs
+#: the flat-plane direct kernel faster than im2col (im2col wins from 16 outputs)
 FLAT3X3_MAX_OUTPUTS = 8
 
 
-def flat3x3_preferred(op: str, g: ConvGeometry) -> bool:
+def flat3x3_preferred(op: str, g: ConvGeometry, threads: int) -> bool:
     """Whether ``algorithm="auto"`` should run ``op`` with the flat-plane 3x3 direct kernel:
-    one input channel per group, at most :data:`FLAT3X3_MAX_OUTPUTS` outputs per group, 3x3
-    stride 1, and not the weight gradient (whose nine running sums per channel pair lost to
-    im2col).  Measured on the stripe-c1 layer, one thread: 0.54 vs 0.68 ms forward (Cython),
-    0.31 vs 0.44 ms (Numba)."""
-    return (op != "conv2d_backward_weight" and g.c_per_group == 1 and g.k_per_group <= FLAT3X3_MAX_OUTPUTS
-            and (g.r, g.s) == (3, 3) and g.stride == (1, 1))
+    one input channel per group, 3x3 stride 1, at least ``threads`` (image, group) work units
+    (with fewer the kernel does not run: :func:`flat3x3_buffers`), and either the forward
+    pass with at most :data:`FLAT3X3_MAX_OUTPUTS` outputs per group or the input gradient,
+    which sums every output channel into the group's one plane; not the weight gradient
+    (whose nine running sums per channel pair lost to im2col).  Measured on the stripe-c1
+    layer, one thread: 0.54 vs 0.68 ms forward (Cython), 0.31 vs 0.44 ms (Numba).  Input
+    gradients, 2 threads, 8-400 images of 16x16 to 128x128 planes with 8-64 outputs: im2col
+    time / direct time 1.23-1.76 (Cython), 1.23-2.09 (Numba); one image (the row-wise
+    fallback): 0.35 (Cython), 1.09 (Numba)."""
+    if op == "conv2d_backward_weight" or g.c_per_group != 1 or (g.r, g.s) != (3, 3) or g.stride != (1, 1):
+        return False
+    if g.n * g.groups < threads:
+        return False
+    return op == "conv2d_backward_input" or g.k_per_group <= FLAT3X3_MAX_OUTPUTS

@@ -423,7 +423,8 @@ class CythonBackend(WinogradPasses, Backend):
         4 input channels).  Depthwise convs (C/groups = 1: each GEMM is a 1-row product) and
         single-channel, single-output convs (the ``correlate2d`` path, whose column matrix
         would be R*S times the image) stay direct, as do one-channel 3x3 stride-1 layers with
-        up to 8 outputs (the flat-plane kernel).  Where the BLAS runs narrower vectors than the
+        up to 8 outputs and their input gradients (the flat-plane kernel:
+        :func:`fastconv.backends.base.flat3x3_preferred`).  Where the BLAS runs narrower vectors than the
         tiles (:data:`NARROW_BLAS`), Winograd waits for :data:`WINOGRAD_MIN_CHANNELS_NARROW_BLAS`
         channels and pointwise weight gradients for :data:`POINTWISE_GEMM_WEIGHTS_NARROW_BLAS`
         weights.  Where the blocked kernels run, Winograd also needs a pass of at least
@@ -440,7 +441,7 @@ class CythonBackend(WinogradPasses, Backend):
             winograd = width >= WINOGRAD_MIN_CHANNELS
         if winograd and self.unsupported("winograd", op, g) is None:
             return "winograd"
-        if blocked or g.c_per_group == 1 and g.k_per_group <= 4 or flat3x3_preferred(op, g):
+        if blocked or g.c_per_group == 1 and g.k_per_group <= 4 or flat3x3_preferred(op, g, _threads(g.flops // 2)):
             return "direct"
         return "im2col"
 

@@ -379,8 +379,8 @@ class NumbaBackend(WinogradPasses, Backend):
         and out 1.0-3.0, 16 in and out 1.2-3.3; with 4 outputs 16 inputs give 1.04-1.37, 32
         inputs 2-3, 8 or 12 inputs 0.74-1.17; 4 or 6 inputs lose (0.5-0.99) whatever the
         outputs.  (The Cython backend uses the first of these rules alone.)  One-channel 3x3
-        stride-1 layers with few outputs run the flat-plane direct kernel
-        (:func:`fastconv.backends.base.flat3x3_preferred`); elsewhere im2col beat the row-wise
+        stride-1 layers with few outputs, and their input gradients, run the flat-plane direct
+        kernel (:func:`fastconv.backends.base.flat3x3_preferred`); elsewhere im2col beat the row-wise
         direct kernel on every layer of the benchmark suite.
         """
         cin, cout = g.c_per_group, g.k_per_group
@@ -391,7 +391,7 @@ class NumbaBackend(WinogradPasses, Backend):
             min(cin, cout) >= WINOGRAD_MIN_CHANNELS or cin >= WINOGRAD_MIN_WIDE_INPUTS and cout >= WINOGRAD_MIN_OUTPUTS)
         if wide and self.unsupported("winograd", op, g) is None:
             return "winograd"
-        if blocked or cin == 1 and cout <= 4 or flat3x3_preferred(op, g):
+        if blocked or cin == 1 and cout <= 4 or flat3x3_preferred(op, g, _threads(g)):
             return "direct"
         return "im2col"
 
