@@ -439,3 +439,50 @@ def test_one_channel_input_gradients_take_the_flat_kernel(backend):
             one = ConvGeometry(1, 1, 28, 28, k, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1, f32)
             assert be.default_algorithm("conv2d_backward_input", batch) == "direct", k
             assert be.default_algorithm("conv2d_backward_input", one) == ("direct" if k == 8 else "im2col"), k
+
+
+def _blocked_weights_spec(w: np.ndarray, groups: int, kblock: int) -> np.ndarray:
+    """The specification of the blocked kernels' weight order, in NumPy: ``w`` (K, C/g, R, S) as
+    (groups, blocks * T, kblock), entry [g, b*T + t, j] the weight of output channel
+    g*K/g + b*kblock + j at tap t = (c*R + r)*S + s, zero past the group's last channel."""
+    k, cg, r, s = w.shape
+    kg, taps = k // groups, cg * r * s
+    blocks = -(-kg // kblock)
+    padded = np.zeros((groups, blocks * kblock, taps), w.dtype)
+    padded[:, :kg] = w.reshape(groups, kg, taps)
+    return padded.reshape(groups, blocks, kblock, taps).transpose(0, 1, 3, 2).reshape(groups, blocks * taps, kblock)
+
+
+#: backend -> (module, compiled weight reorder, its output channels per block) of its blocked kernels
+REORDER = {"cython": ("fastconv.backends.cython._direct", "blocked_weights", lambda m: m.BLOCKED_TILE[0]),
+           "numba": ("fastconv.backends.numba", "_blocked_weights", lambda m: m._blocked.KBLOCK)}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("rotate", [False, True])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("k, cg, r, s, groups", [(16, 8, 3, 3, 1), (13, 5, 3, 2, 1), (12, 3, 1, 1, 2),
+                                                  (24, 1, 7, 7, 3), (9, 9, 5, 1, 9), (3, 17, 2, 4, 1)])
+def test_compiled_blocked_weights_match_the_specification(backend, rotate, dtype, k, cg, r, s, groups):
+    """The compiled reorder (one pass, parallel) equals the NumPy specification, of the layer's
+    weight and of the input gradient's rotated one, partial blocks of channels zero-padded."""
+    from fastconv.backends.base import blocked_weights_shape, input_grad_kernel
+
+    module, name, kblock = REORDER[backend]
+    module = importlib.import_module(module)
+    kernel, kblock = getattr(module, name), kblock(module)
+    w = np.random.default_rng(k * cg).standard_normal((k, cg, r, s)).astype(dtype)
+    g = ConvGeometry(1, cg * groups, 8, 8, k, r, s, (1, 1), (0, 0, 0, 0), (1, 1), groups, np.dtype(dtype))
+    spec = _blocked_weights_spec(input_grad_kernel(w, groups) if rotate else w, groups, kblock)
+    wt = np.full(blocked_weights_shape(g, rotate, kblock), np.nan, dtype)
+    kernel(w, wt, groups, rotate, *([2] if backend == "cython" else []))
+    np.testing.assert_array_equal(wt, spec)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compiled_blocked_weights_reject_a_wrong_buffer(backend):
+    module, name, _ = REORDER[backend]
+    kernel = getattr(importlib.import_module(module), name)
+    w = np.ones((16, 4, 3, 3), np.float32)
+    with pytest.raises(ValueError, match="blocked_weights"):
+        kernel(w, np.empty((1, 36, 8), np.float32), 1, False, *([1] if backend == "cython" else []))

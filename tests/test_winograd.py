@@ -275,3 +275,45 @@ def test_plan_blocks_ignore_the_thread_count_and_shrink_to_fit():
     assert {p.tb for p in small} == {wino.LANES} and [p.threads for p in small] == [1, 2, 3, 8]
     few = wino.plan(1, 1, 8, 8, 4, 4, 1, 4, 2, 2**30)   # one tile: one thread, one minimal block
     assert few.tb == wino.LANES and few.threads == 1
+
+
+#: backend -> (its Winograd weight transforms, called as kernel(..., threads)) where compiled
+def _compiled_transforms(backend: str):
+    if backend == "cython":
+        from fastconv.backends.cython import _winograd as k
+
+        return (lambda w, u, gm, groups, rotate: k.transform_weight(w, u, gm, groups, rotate, 2),
+                lambda du, gw, gm: k.weight_gradient(du, gw, gm, 2))
+    from fastconv.backends import numba as nb
+
+    return (lambda w, u, gm, groups, rotate: nb._winograd_transform_weight(w, u, gm, groups, rotate, threads=2),
+            lambda du, gw, gm: nb._winograd_weight_gradient(du, gw, gm, threads=2))
+
+
+@pytest.mark.parametrize("backend", WINOGRAD_BACKENDS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("groups, kg, cg", [(1, 16, 8), (1, 5, 3), (2, 4, 7), (6, 1, 1), (3, 9, 2)])
+def test_compiled_weight_transforms_match_the_specification(backend, dtype, groups, kg, cg):
+    """The backends' compiled U = G w G^T (of the layer's weight and of the input gradient's
+    rotated one) and dw = G^T dU G equal the NumPy specification in ``fastconv._winograd`` up to
+    the rounding of a different summation order (both sum in float64 and round once)."""
+    from fastconv.backends.base import input_grad_kernel
+
+    transform, gradient = _compiled_transforms(backend)
+    t, rng = wino.matrices(wino.TILE), np.random.default_rng(groups * kg * cg)
+    w = rng.standard_normal((groups * kg, cg, 3, 3)).astype(dtype)
+    bar = 1e-6 if dtype == np.float32 else 1e-14
+    for rotate, spec_w in ((False, w), (True, input_grad_kernel(w, groups))):
+        spec = wino.transform_weight(spec_w, t, groups, dtype)
+        u = np.full_like(spec, np.nan)
+        transform(w, u, t.g, groups, rotate)
+        assert rel_err(u, spec) <= bar, rotate
+    du = rng.standard_normal((groups, t.a**2, kg, cg))
+    spec = wino.weight_gradient(du, t, dtype)
+    gw = np.full_like(spec, np.nan)
+    gradient(du, gw, t.g)
+    assert rel_err(gw, spec) <= bar
+    with pytest.raises(ValueError, match="transform_weight"):
+        transform(w, np.empty((groups, t.a**2, cg, kg + 1), dtype), t.g, groups, False)
+    with pytest.raises(ValueError, match="weight_gradient"):
+        gradient(du, np.empty((groups * kg, cg, 3, 2), dtype), t.g)

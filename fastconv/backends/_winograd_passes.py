@@ -4,7 +4,8 @@ The Cython and Numba backends each compile two Winograd kernels: a tiled forward
 (which is also the input gradient, run on ``grad_out`` with the rotated kernel) and a
 weight-gradient pass that sums transformed products per worker.  Everything around them
 is the same for both and lives here: the plan (tiles, blocks, workers, workspace), the
-weight transforms (:mod:`fastconv._winograd`), BLAS held at one thread for the whole call
+weight transforms' buffers (the transforms are compiled too; :mod:`fastconv._winograd` holds
+their NumPy specification), BLAS held at one thread for the whole call
 (see :func:`fastconv._config.single_threaded_blas`), and the fallback to im2col when a
 result is not finite (a tile transform mixes Inf and NaN differently from a direct sum).
 """
@@ -16,7 +17,7 @@ import numpy as np
 from .. import _config
 from .. import _winograd as wino
 from .._args import ConvGeometry
-from .base import input_grad_kernel
+from .base import pass_channels
 
 
 class WinogradPasses:
@@ -65,6 +66,18 @@ class WinogradPasses:
         shape (groups, a*a, K/groups, C/groups)."""
         raise NotImplementedError
 
+    def _winograd_transform_weight(self, w: np.ndarray, u: np.ndarray, gm: np.ndarray, groups: int,
+                                   rotate: bool) -> None:
+        """``u`` (groups, a*a, cout, cin) = G w G^T for the pass's weight: the layer's ``w``, or with
+        ``rotate`` the input gradient's (:func:`fastconv._winograd.transform_weight` of
+        :func:`~fastconv.backends.base.input_grad_kernel`); ``gm`` is G (a, 3)."""
+        raise NotImplementedError
+
+    def _winograd_weight_gradient(self, du: np.ndarray, gw: np.ndarray, gm: np.ndarray) -> None:
+        """``gw`` (K, C/groups, 3, 3) = G^T dU G from ``du`` (groups, a*a, K/groups, C/groups) in
+        float64 (:func:`fastconv._winograd.weight_gradient`)."""
+        raise NotImplementedError
+
     # ------------------------------------------------------------------- shared
     def unsupported(self, algorithm: str, op: str, g: ConvGeometry) -> str | None:
         """Winograd's limits (3x3, stride 1, equal dilations, workspace); None otherwise."""
@@ -78,13 +91,20 @@ class WinogradPasses:
             raise ValueError(f"{op}(): algorithm 'winograd' needs {p}")
         return p
 
+    def _winograd_weights(self, weight: np.ndarray, p: wino.Plan, g: ConvGeometry, rotate: bool) -> np.ndarray:
+        """The transformed weights of a pass (see :meth:`_winograd_transform_weight`)."""
+        cin, cout = pass_channels(g, rotate)
+        u = np.empty((g.groups, p.t.a * p.t.a, cout, cin), g.dtype)
+        self._winograd_transform_weight(weight, u, p.t.g, g.groups, rotate)
+        return u
+
     def winograd_conv2d(self, x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None,
                         g: ConvGeometry) -> np.ndarray:
         """Forward convolution by Winograd (im2col when a result is not finite)."""
         with _config.single_threaded_blas():
             p = self._winograd_plan("conv2d", g)
             out = np.empty(g.output_shape, g.dtype)
-            u = wino.transform_weight(weight, p.t, g.groups, g.dtype)
+            u = self._winograd_weights(weight, p, g, rotate=False)
             b = np.zeros(g.k, g.dtype) if bias is None else bias
             if self._winograd_forward(x, u, b, out, p, g.padding[0], g.padding[2]):
                 return out
@@ -95,7 +115,7 @@ class WinogradPasses:
         with _config.single_threaded_blas():
             p = self._winograd_plan("conv2d_backward_input", g)
             gx = np.empty(g.input_shape, g.dtype)
-            u = wino.transform_weight(input_grad_kernel(weight, g.groups), p.t, g.groups, g.dtype)
+            u = self._winograd_weights(weight, p, g, rotate=True)
             reach = 2 * g.dilation[0]
             if self._winograd_forward(grad_out, u, np.zeros(g.c, g.dtype), gx, p, reach - g.padding[0],
                                       reach - g.padding[2]):
@@ -106,7 +126,8 @@ class WinogradPasses:
         """Weight gradient by Winograd (im2col when a result is not finite)."""
         with _config.single_threaded_blas():
             p = self._winograd_plan("conv2d_backward_weight", g)
-            gw = wino.weight_gradient(self._winograd_weight_sum(grad_out, x, p, g), p.t, g.dtype)
+            gw = np.empty(g.weight_shape, g.dtype)
+            self._winograd_weight_gradient(self._winograd_weight_sum(grad_out, x, p, g), gw, p.t.g)
             if np.isfinite(gw).all():
                 return gw
         return self.conv2d_backward_weight(grad_out, x, g, "im2col")

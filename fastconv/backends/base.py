@@ -358,17 +358,21 @@ def blocked_weight_gradient(kernel: Callable[..., None], layout: BlockedWeightLa
     return gw if np.isfinite(gw).all() else None
 
 
-def blocked_weights(w: np.ndarray, groups: int, kblock: int) -> np.ndarray:
-    """``w`` (K, C/g, R, S) in the order a channel-blocked kernel reads it, (groups, blocks * T,
-    kblock) with T = C/g * R * S: entry ``[g, b*T + t, j]`` is the weight of output channel
-    ``g*K/g + b*kblock + j`` at tap t = (c*R + r)*S + s, zero past the group's last channel."""
-    k, cg, r, s = w.shape
-    kg, taps = k // groups, cg * r * s
-    blocks = -(-kg // kblock)
-    padded = np.zeros((groups, blocks * kblock, taps), w.dtype)
-    padded[:, :kg] = w.reshape(groups, kg, taps)
-    return np.ascontiguousarray(padded.reshape(groups, blocks, kblock, taps).transpose(0, 1, 3, 2)
-                                .reshape(groups, blocks * taps, kblock))
+def pass_channels(g: ConvGeometry, rotate: bool) -> tuple[int, int]:
+    """(input, output) channels per group of a forward pass with the layer's weight, or with
+    ``rotate`` of the input gradient's (:func:`input_grad_kernel`): (C/g, K/g) or (K/g, C/g)."""
+    return (g.k_per_group, g.c_per_group) if rotate else (g.c_per_group, g.k_per_group)
+
+
+def blocked_weights_shape(g: ConvGeometry, rotate: bool, kblock: int) -> tuple[int, int, int]:
+    """The shape of a channel-blocked pass's weights in the order its tiles read them,
+    (groups, blocks * T, kblock): blocks of ``kblock`` of the pass's output channels per group
+    and T = cin * R * S taps, for the layer's weight or, with ``rotate``, the input gradient's
+    (:func:`input_grad_kernel`: cin = K/g, cout = C/g).  Entry ``[g, b*T + t, j]`` is the weight of
+    output channel ``b*kblock + j`` of group g at tap t = (i*R + r)*S + s, zero past the group's
+    last channel; the backends' compiled ``blocked_weights`` fill it."""
+    cin, cout = pass_channels(g, rotate)
+    return g.groups, -(-cout // kblock) * cin * g.r * g.s, kblock
 
 
 #: OpenBLAS's cores with AVX-512 kernels, as threadpoolctl names them (lowercased)

@@ -27,7 +27,7 @@ from ..._buffers import aligned_rows
 from .._winograd_passes import WinogradPasses
 from ..base import (SERIAL_WORK, Backend, BlockedLayout, BlockedWeightLayout, blas_is_narrower,
                     blocked_layout, blocked_runs, blocked_weight_gradient, blocked_weight_layout,
-                    blocked_weights, flat3x3_buffers, flat3x3_preferred, input_grad_kernel, is_pointwise,
+                    blocked_weights_shape, flat3x3_buffers, flat3x3_preferred, input_grad_kernel, is_pointwise,
                     small_gemm_rows, sum_partials)
 from ... import _winograd as wino
 from . import _direct, _im2col, _pool, _winograd
@@ -146,11 +146,13 @@ def _blocked_plan(op: str, g: ConvGeometry) -> BlockedLayout | None:
 
 
 def _run_blocked(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, out: np.ndarray, lay: BlockedLayout,
-                 g: ConvGeometry, pads: tuple[int, int]) -> None:
-    """``_direct.forward_blocked`` with ``weight`` as its pass sees it, (Kout, Cin/g, R, S)."""
-    _direct.forward_blocked(x, blocked_weights(weight, g.groups, _direct.BLOCKED_TILE[0]), bias, out,
-                            lay.buffer(g.dtype), lay.offsets(g), lay.plane, g.r, g.s, *lay.stride, *pads,
-                            *g.dilation, g.groups, lay.in_place, lay.parts)
+                 g: ConvGeometry, pads: tuple[int, int], rotate: bool = False) -> None:
+    """``_direct.forward_blocked`` with the layer's ``weight``, rotated for the input gradient
+    (``rotate``: see :func:`fastconv.backends.base.blocked_weights_shape`)."""
+    wt = np.empty(blocked_weights_shape(g, rotate, _direct.BLOCKED_TILE[0]), g.dtype)
+    _direct.blocked_weights(weight, wt, g.groups, rotate, _threads(weight.size))
+    _direct.forward_blocked(x, wt, bias, out, lay.buffer(g.dtype), lay.offsets(g), lay.plane, g.r, g.s,
+                            *lay.stride, *pads, *g.dilation, g.groups, lay.in_place, lay.parts)
 
 
 #: float32 weight gradients with more flat outputs per plane than this (and a multiple of the
@@ -274,6 +276,12 @@ class CythonBackend(WinogradPasses, Backend):
                           p.vstride, p.mstride)
         return not checks.any()
 
+    def _winograd_transform_weight(self, w, u, gm, groups, rotate):
+        _winograd.transform_weight(w, u, gm, groups, rotate, _threads(u.size))
+
+    def _winograd_weight_gradient(self, du, gw, gm):
+        _winograd.weight_gradient(du, gw, gm, _threads(du.size))
+
     def _winograd_weight_sum(self, grad_out, x, p, g):
         vb, mb, sc, ln = p.buffers(g.dtype)
         partial = np.zeros((p.threads, g.groups, p.t.a**2, g.k_per_group, g.c_per_group), g.dtype)
@@ -336,7 +344,7 @@ class CythonBackend(WinogradPasses, Backend):
             for n0, nb in ws.chunks(g.n):
                 _im2col.backward_input(grad_out, w2, gx, ws.col, ws.tmp, n0, nb, g.r, g.s, *_conv_args(g), 1)
         elif blk is not None:
-            _run_blocked(grad_out, input_grad_kernel(weight, g.groups), np.zeros(g.c, g.dtype), gx, blk, g, pads)
+            _run_blocked(grad_out, weight, np.zeros(g.c, g.dtype), gx, blk, g, pads, rotate=True)
         elif flat is not None:
             _direct.forward3x3(grad_out, input_grad_kernel(weight, g.groups), np.zeros(g.c, g.dtype), gx, *flat,
                                *pads, *g.dilation, g.groups)

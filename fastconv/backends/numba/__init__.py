@@ -51,7 +51,7 @@ from ..._args import ConvGeometry, PoolGeometry
 from .._winograd_passes import WinogradPasses
 from ..base import (SERIAL_WORK, Backend, BlockedLayout, BlockedWeightLayout, blas_is_narrower,
                     blocked_layout, blocked_runs, blocked_weight_gradient, blocked_weight_layout,
-                    blocked_weights, flat3x3_buffers, flat3x3_preferred, input_grad_kernel, is_pointwise,
+                    blocked_weights_shape, flat3x3_buffers, flat3x3_preferred, input_grad_kernel, is_pointwise,
                     small_gemm_rows, sum_partials)
 from ... import _winograd as wino
 from . import _blocked, _kernels
@@ -137,6 +137,7 @@ def _threadsafe() -> bool:
 _conv2d_direct = _kernel("conv2d_direct", 3)
 _conv2d_direct3x3 = _kernel("conv2d_direct3x3", 3)
 _conv2d_blocked = _kernel("conv2d_blocked", 3, _blocked)
+_blocked_weights = _kernel("blocked_weights", 1, _blocked)
 _conv2d_backward_weight_blocked = _kernel("conv2d_backward_weight_blocked", 2, _blocked)
 _conv2d_backward_input_direct = _kernel("conv2d_backward_input_direct", 2)
 _conv2d_backward_weight_direct = _kernel("conv2d_backward_weight_direct", 2)
@@ -152,6 +153,8 @@ _pool2d_flat = _kernel("pool2d_flat", 1)
 _avg_pool2d_backward_flat = _kernel("avg_pool2d_backward_flat", 1)
 _winograd_forward = _kernel("winograd_forward", 3, _wk)
 _winograd_backward_weight = _kernel("winograd_backward_weight", 2, _wk)
+_winograd_transform_weight = _kernel("transform_weight", 1, _wk)
+_winograd_weight_gradient = _kernel("weight_gradient", 1, _wk)
 
 
 def _conv_params(g: ConvGeometry) -> tuple[int, ...]:
@@ -208,11 +211,13 @@ def _blocked_plan(op: str, g: ConvGeometry) -> BlockedLayout | None:
 
 
 def _run_blocked(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, out: np.ndarray, lay: BlockedLayout,
-                 g: ConvGeometry, pads: tuple[int, int]) -> None:
-    """``_blocked.conv2d_blocked`` with ``weight`` as its pass sees it, (Kout, Cin/g, R, S)."""
-    _conv2d_blocked(x, blocked_weights(weight, g.groups, _blocked.KBLOCK), bias, out, lay.buffer(g.dtype),
-                    lay.offsets(g), np.zeros(1, np.int64), lay.plane, g.r, g.s, *lay.stride, *pads, *g.dilation,
-                    g.groups, lay.in_place, lay.parts, threads=lay.workers)
+                 g: ConvGeometry, pads: tuple[int, int], rotate: bool = False) -> None:
+    """``_blocked.conv2d_blocked`` with the layer's ``weight``, rotated for the input gradient
+    (``rotate``: see :func:`fastconv.backends.base.blocked_weights_shape`)."""
+    wt = np.empty(blocked_weights_shape(g, rotate, _blocked.KBLOCK), g.dtype)
+    _blocked_weights(weight, wt, g.groups, rotate, threads=1 if weight.size < SERIAL_WORK else None)
+    _conv2d_blocked(x, wt, bias, out, lay.buffer(g.dtype), lay.offsets(g), np.zeros(1, np.int64), lay.plane, g.r,
+                    g.s, *lay.stride, *pads, *g.dilation, g.groups, lay.in_place, lay.parts, threads=lay.workers)
 
 
 def _blocked_weight_layout(g: ConvGeometry) -> BlockedWeightLayout | None:
@@ -408,6 +413,13 @@ class NumbaBackend(WinogradPasses, Backend):
                           p.d, p.tb, p.vstride, p.mstride, threads=p.threads)
         return not checks.any()
 
+    def _winograd_transform_weight(self, w: np.ndarray, u: np.ndarray, gm: np.ndarray, groups: int,
+                                   rotate: bool) -> None:
+        _winograd_transform_weight(w, u, gm, groups, rotate, threads=1 if u.size < SERIAL_WORK else None)
+
+    def _winograd_weight_gradient(self, du: np.ndarray, gw: np.ndarray, gm: np.ndarray) -> None:
+        _winograd_weight_gradient(du, gw, gm, threads=1 if du.size < SERIAL_WORK else None)
+
     def _winograd_weight_sum(self, grad_out: np.ndarray, x: np.ndarray, p: wino.Plan,
                              g: ConvGeometry) -> np.ndarray:
         vb, mb, sc, ln = p.buffers(g.dtype)
@@ -450,7 +462,7 @@ class NumbaBackend(WinogradPasses, Backend):
             # rotated kernel and padding dil*(R-1) - pad
             pads = (g.dilation[0] * (g.r - 1) - g.padding[0], g.dilation[1] * (g.s - 1) - g.padding[2])
             if (blk := _blocked_plan("conv2d_backward_input", g)) is not None:
-                _run_blocked(grad_out, input_grad_kernel(weight, g.groups), np.zeros(g.c, g.dtype), gx, blk, g, pads)
+                _run_blocked(grad_out, weight, np.zeros(g.c, g.dtype), gx, blk, g, pads, rotate=True)
             elif (flat := _flat3x3(g.h, g.w, g, g.k_per_group)) is not None:
                 _conv2d_direct3x3(grad_out, input_grad_kernel(weight, g.groups), np.zeros(g.c, g.dtype), gx, *flat,
                                   np.zeros(1, np.int64), *pads, *g.dilation, g.groups, threads=flat[0].shape[0])

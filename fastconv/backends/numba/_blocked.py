@@ -332,6 +332,36 @@ def _blocked_unit(xf, x0, wf, w0, offs, taps, in_place, bpad, of, o0, xw, stage,
 
 
 @njit(**_PAR)
+def blocked_weights(w, wt, groups, rotate):
+    """The weights of a blocked pass in the order its tiles read them, as the Cython kernel of
+    that name: ``wt[g, kb*T + t, j]`` is the weight of the pass's output channel kb*KBLOCK + j of
+    group g at tap t = (i*R + r)*S + s, zero past the group's channels; the pass's weight is
+    ``w`` or, with ``rotate``, the input gradient's, w[g*K/g + i, o, R-1-r, S-1-s]
+    (``fastconv.backends.base.blocked_weights_shape``)."""
+    k, cg, nr, ns = w.shape
+    kg, rs_n = k // groups, nr * ns
+    cin, cout = (kg, cg) if rotate else (cg, kg)
+    taps = cin * rs_n
+    blocks = wt.shape[1] // taps
+    if wt.shape[0] != groups or wt.shape[1] != blocks * taps or blocks * KBLOCK < cout or wt.shape[2] != KBLOCK:
+        raise ValueError("blocked_weights: wt has the wrong shape for the weight")
+    src = w.reshape(w.size)
+    for unit in prange(groups * blocks):
+        g, kb = unit // blocks, unit % blocks
+        dst = wt[g]
+        for t in range(taps):
+            i, rs = t // rs_n, t % rs_n
+            for j in range(KBLOCK):
+                o = kb * KBLOCK + j
+                if o >= cout:
+                    dst[kb * taps + t, j] = 0
+                elif rotate:
+                    dst[kb * taps + t, j] = src[((g * kg + i) * cg + o) * rs_n + rs_n - 1 - rs]
+                else:
+                    dst[kb * taps + t, j] = src[(g * kg + o) * taps + t]
+
+
+@njit(**_PAR)
 def conv2d_blocked(x, wt, bias, out, xs, offs, counter, plane, nr, ns, sh, sw, pt, pl, dh, dw, groups, in_place,
                    parts):
     """Convolution with channel-blocked register tiles on ``xs.shape[0]`` workers, ``parts`` work
@@ -340,7 +370,7 @@ def conv2d_blocked(x, wt, bias, out, xs, offs, counter, plane, nr, ns, sh, sw, p
     fewer images).
 
     ``wt[g, kb*T + t, j]`` is weight (g*Kg + kb*KBLOCK + j, c, r, s) for tap t = (c*R + r)*S + s,
-    zero past Kg (``fastconv.backends.base.blocked_weights``); ``offs[t]`` is where tap t reads
+    zero past Kg (:func:`blocked_weights`); ``offs[t]`` is where tap t reads
     a worker's row of ``xs``, which holds Cg*S*sh unfolded planes of ``plane`` elements
     (``fastconv.backends.base.blocked_layout`` and ``blocked_offsets``).  ``pt`` / ``pl`` may
     be negative (the input gradient runs this with padding dil*(R-1) - pad).  ``in_place``
