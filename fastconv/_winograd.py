@@ -308,6 +308,16 @@ def pass_tiles(op: str, g: ConvGeometry) -> int:
     return g.n * len(tile_starts(out_h, TILE, g.dilation[0])) * len(tile_starts(out_w, TILE, g.dilation[1]))
 
 
+def enough_tiles(op: str, g: ConvGeometry, min_tiles: int, wide_channels: int, min_tiles_wide: int) -> bool:
+    """Whether the pass of ``op`` has tiles enough for Winograd to beat a blocked direct kernel:
+    ``min_tiles`` over the batch, or ``min_tiles_wide`` where the layer has at least
+    ``wide_channels`` channels per group in and out (each tile then saves more multiplications
+    against the same transforms; below a few dozen tiles every block's GEMMs read all the
+    transformed weights for too few tiles)."""
+    tiles = pass_tiles(op, g)
+    return tiles >= min_tiles or min(g.c_per_group, g.k_per_group) >= wide_channels and tiles >= min_tiles_wide
+
+
 def plan_for(op: str, g: ConvGeometry, threads: int, limit: int) -> Plan | str:
     """:func:`plan` for one op of a layer (a string says why it cannot run)."""
     cin, cout, out_h, out_w, partials = pass_shape(op, g)

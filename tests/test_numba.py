@@ -512,8 +512,8 @@ def test_algorithm_choice_with_narrow_blas(monkeypatch):
 
     be, f32 = nbmod.NumbaBackend(), np.dtype(np.float32)
 
-    def conv(c, k, hw=14):
-        return ConvGeometry(8, c, hw, hw, k, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1, f32)
+    def conv(c, k, hw=14):  # 32 images: at least 512 tiles of 4x4
+        return ConvGeometry(32, c, hw, hw, k, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1, f32)
 
     for narrow, expect in ((False, ["winograd"] * 3), (True, ["direct"] * 3)):
         monkeypatch.setattr(nbmod, "NARROW_BLAS", narrow)
@@ -526,8 +526,9 @@ def test_algorithm_choice_with_narrow_blas(monkeypatch):
 @pytest.mark.parametrize("narrow", [False, True])
 def test_small_batches_of_small_planes_stay_direct(narrow, monkeypatch):
     """Where the blocked kernel runs, Winograd also needs WINOGRAD_MIN_TILES_BLOCKED output
-    tiles over the batch: one image of 256 channels on 14x14 (16 tiles) stays direct, eight
-    (128 tiles) run Winograd."""
+    tiles over the batch, or WINOGRAD_MIN_TILES_WIDE from WINOGRAD_WIDE_CHANNELS channels: one
+    image of 256 channels on 14x14 (16 tiles) stays direct, two (32 tiles) run Winograd, and
+    so do four images of 16 channels on 28x28 (196 tiles) only without the wide rule."""
     import fastconv.backends.numba as nbmod
     from fastconv._args import ConvGeometry
     from fastconv.backends.base import CONV_OPS
@@ -535,9 +536,11 @@ def test_small_batches_of_small_planes_stay_direct(narrow, monkeypatch):
     monkeypatch.setattr(nbmod, "NARROW_BLAS", narrow)
     be, f32 = nbmod.NumbaBackend(), np.dtype(np.float32)
 
-    def conv(n):
-        return ConvGeometry(n, 256, 14, 14, 256, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1, f32)
+    def conv(n, c=256, hw=14):
+        return ConvGeometry(n, c, hw, hw, c, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1, f32)
 
     with num_threads(2):
         assert [be.default_algorithm(op, conv(1)) for op in CONV_OPS[:2]] == ["direct"] * 2
+        assert [be.default_algorithm(op, conv(2)) for op in CONV_OPS[:2]] == ["winograd"] * 2
         assert [be.default_algorithm(op, conv(8)) for op in CONV_OPS[:2]] == ["winograd"] * 2
+        assert [be.default_algorithm(op, conv(4, 16, 28)) for op in CONV_OPS[:2]] == ["direct"] * 2

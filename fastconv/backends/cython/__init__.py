@@ -69,12 +69,19 @@ WINOGRAD_MIN_CHANNELS_BLOCKED = 16
 #: ... and from this many where the BLAS runs narrower vectors than the tiles (NARROW_BLAS)
 WINOGRAD_MIN_CHANNELS_NARROW_BLAS = 128
 #: ... and, where the blocked direct kernel runs, only for passes of at least this many tiles
-#: (whole blocks of BLOCK tiles for MIN_BLOCKS blocks, ``fastconv._winograd``): below, its blocks
-#: shrink and every block's GEMMs read all the transformed weights for fewer tiles.  2-core Zen 5,
-#: narrow BLAS, float32 forward passes, direct / Winograd time: one image of 128 channels on
-#: 28x28 (49 tiles) 0.19, 256 on 14x14 (16) 0.26, four such images (64) 0.47, two of 128 on
-#: 28x28 (98) 0.76; the suite's Winograd layers have 2048 (cifar-64) and 3136 tiles (dilated)
+#: (:func:`fastconv._winograd.enough_tiles`) ...
 WINOGRAD_MIN_TILES_BLOCKED = 512
+#: ... or of WINOGRAD_MIN_TILES_WIDE from WINOGRAD_WIDE_CHANNELS channels per group in and out.
+#: 2-core Zen 4, 2 threads, float32, direct / Winograd time (forward, input gradient, weight
+#: gradient), with the compiled weight transforms: 16-32 channels, 64-196 tiles 0.54-1.06;
+#: 64-128 channels, 49-392 tiles 1.07-2.0 (1x128x28: 1.25, 1.52, 7.3); 256 channels, 16 tiles
+#: (one 14x14 image) 0.47-0.59, 32 tiles 0.93-1.12, 64 tiles 1.03-1.04 (forward and input);
+#: with OpenBLAS pinned to Haswell kernels (the narrow-BLAS rule: from 128 channels) 128
+#: channels, 49 tiles 1.07-9.7.  (The rule of 512 tiles alone came from a Zen 5 where the
+#: weight transforms were still NumPy's, a fixed cost of about 1 ms per 128-channel pass: one
+#: image of 128 channels on 28x28 measured 0.19 there.)
+WINOGRAD_WIDE_CHANNELS = 64
+WINOGRAD_MIN_TILES_WIDE = 48
 #: where it does, pointwise weight gradients run im2col from this many weights per group (not
 #: :data:`fastconv.backends.base.POINTWISE_GEMM_WEIGHTS`)
 POINTWISE_GEMM_WEIGHTS_NARROW_BLAS = 65536
@@ -436,7 +443,8 @@ class CythonBackend(WinogradPasses, Backend):
         tiles (:data:`NARROW_BLAS`), Winograd waits for :data:`WINOGRAD_MIN_CHANNELS_NARROW_BLAS`
         channels and pointwise weight gradients for :data:`POINTWISE_GEMM_WEIGHTS_NARROW_BLAS`
         weights.  Where the blocked kernels run, Winograd also needs a pass of at least
-        :data:`WINOGRAD_MIN_TILES_BLOCKED` tiles (small batches of small planes stay direct),
+        :data:`WINOGRAD_MIN_TILES_BLOCKED` tiles, or :data:`WINOGRAD_MIN_TILES_WIDE` from
+        :data:`WINOGRAD_WIDE_CHANNELS` channels (small batches of small planes stay direct),
         and they run a single image on every thread, sharing its output channels out.
         """
         width, narrow = min(g.c_per_group, g.k_per_group), _narrow_blas()
@@ -444,7 +452,8 @@ class CythonBackend(WinogradPasses, Backend):
                                POINTWISE_GEMM_WEIGHTS_NARROW_BLAS if narrow else None)
         wide = WINOGRAD_MIN_CHANNELS_NARROW_BLAS if narrow else WINOGRAD_MIN_CHANNELS_BLOCKED
         if blocked:
-            winograd = width >= wide and wino.pass_tiles(op, g) >= WINOGRAD_MIN_TILES_BLOCKED
+            winograd = width >= wide and wino.enough_tiles(op, g, WINOGRAD_MIN_TILES_BLOCKED, WINOGRAD_WIDE_CHANNELS,
+                                                           WINOGRAD_MIN_TILES_WIDE)
         else:
             winograd = width >= WINOGRAD_MIN_CHANNELS
         if winograd and self.unsupported("winograd", op, g) is None:

@@ -304,11 +304,17 @@ WINOGRAD_MIN_CHANNELS_NARROW_BLAS = 64
 WINOGRAD_MIN_WIDE_INPUTS = 16
 WINOGRAD_MIN_OUTPUTS = 4
 #: where the blocked kernels run, Winograd also needs a pass of this many output tiles (over the
-#: batch).  Measured, 2 threads, narrow BLAS, float32, direct / Winograd time, forward and input
-#: gradient: 256 channels on 14x14 planes, one image (16 tiles) 0.48-0.58, two (32) 0.63-0.66,
-#: four (64) 0.80-0.81; 128 on 28x28, one image (49) 0.93-1.01, two (98) 1.16-1.18, eight (392)
-#: 2.2-2.3; 64 on 56x56, one image (196) 1.5
-WINOGRAD_MIN_TILES_BLOCKED = 96
+#: batch; :func:`fastconv._winograd.enough_tiles`) ...
+WINOGRAD_MIN_TILES_BLOCKED = 512
+#: ... or of WINOGRAD_MIN_TILES_WIDE from WINOGRAD_WIDE_CHANNELS channels per group in and out.
+#: 2-core Zen 4, 2 threads, float32, direct / Winograd time (forward, input gradient; weight
+#: gradient), with the compiled weight transforms: 16-32 channels, 98-196 tiles 0.61-1.12;
+#: 0.50-0.77 (the rule of 96 tiles alone had taken Winograd there); 64-128 channels, 32-196
+#: tiles 1.18-2.04; 256 channels, 16 tiles 0.67-0.75, 32 tiles 1.09-1.16, 64 tiles 1.21-1.35.
+#: (Measured earlier on a Zen 5 with NumPy's weight transforms, a fixed cost per pass: 256
+#: channels, 32 tiles 0.63-0.66, 64 tiles 0.80-0.81; 128 channels, 49 tiles 0.93-1.01.)
+WINOGRAD_WIDE_CHANNELS = 64
+WINOGRAD_MIN_TILES_WIDE = 32
 
 
 #: whether ``default_algorithm`` should favour the direct kernels (see
@@ -374,7 +380,8 @@ class NumbaBackend(WinogradPasses, Backend):
         single-channel ``correlate2d`` path, whose column matrix would be R*S times the image,
         stay direct.  Where the BLAS runs narrower vectors than the core offers (:data:`NARROW_BLAS`),
         Winograd waits for :data:`WINOGRAD_MIN_CHANNELS_NARROW_BLAS` channels where the blocked
-        kernel runs, and for a pass of at least :data:`WINOGRAD_MIN_TILES_BLOCKED` tiles (small
+        kernel runs, and for a pass of at least :data:`WINOGRAD_MIN_TILES_BLOCKED` tiles, or
+        :data:`WINOGRAD_MIN_TILES_WIDE` from :data:`WINOGRAD_WIDE_CHANNELS` channels (small
         batches of small planes stay direct; the blocked kernels share a single image's output
         channels among the threads).
 
@@ -391,7 +398,8 @@ class NumbaBackend(WinogradPasses, Backend):
         cin, cout = g.c_per_group, g.k_per_group
         blocked = blocked_runs(op, g, _blocked_plan, _blocked_weight_layout)
         least = WINOGRAD_MIN_CHANNELS_NARROW_BLAS if _narrow_blas() else WINOGRAD_MIN_CHANNELS_BLOCKED
-        enough_tiles = not blocked or wino.pass_tiles(op, g) >= WINOGRAD_MIN_TILES_BLOCKED
+        enough_tiles = not blocked or wino.enough_tiles(op, g, WINOGRAD_MIN_TILES_BLOCKED, WINOGRAD_WIDE_CHANNELS,
+                                                        WINOGRAD_MIN_TILES_WIDE)
         wide = min(cin, cout) >= least and enough_tiles or not blocked and (
             min(cin, cout) >= WINOGRAD_MIN_CHANNELS or cin >= WINOGRAD_MIN_WIDE_INPUTS and cout >= WINOGRAD_MIN_OUTPUTS)
         if wide and self.unsupported("winograd", op, g) is None:
