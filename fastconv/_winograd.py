@@ -318,6 +318,17 @@ def enough_tiles(op: str, g: ConvGeometry, min_tiles: int, wide_channels: int, m
     return tiles >= min_tiles or min(g.c_per_group, g.k_per_group) >= wide_channels and tiles >= min_tiles_wide
 
 
+def weight_gradient_pays(g: ConvGeometry) -> bool:
+    """Whether Winograd's weight gradient has tiles enough for its per-worker partial sums: at
+    least half as many tiles over the batch as the layer has channels per group (in or out,
+    the fewer).  Each worker zeroes, fills and adds 36 x K x C/g partial sums however few
+    tiles it transforms (9.4 MB each for 256 channels); im2col has no such cost.  2-core Zen 4,
+    2 threads, float32, im2col / Winograd time (Cython; Numba alike): 256 channels on 14x14,
+    1-4 images (16-64 tiles) 0.32-0.64, 8 (128) 0.98, 16 (256) 1.58, 32 (512) 1.87; 128 on 28x28,
+    1 image (49) 0.70-0.86, 2 (98) 1.47; 64 channels, 196-392 tiles 1.3-1.8 (one noisy 0.81)."""
+    return 2 * pass_tiles("conv2d_backward_weight", g) >= min(g.c_per_group, g.k_per_group)
+
+
 def plan_for(op: str, g: ConvGeometry, threads: int, limit: int) -> Plan | str:
     """:func:`plan` for one op of a layer (a string says why it cannot run)."""
     cin, cout, out_h, out_w, partials = pass_shape(op, g)

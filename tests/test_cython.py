@@ -355,9 +355,11 @@ def test_algorithm_choice_with_narrow_blas(monkeypatch):
         assert be.default_algorithm("conv2d_backward_weight", conv(256, 256, 14, 1)) == "im2col"
         assert be.default_algorithm("conv2d_backward_weight", conv(64, 64, 16, 1)) == "direct"
         # fewer tiles than WINOGRAD_MIN_TILES_BLOCKED stay on the blocked kernels (31 images: 496),
-        # but from WINOGRAD_WIDE_CHANNELS channels WINOGRAD_MIN_TILES_WIDE are enough (3 images: 48)
+        # but from WINOGRAD_WIDE_CHANNELS channels WINOGRAD_MIN_TILES_WIDE are enough (3 images: 48),
+        # except for the weight gradient, which needs half as many tiles as channels (4 images: 64)
         assert [be.default_algorithm(op, conv(32, 32, n=31)) for op in CONV_OPS] == ["direct"] * 3
-        assert [be.default_algorithm(op, conv(128, 128, n=3)) for op in CONV_OPS] == ["winograd"] * 3
+        assert [be.default_algorithm(op, conv(128, 128, n=3)) for op in CONV_OPS] == ["winograd"] * 2 + ["direct"]
+        assert [be.default_algorithm(op, conv(128, 128, n=4)) for op in CONV_OPS] == ["winograd"] * 3
         assert [be.default_algorithm(op, conv(128, 128, n=2)) for op in CONV_OPS] == ["direct"] * 3
         one_image = conv(256, 256, 14, n=1)  # (its weight gradient has no blocked kernel: its partial sums
         assert [be.default_algorithm(op, one_image) for op in CONV_OPS[:2]] == ["direct"] * 2  # are too large)

@@ -17,7 +17,7 @@ import pytest
 import fastconv
 from fastconv import _args, _config, _dispatch
 from fastconv import _winograd as wino
-from conftest import TOLERANCE, layout, rel_err
+from conftest import TOLERANCE, layout, num_threads, rel_err
 
 WINOGRAD_BACKENDS = [name for name, info in fastconv.available_backends().items()
                      if info["available"] and "winograd" in info["algorithms"]]
@@ -317,3 +317,22 @@ def test_compiled_weight_transforms_match_the_specification(backend, dtype, grou
         transform(w, np.empty((groups, t.a**2, cg, kg + 1), dtype), t.g, groups, False)
     with pytest.raises(ValueError, match="weight_gradient"):
         gradient(du, np.empty((groups * kg, cg, 3, 2), dtype), t.g)
+
+
+@pytest.mark.parametrize("backend", WINOGRAD_BACKENDS)
+def test_weight_gradient_takes_winograd_only_with_tiles_enough(backend):
+    """``auto`` leaves weight gradients with fewer tiles than half their channels to im2col
+    (Winograd's per-worker partial sums of 36 x K x C would dominate): one or four images of 256
+    channels on 14x14 (16 or 64 tiles), one of 128 on 28x28 (49); 32 images of 256 (512 tiles)
+    and two of 128 (98) take Winograd."""
+    be = _dispatch._load(backend)
+
+    def weight_grad(n, c, hw):
+        g = _args._conv_geometry("t", (n, c, hw, hw), (c, c, 3, 3), 1, 1, 1, 1, np.dtype(np.float32))
+        return be.default_algorithm("conv2d_backward_weight", g)
+
+    with num_threads(2):
+        assert [weight_grad(1, 256, 14), weight_grad(4, 256, 14), weight_grad(1, 128, 28)] == ["im2col"] * 3
+        assert wino.weight_gradient_pays(_args._conv_geometry("t", (2, 128, 28, 28), (128, 128, 3, 3), 1, 1, 1, 1,
+                                                              np.dtype(np.float32)))
+        assert weight_grad(32, 256, 14) == "winograd"

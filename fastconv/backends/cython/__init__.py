@@ -445,7 +445,9 @@ class CythonBackend(WinogradPasses, Backend):
         weights.  Where the blocked kernels run, Winograd also needs a pass of at least
         :data:`WINOGRAD_MIN_TILES_BLOCKED` tiles, or :data:`WINOGRAD_MIN_TILES_WIDE` from
         :data:`WINOGRAD_WIDE_CHANNELS` channels (small batches of small planes stay direct),
-        and they run a single image on every thread, sharing its output channels out.
+        and they run a single image on every thread, sharing its output channels out.  A
+        weight gradient takes Winograd only with tiles enough for its partial sums
+        (:func:`fastconv._winograd.weight_gradient_pays`).
         """
         width, narrow = min(g.c_per_group, g.k_per_group), _narrow_blas()
         blocked = blocked_runs(op, g, _blocked_plan, _blocked_weight_layout,
@@ -456,6 +458,8 @@ class CythonBackend(WinogradPasses, Backend):
                                                            WINOGRAD_MIN_TILES_WIDE)
         else:
             winograd = width >= WINOGRAD_MIN_CHANNELS
+        if op == "conv2d_backward_weight":
+            winograd = winograd and wino.weight_gradient_pays(g)
         if winograd and self.unsupported("winograd", op, g) is None:
             return "winograd"
         if blocked or g.c_per_group == 1 and g.k_per_group <= 4 or flat3x3_preferred(op, g, _threads(g.flops // 2)):

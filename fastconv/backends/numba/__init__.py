@@ -383,7 +383,8 @@ class NumbaBackend(WinogradPasses, Backend):
         kernel runs, and for a pass of at least :data:`WINOGRAD_MIN_TILES_BLOCKED` tiles, or
         :data:`WINOGRAD_MIN_TILES_WIDE` from :data:`WINOGRAD_WIDE_CHANNELS` channels (small
         batches of small planes stay direct; the blocked kernels share a single image's output
-        channels among the threads).
+        channels among the threads).  A weight gradient takes Winograd only with tiles enough
+        for its partial sums (:func:`fastconv._winograd.weight_gradient_pays`).
 
         Measured on the 2-core box (float32, 2 threads, all three passes, numba im2col time /
         numba Winograd time): 8 in and out 0.84-1.57 (wins on small planes, e.g. 1.2-1.6 on
@@ -402,6 +403,8 @@ class NumbaBackend(WinogradPasses, Backend):
                                                         WINOGRAD_MIN_TILES_WIDE)
         wide = min(cin, cout) >= least and enough_tiles or not blocked and (
             min(cin, cout) >= WINOGRAD_MIN_CHANNELS or cin >= WINOGRAD_MIN_WIDE_INPUTS and cout >= WINOGRAD_MIN_OUTPUTS)
+        if op == "conv2d_backward_weight":
+            wide = wide and wino.weight_gradient_pays(g)
         if wide and self.unsupported("winograd", op, g) is None:
             return "winograd"
         if blocked or cin == 1 and cout <= 4 or flat3x3_preferred(op, g, _threads(g)):
