@@ -38,7 +38,8 @@ recomputes such (rare) calls another way.
 
 from cython cimport floating
 from cython.parallel cimport parallel, prange, threadid
-from libc.stdlib cimport free, malloc
+
+import numpy as np
 
 cdef extern from "_stage.h" nogil:
     enum:
@@ -466,17 +467,15 @@ def transform_weight(const floating[:, :, :, ::1] w, floating[:, :, :, ::1] u, c
         raise ValueError(f"transform_weight: u has shape {tuple(u.shape)[:4]}, expected ({groups}, {a * a}, "
                          f"{cout}, {cin}) for a 3x3 weight of shape {tuple(w.shape)[:4]} and G of {tuple(gm.shape)[:2]}")
     cdef const floating* src = &w[0, 0, 0, 0]
-    cdef double* stage = NULL  # per thread: the row's kernels (9, cin), then G w (a*3, cin)
+    cdef double[:, ::1] stages = np.empty((nt, (9 + 3 * a) * cin))  # per thread: the row's kernels
+    cdef double* stage                                               # (9, cin), then G w (a*3, cin)
     cdef double* gw
     cdef floating* dst
     cdef Py_ssize_t row, g, o, i, rs, p, q, r, c
     cdef double g0, g1, g2
     with nogil, parallel(num_threads=nt):
-        stage = <double*> malloc((9 + 3 * a) * cin * sizeof(double))
+        stage = &stages[threadid(), 0]
         for row in prange(groups * cout, schedule="static"):
-            if stage == NULL:
-                with gil:
-                    raise MemoryError("transform_weight: cannot allocate the stage")
             g = row // cout
             o = row % cout
             for i in range(cin):
@@ -499,7 +498,6 @@ def transform_weight(const floating[:, :, :, ::1] w, floating[:, :, :, ::1] u, c
                     for i in range(cin):
                         dst[i] = <floating> (g0 * gw[(p * 3) * cin + i] + g1 * gw[(p * 3 + 1) * cin + i]
                                              + g2 * gw[(p * 3 + 2) * cin + i])
-        free(stage)
 
 
 def weight_gradient(const double[:, :, :, ::1] du, floating[:, :, :, ::1] gw, const double[:, ::1] gm, int nt):
@@ -509,17 +507,15 @@ def weight_gradient(const double[:, :, :, ::1] du, floating[:, :, :, ::1] gw, co
     if du.shape[1] != a * a or gm.shape[1] != 3 or tuple(gw.shape)[:4] != (groups * Kg, Cg, 3, 3):
         raise ValueError(f"weight_gradient: gw has shape {tuple(gw.shape)[:4]}, expected ({groups * Kg}, {Cg}, 3, 3) "
                          f"for dU of shape {tuple(du.shape)[:4]} and G of {tuple(gm.shape)[:2]}")
-    cdef double* stage = NULL  # per thread: G^T dU (3*a, Cg), then G^T dU G (9, Cg)
+    cdef double[:, ::1] stages = np.empty((nt, (3 * a + 9) * Cg))  # per thread: G^T dU (3*a, Cg),
+    cdef double* stage                                              # then G^T dU G (9, Cg)
     cdef double* t
     cdef floating* dst
     cdef Py_ssize_t row, g, k, c, p, q, r, s
     cdef double gp
     with nogil, parallel(num_threads=nt):
-        stage = <double*> malloc((3 * a + 9) * Cg * sizeof(double))
+        stage = &stages[threadid(), 0]
         for row in prange(groups * Kg, schedule="static"):
-            if stage == NULL:
-                with gil:
-                    raise MemoryError("weight_gradient: cannot allocate the stage")
             g = row // Kg
             k = row % Kg
             for r in range(3):  # (G^T dU)[r, q] = sum_p G[p, r] dU[p, q]
@@ -544,4 +540,3 @@ def weight_gradient(const double[:, :, :, ::1] du, floating[:, :, :, ::1] gw, co
             for c in range(Cg):
                 for r in range(9):
                     dst[c * 9 + r] = <floating> t[r * Cg + c]
-        free(stage)
