@@ -455,24 +455,30 @@ def backward_weight(const floating[:, :, :, ::1] gy, const floating[:, :, :, ::1
 
 def transform_weight(const floating[:, :, :, ::1] w, floating[:, :, :, ::1] u, const double[:, ::1] gm,
                      Py_ssize_t groups, bint rotate, int nt):
-    """U = G w G^T for every channel pair of a pass: ``u[g, p*a + q, o, i]`` (a = ``gm.shape[0]``)
-    for the pass's output channel o and input channel i of group g.
+    """U = G w G^T for every channel pair of a pass: ``u[g, p*A + q, o, i]`` for the pass's output
+    channel o and input channel i of group g.
 
     The pass's weight is ``w`` (K, C/g, 3, 3), or with ``rotate`` the input gradient's,
-    w[g*K/g + i, o, 2-r, 2-s] (``fastconv.backends.base.input_grad_kernel``); ``gm`` is G (a, 3).
+    w[g*K/g + i, o, 2-r, 2-s] (``fastconv.backends.base.input_grad_kernel``); ``gm`` is G (A, 3).
     """
-    cdef Py_ssize_t K = w.shape[0], Cg = w.shape[1], Kg = K // groups, a = gm.shape[0]
+    cdef Py_ssize_t K = w.shape[0], Cg = w.shape[1], Kg = K // groups
     cdef Py_ssize_t cin = Kg if rotate else Cg, cout = Cg if rotate else Kg
-    if w.shape[2] != 3 or w.shape[3] != 3 or gm.shape[1] != 3 or tuple(u.shape)[:4] != (groups, a * a, cout, cin):
-        raise ValueError(f"transform_weight: u has shape {tuple(u.shape)[:4]}, expected ({groups}, {a * a}, "
-                         f"{cout}, {cin}) for a 3x3 weight of shape {tuple(w.shape)[:4]} and G of {tuple(gm.shape)[:2]}")
+    if w.shape[2] != 3 or w.shape[3] != 3 or gm.shape[0] != A or gm.shape[1] != 3 or tuple(u.shape)[:4] != (
+            groups, A * A, cout, cin):
+        raise ValueError(f"transform_weight: u has shape {tuple(u.shape)[:4]}, expected ({groups}, {A * A}, "
+                         f"{cout}, {cin}) for a 3x3 weight of shape {tuple(w.shape)[:4]} and G of "
+                         f"{tuple(gm.shape)[:2]} ({A} x 3)")
     cdef const floating* src = &w[0, 0, 0, 0]
-    cdef double[:, ::1] stages = np.empty((nt, (9 + 3 * a) * cin))  # per thread: the row's kernels
-    cdef double* stage                                               # (9, cin), then G w (a*3, cin)
+    cdef double[:, ::1] stages = np.empty((nt, (9 + 3 * A) * cin))  # per thread: the row's kernels
+    cdef double* stage                                               # (9, cin), then G w (A*3, cin)
     cdef double* gw
     cdef floating* dst
     cdef Py_ssize_t row, g, o, i, rs, p, q, r, c
     cdef double g0, g1, g2
+    cdef double G[A][3]  # G in a C array, written before the threads start and only read by them
+    for p in range(A):
+        for r in range(3):
+            G[p][r] = gm[p, r]
     with nogil, parallel(num_threads=nt):
         stage = &stages[threadid(), 0]
         for row in prange(groups * cout, schedule="static"):
@@ -485,16 +491,16 @@ def transform_weight(const floating[:, :, :, ::1] w, floating[:, :, :, ::1] u, c
                     else:
                         stage[rs * cin + i] = src[((g * Kg + o) * Cg + i) * 9 + rs]
             gw = stage + 9 * cin
-            for p in range(a):  # (G w)[p, s] = sum_r G[p, r] w[r, s]
-                g0, g1, g2 = gm[p, 0], gm[p, 1], gm[p, 2]
+            for p in range(A):  # (G w)[p, s] = sum_r G[p, r] w[r, s]
+                g0, g1, g2 = G[p][0], G[p][1], G[p][2]
                 for c in range(3):
                     for i in range(cin):
                         gw[(p * 3 + c) * cin + i] = (g0 * stage[c * cin + i] + g1 * stage[(3 + c) * cin + i]
                                                      + g2 * stage[(6 + c) * cin + i])
-            for p in range(a):  # U[p, q] = sum_s (G w)[p, s] G[q, s]
-                for q in range(a):
-                    g0, g1, g2 = gm[q, 0], gm[q, 1], gm[q, 2]
-                    dst = &u[g, p * a + q, o, 0]
+            for p in range(A):  # U[p, q] = sum_s (G w)[p, s] G[q, s]
+                for q in range(A):
+                    g0, g1, g2 = G[q][0], G[q][1], G[q][2]
+                    dst = &u[g, p * A + q, o, 0]
                     for i in range(cin):
                         dst[i] = <floating> (g0 * gw[(p * 3) * cin + i] + g1 * gw[(p * 3 + 1) * cin + i]
                                              + g2 * gw[(p * 3 + 2) * cin + i])
@@ -502,40 +508,44 @@ def transform_weight(const floating[:, :, :, ::1] w, floating[:, :, :, ::1] u, c
 
 def weight_gradient(const double[:, :, :, ::1] du, floating[:, :, :, ::1] gw, const double[:, ::1] gm, int nt):
     """dw = G^T dU G for every channel pair, rounded once: ``gw[g*K/g + k, c, r, s]`` = sum over p, q
-    of G[p, r] G[q, s] du[g, p*a + q, k, c], from dU (groups, a*a, K/g, C/g) in float64."""
-    cdef Py_ssize_t groups = du.shape[0], Kg = du.shape[2], Cg = du.shape[3], a = gm.shape[0]
-    if du.shape[1] != a * a or gm.shape[1] != 3 or tuple(gw.shape)[:4] != (groups * Kg, Cg, 3, 3):
+    of G[p, r] G[q, s] du[g, p*A + q, k, c], from dU (groups, A*A, K/g, C/g) in float64, G (A, 3)."""
+    cdef Py_ssize_t groups = du.shape[0], Kg = du.shape[2], Cg = du.shape[3], ld = Kg * Cg
+    if gm.shape[0] != A or gm.shape[1] != 3 or du.shape[1] != A * A or tuple(gw.shape)[:4] != (groups * Kg, Cg, 3, 3):
         raise ValueError(f"weight_gradient: gw has shape {tuple(gw.shape)[:4]}, expected ({groups * Kg}, {Cg}, 3, 3) "
-                         f"for dU of shape {tuple(du.shape)[:4]} and G of {tuple(gm.shape)[:2]}")
-    cdef double[:, ::1] stages = np.empty((nt, (3 * a + 9) * Cg))  # per thread: G^T dU (3*a, Cg),
+                         f"for dU of shape {tuple(du.shape)[:4]} and G of {tuple(gm.shape)[:2]} ({A} x 3)")
+    cdef double[:, ::1] stages = np.empty((nt, (3 * A + 9) * Cg))  # per thread: G^T dU (3*A, Cg),
     cdef double* stage                                              # then G^T dU G (9, Cg)
+    cdef const double* src
     cdef double* t
     cdef floating* dst
     cdef Py_ssize_t row, g, k, c, p, q, r, s
-    cdef double gp
+    cdef double acc
+    cdef double G[A][3]  # G in a C array, written before the threads start and only read by them
+    for p in range(A):
+        for r in range(3):
+            G[p][r] = gm[p, r]
     with nogil, parallel(num_threads=nt):
         stage = &stages[threadid(), 0]
         for row in prange(groups * Kg, schedule="static"):
             g = row // Kg
             k = row % Kg
-            for r in range(3):  # (G^T dU)[r, q] = sum_p G[p, r] dU[p, q]
-                for q in range(a):
-                    t = stage + (r * a + q) * Cg
+            src = &du[g, 0, k, 0]  # dU[p, q] at src + (p*A + q)*ld
+            for r in range(3):  # (G^T dU)[r, q] = sum_p G[p, r] dU[p, q], the channels innermost
+                for q in range(A):
+                    t = stage + (r * A + q) * Cg
                     for c in range(Cg):
-                        t[c] = 0
-                    for p in range(a):
-                        gp = gm[p, r]
-                        for c in range(Cg):
-                            t[c] += gp * du[g, p * a + q, k, c]
-            t = stage + 3 * a * Cg
+                        acc = 0
+                        for p in range(A):
+                            acc = acc + G[p][r] * src[(p * A + q) * ld + c]
+                        t[c] = acc
+            t = stage + 3 * A * Cg
             for r in range(3):  # dw[r, s] = sum_q (G^T dU)[r, q] G[q, s]
                 for s in range(3):
                     for c in range(Cg):
-                        t[(r * 3 + s) * Cg + c] = 0
-                    for q in range(a):
-                        gp = gm[q, s]
-                        for c in range(Cg):
-                            t[(r * 3 + s) * Cg + c] += gp * stage[(r * a + q) * Cg + c]
+                        acc = 0
+                        for q in range(A):
+                            acc = acc + G[q][s] * stage[(r * A + q) * Cg + c]
+                        t[(r * 3 + s) * Cg + c] = acc
             dst = &gw[row, 0, 0, 0]
             for c in range(Cg):
                 for r in range(9):
