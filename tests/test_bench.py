@@ -261,3 +261,23 @@ def test_bench_rejects_unknown_names():
         cli.main(["bench", "--layers", "no-such-layer"])
     with pytest.raises(SystemExit):
         cli.main(["bench", "--backends", "nope"])
+
+
+def test_deep_layers_script_interleaves_the_implementations():
+    """bench/deep_layers.py: ``compare`` times every implementation on one pass, in turns, and
+    returns a median per implementation (here without PyTorch: two fastconv backends)."""
+    import importlib.util
+    from pathlib import Path
+
+    import fastconv
+
+    path = Path(__file__).resolve().parent.parent / "bench" / "deep_layers.py"
+    spec = importlib.util.spec_from_file_location("deep_layers", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    impls = [b for b in ("numpy", "cython", "numba") if fastconv.available_backends()[b]["available"]][:2]
+    case = suite.ConvCase("t", 1, 8, 8, 8, 3)
+    for pass_ in suite.CONV_PASSES:
+        medians = module.compare(case, pass_, impls, seconds=0.01)
+        assert set(medians) == set(impls) and all(0 < m < 1 for m in medians.values())
+    assert [c for c, _ in module.STAGES] == [64, 128, 256, 512]
