@@ -26,9 +26,10 @@ separately: a tile then covers outputs ``start + d*i`` and reads inputs
 The matrices come from the Cook-Toom construction on the points listed in
 :data:`POINTS` (plus infinity), computed exactly with fractions; :func:`matrices`
 checks the defining identity before returning them.  This module holds the
-cheap weight-side transforms (NumPy) and the planning; the per-tile input and
-output transforms (B^T and A^T of ``matrices(TILE)``, written out as formulas)
-and the GEMMs are the backends' kernels.
+weight-side transforms in NumPy (the specification the backends' compiled ones
+are tested against: they run on every call) and the planning; the per-tile
+input and output transforms (B^T and A^T of ``matrices(TILE)``, written out as
+formulas) and the GEMMs are the backends' kernels.
 """
 
 from __future__ import annotations
@@ -172,7 +173,8 @@ def tile_starts(n_out: int, m: int, d: int) -> np.ndarray:
 def transform_weight(w: np.ndarray, t: Transforms, groups: int, dtype: np.dtype) -> np.ndarray:
     """U = G w G^T for every (out, in) channel pair: (groups, a*a, K/groups, C/groups), C-contiguous.
 
-    One GEMM with kron(G, G) (a*a x 9), computed in float64 and rounded once.
+    One GEMM with kron(G, G) (a*a x 9), computed in float64 and rounded once.  The
+    specification of the backends' compiled ``transform_weight``.
     """
     k, cg = w.shape[:2]
     u = t.gg @ w.reshape(k * cg, R * R).T.astype(np.float64)   # (a*a, K*Cg)
@@ -183,7 +185,8 @@ def transform_weight(w: np.ndarray, t: Transforms, groups: int, dtype: np.dtype)
 def weight_gradient(du: np.ndarray, t: Transforms, dtype: np.dtype) -> np.ndarray:
     """dw = G^T dU G from dU (groups, a*a, K/groups, C/groups) -> (K, C/groups, 3, 3).
 
-    One GEMM with kron(G, G) in float64, rounded once.
+    One GEMM with kron(G, G) in float64, rounded once.  The specification of the backends'
+    compiled ``weight_gradient``.
     """
     groups, a2, kg, cg = du.shape
     flat = du.astype(np.float64, copy=False).transpose(1, 0, 2, 3).reshape(a2, groups * kg * cg)
