@@ -321,6 +321,13 @@ def enough_tiles(op: str, g: ConvGeometry, min_tiles: int, wide_channels: int, m
     return tiles >= min_tiles or min(g.c_per_group, g.k_per_group) >= wide_channels and tiles >= min_tiles_wide
 
 
+def transform_work(weights: int) -> int:
+    """Multiply-adds of the weight-side transforms (``transform_weight`` / ``weight_gradient``)
+    over ``weights`` transformed weights (a*a per channel pair): 162 per pair (3*a*3 + a*a*3 for
+    a = 6), 4.5 per transformed weight; what the backends size their thread counts by."""
+    return weights * 9 // 2
+
+
 def weight_gradient_pays(g: ConvGeometry) -> bool:
     """Whether Winograd's weight gradient has tiles enough for its per-worker partial sums: at
     least half as many tiles over the batch as the layer has channels per group (in or out,

@@ -283,13 +283,11 @@ class CythonBackend(WinogradPasses, Backend):
                           p.vstride, p.mstride)
         return not checks.any()
 
-    # the weight transforms' threads by their multiply-adds: 162 per channel pair (3*a*3 + a*a*3),
-    # 4.5 per transformed weight
     def _winograd_transform_weight(self, w, u, gm, groups, rotate):
-        _winograd.transform_weight(w, u, gm, groups, rotate, _threads(u.size * 9 // 2))
+        _winograd.transform_weight(w, u, gm, groups, rotate, _threads(wino.transform_work(u.size)))
 
     def _winograd_weight_gradient(self, du, gw, gm):
-        _winograd.weight_gradient(du, gw, gm, _threads(du.size * 9 // 2))
+        _winograd.weight_gradient(du, gw, gm, _threads(wino.transform_work(du.size)))
 
     def _winograd_weight_sum(self, grad_out, x, p, g):
         vb, mb, sc, ln = p.buffers(g.dtype)

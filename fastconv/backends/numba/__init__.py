@@ -426,11 +426,12 @@ class NumbaBackend(WinogradPasses, Backend):
 
     def _winograd_transform_weight(self, w: np.ndarray, u: np.ndarray, gm: np.ndarray, groups: int,
                                    rotate: bool) -> None:
-        # threads by multiply-adds: 4.5 per transformed weight (162 per channel pair)
-        _winograd_transform_weight(w, u, gm, groups, rotate, threads=1 if u.size * 9 // 2 < SERIAL_WORK else None)
+        serial = wino.transform_work(u.size) < SERIAL_WORK
+        _winograd_transform_weight(w, u, gm, groups, rotate, threads=1 if serial else None)
 
     def _winograd_weight_gradient(self, du: np.ndarray, gw: np.ndarray, gm: np.ndarray) -> None:
-        _winograd_weight_gradient(du, gw, gm, threads=1 if du.size * 9 // 2 < SERIAL_WORK else None)
+        serial = wino.transform_work(du.size) < SERIAL_WORK
+        _winograd_weight_gradient(du, gw, gm, threads=1 if serial else None)
 
     def _winograd_weight_sum(self, grad_out: np.ndarray, x: np.ndarray, p: wino.Plan,
                              g: ConvGeometry) -> np.ndarray:
